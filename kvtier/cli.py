@@ -1,0 +1,67 @@
+"""``kvtier`` command line: one subcommand per job.
+
+Each subcommand lives in its own module under ``kvtier.commands`` exposing
+``register(subparsers)``; that module imports nothing heavy at import time (torch,
+transformers, datasets are imported inside the command), so ``kvtier --help``,
+``validate`` and ``replay`` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand module names under kvtier.commands, in --help order
+COMMANDS = (
+    "sanity",
+    "validate",
+    "summarize",
+    "convert",
+    "replay",
+    "sweep",
+    "mrc",
+    "convert_checkpoint",
+    "generate",
+    "run",
+    "demo",
+)
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtier",
+        description="Trace DeepSeek Sparse Attention top-k selections and emulate tiered KV pools.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        modname = f"kvtier.commands.{name}"
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:  # a subcommand still under construction
+            if exc.name == modname:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kvtier {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

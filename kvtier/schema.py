@@ -1,0 +1,166 @@
+"""The kvtier trace format: one ``dsa_topk`` record per decode step x request x layer.
+
+Field order and nesting are part of the format (``docs/INSTRUMENTATION.md`` defines every
+field). Everything here is plain msgspec, so reading and validating traces never needs torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+TRACE_FILE = "trace_steps.jsonl"
+SUMMARY_FILE = "summary.json"
+META_FILE = "trace_meta.json"
+EVENT_DSA_TOPK = "dsa_topk"
+SCHEMA_VERSION = 1
+
+TIER_NAMES = ("hbm", "local_pool", "remote_pool")
+
+#: Percentiles everywhere in kvtier use linear interpolation between closest ranks
+#: (numpy's default ``method="linear"``, Hyndman & Fan type 7).
+PERCENTILE_METHOD = "linear"
+
+
+class TokensPerBlock(msgspec.Struct, forbid_unknown_fields=True):
+    """How many selected tokens fall into each touched block."""
+
+    mean: float
+    p50: float
+    p95: float
+
+
+class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
+    """What one tier served for one record (point C)."""
+
+    hit_blocks: int
+    bytes_read: int
+    read_ops: int
+    latency_us: float | None
+    batch_size: int
+
+
+def empty_tier() -> TierFetch:
+    return TierFetch(hit_blocks=0, bytes_read=0, read_ops=0, latency_us=None, batch_size=0)
+
+
+class KVFetch(msgspec.Struct, forbid_unknown_fields=True):
+    hbm: TierFetch
+    local_pool: TierFetch
+    remote_pool: TierFetch
+
+
+class PrefixInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """Overlap of the record's touched blocks with the request's shareable prompt prefix (point D)."""
+
+    prefix_cache_hit: bool
+    prefix_cached_blocks: int
+    prefix_key: str | None
+    intersection_ratio: float
+    intersection_blocks: int
+
+
+class ScoresStats(msgspec.Struct, forbid_unknown_fields=True):
+    min: float
+    mean: float
+    max: float
+
+
+class TopkRecord(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One decode step x request x layer: the indexer's top-k (A), its blocks (B),
+    the per-tier fetch cost (C) and the prefix overlap (D)."""
+
+    event: Literal["dsa_topk"]
+    run_name: str
+    dataset: str
+    rank: int
+    world_size: int
+    request_id: str
+    layer_id: int
+    step_idx: int
+    seq_len_current: int
+    unique_token_pos_count: int
+    offset_min: int
+    offset_p50: float
+    offset_max: int
+    block_size_tokens: int
+    selected_block_ids: list[int]
+    unique_blocks: int
+    tokens_per_touched_block: TokensPerBlock
+    kv_fetch: KVFetch
+    prefix: PrefixInfo
+    selected_token_pos: list[int]
+    scores_stats: ScoresStats | None
+    scores_topk: list[float] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Distribution(msgspec.Struct, forbid_unknown_fields=True):
+    """Summary of a sample; all but ``count`` are null for an empty sample."""
+
+    count: int
+    min: float | None
+    p50: float | None
+    p95: float | None
+    max: float | None
+    mean: float | None
+
+
+class LatencyMs(msgspec.Struct, forbid_unknown_fields=True):
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+class Serving(msgspec.Struct, forbid_unknown_fields=True):
+    requests: int
+    latency_ms: LatencyMs
+    batch_size: int
+    max_new_tokens_cap: int
+
+
+class Summary(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``summary.json``: the run's settings and the distributions its records show.
+
+    The first block is recomputable from ``trace_steps.jsonl`` + ``trace_meta.json``
+    alone (``kvtier summarize``). The optional sections are filled by the producer
+    that knows them: ``serving`` by the BurstGPT runner, ``skipped`` by dataset
+    runners, ``tiers`` / ``stall`` / ``fetch_vs_recompute`` by the tiered backend.
+    """
+
+    run_name: str
+    dataset: str
+    config: dict
+    records: int
+    requests: int
+    unique_blocks: Distribution
+    tokens_per_touched_block: Distribution
+    offsets: Distribution
+    prefix_intersection_ratio: Distribution
+    prefix_hot_blocks: dict[str, list[tuple[int, int]]]
+    serving: Serving | None = None
+    skipped: dict[str, int] | None = None
+    tiers: dict | None = None
+    stall: dict | None = None
+    fetch_vs_recompute: dict | None = None
+
+
+class TraceMeta(msgspec.Struct, forbid_unknown_fields=True):
+    """``trace_meta.json``: written when a trace is opened, so a trace directory explains itself
+    even if the run is killed before ``summary.json`` exists."""
+
+    schema_version: int
+    run_name: str
+    dataset: str
+    config: dict
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    shards: list[str] = []
+
+
+def record_encoder() -> msgspec.json.Encoder:
+    return msgspec.json.Encoder()
+
+
+def record_decoder() -> msgspec.json.Decoder[TopkRecord]:
+    return msgspec.json.Decoder(TopkRecord)
