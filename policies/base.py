@@ -25,6 +25,7 @@ _BLOCK_MASK = (1 << _BLOCK_BITS) - 1
 _LAYER_MASK = (1 << _LAYER_BITS) - 1
 MAX_BLOCK_ID = _BLOCK_MASK
 MAX_LAYER = _LAYER_MASK
+MAX_REQUEST_IDX = (1 << 31) - 1
 
 
 def block_key(request_idx: int, layer_id: int, block_id: int) -> int:
@@ -36,6 +37,17 @@ def block_keys(request_idx: int, layer_id: int, block_ids: np.ndarray) -> np.nda
     """Vectorised ``block_key`` for many blocks of one (request, layer)."""
     base = (request_idx << (_LAYER_BITS + _BLOCK_BITS)) | (layer_id << _BLOCK_BITS)
     return np.asarray(block_ids, dtype=np.int64) | np.int64(base)
+
+
+def block_keys_columns(request_idx: np.ndarray, layer_id: np.ndarray, block_ids: np.ndarray
+                       ) -> np.ndarray:
+    """Vectorised ``block_key`` over aligned columns (one entry per access)."""
+    req = np.asarray(request_idx, dtype=np.int64)
+    if req.shape[0] and int(req.max()) > MAX_REQUEST_IDX:
+        raise ValueError(f"request index {int(req.max())} exceeds {MAX_REQUEST_IDX}")
+    return ((req << (_LAYER_BITS + _BLOCK_BITS))
+            | (np.asarray(layer_id, dtype=np.int64) << _BLOCK_BITS)
+            | np.asarray(block_ids, dtype=np.int64))
 
 
 def split_key(key: int) -> tuple[int, int, int]:
@@ -62,12 +74,23 @@ class AccessContext:
 class EvictionPolicy(ABC):
     """The resident set of one tier holding at most ``capacity`` blocks.
 
-    Subclasses implement ``__contains__``, ``__len__``, ``touch``, ``insert`` and ``remove``.
-    ``access`` (hit -> touch, miss -> insert) is the hot path; fast policies may override
+    Subclasses implement ``__contains__``, ``__len__``, ``touch``, ``insert``, ``remove`` and
+    ``keys``. ``access`` (hit -> touch, miss -> insert) is the hot path; fast policies override
     ``access_many``. ``insert`` returns the victims it evicted so a tiered store can demote them.
+
+    Context: a policy with ``needs_context = True`` reads ``self.ctx``; whoever drives it (the
+    single-tier simulator, the tiered backend) calls ``begin_record`` before the accesses of each
+    trace record (one decode step x request x layer). Others may skip that call.
+
+    Offline policies (``offline = True``) get the exact future key stream through
+    ``set_future`` before the first access; every ``touch``/``insert`` then consumes one position.
     """
 
     name: str = "base"
+    #: reads ``self.ctx`` (set through ``begin_record``)
+    needs_context: bool = False
+    #: needs ``set_future`` with the whole key stream before the first access
+    offline: bool = False
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
@@ -94,7 +117,19 @@ class EvictionPolicy(ABC):
     def remove(self, key: int) -> bool:
         """Drop ``key`` if resident (request released, block migrated); return whether it was."""
 
+    def begin_record(self, step_idx: int, layer_id: int, request_idx: int, seq_len: int,
+                     block_size: int) -> None:
+        """The next accesses belong to this (decode step, layer, request); updates ``ctx``.
+        Context-aware policies may override (call ``super()``) to react, e.g. to decay."""
+        ctx = self.ctx
+        ctx.step_idx = step_idx
+        ctx.layer_id = layer_id
+        ctx.request_idx = request_idx
+        ctx.seq_len = seq_len
+        ctx.block_size = block_size
+
     def access(self, key: int) -> bool:
+        """Read ``key``: a hit refreshes it, a miss makes it resident. Returns hit."""
         if key in self:
             self.touch(key)
             return True
@@ -102,18 +137,30 @@ class EvictionPolicy(ABC):
         return False
 
     def access_many(self, keys: Iterable[int]) -> int:
-        """Access keys in order; return the number of hits."""
+        """Access keys in order; return the number of hits. Same result as calling ``access``
+        per key; subclasses override with a tight loop."""
         hits = 0
+        access = self.access
         for key in keys:
-            hits += self.access(key)
+            hits += access(key)
         return hits
 
-    def set_future(self, keys: np.ndarray) -> None:
+    def set_future(self, keys: np.ndarray) -> None:  # noqa: B027 - optional hook
         """Offline policies (Belady/OPT) receive the whole future key stream here, in the
         order it will be accessed. Online policies ignore it."""
 
+    @abstractmethod
     def keys(self) -> Iterable[int]:
-        raise NotImplementedError
+        """The resident keys (any order)."""
+
+    def release_request(self, request_idx: int) -> list[int]:
+        """Drop every resident block of a finished request; return the dropped keys."""
+        lo = request_idx << (_LAYER_BITS + _BLOCK_BITS)
+        hi = (request_idx + 1) << (_LAYER_BITS + _BLOCK_BITS)
+        gone = [k for k in list(self.keys()) if lo <= k < hi]
+        for k in gone:
+            self.remove(k)
+        return gone
 
 
 class PlacementPolicy(ABC):
