@@ -1,0 +1,261 @@
+"""Shared pieces of the loaders: locating files, hashing, and row readers that never raise.
+
+The readers yield ``(line_or_index, value)`` where ``value`` is either the parsed row or a
+``Bad`` carrying the skip reason, so each loader counts bad rows the same way. JSON arrays are
+read element by element (a 670 MB ShareGPT file with ``limit=64`` stops after 64 entries),
+and bad UTF-8 inside one element only costs that element.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtier.runners.datasets import DatasetNotFound
+
+#: reasons shared by all loaders (loaders add their own)
+BAD_UTF8 = "bad_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+
+_CHUNK = 1 << 20
+_WS = re.compile(r"[ \t\r\n]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Bad:
+    """A row that could not be read, and why (the key counted in ``Workload.skipped``)."""
+
+    reason: str
+
+
+def check_limit(limit: int | None) -> int | None:
+    """``None`` = no limit; a negative limit is a config error naming the field."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    return limit
+
+
+def repo_root() -> Path | None:
+    """The kvtier checkout this package runs from (editable install), else ``None``."""
+    for parent in Path(__file__).resolve().parents:
+        pyproject = parent / "pyproject.toml"
+        if pyproject.is_file() and 'name = "kvtier"' in pyproject.read_text(errors="replace"):
+            return parent
+    return None
+
+
+def data_root() -> Path:
+    """Where downloads and extractions go: ``$DATAS_DIR``, else ``<repo>/data/huggingface``
+    (``./data/huggingface`` when not running from a checkout)."""
+    env = os.environ.get("DATAS_DIR")
+    if env:
+        return Path(env).expanduser()
+    root = repo_root()
+    return (root if root is not None else Path.cwd()) / "data" / "huggingface"
+
+
+def resolve_file(
+    path: str | os.PathLike | None, names: tuple[str, ...], what: str, hint: str
+) -> Path:
+    """A file given directly, or the first of ``names`` found (recursively) in a directory.
+
+    ``path=None`` searches ``data_root()``. Raises ``DatasetNotFound`` with ``hint`` (the
+    download script / flag) when nothing matches.
+    """
+    base = Path(path).expanduser() if path is not None else data_root()
+    if base.is_file():
+        return base
+    if base.is_dir():
+        for name in names:
+            direct = base / name
+            if direct.is_file():
+                return direct
+        for name in names:
+            found = sorted(p for p in base.rglob(name) if p.is_file())
+            if found:
+                return found[0]
+        raise DatasetNotFound(f"{what}: none of {', '.join(names)} under {base}; {hint}")
+    raise DatasetNotFound(f"{what}: {base} does not exist; {hint}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def has_bad_utf8(obj: Any) -> bool:
+    """True if a value decoded with ``surrogateescape`` carries undecodable bytes."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(has_bad_utf8(k) or has_bad_utf8(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(has_bad_utf8(v) for v in obj)
+    return False
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Binary lines without their ``\\n``/``\\r\\n``; line numbers start at 1."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, raw.rstrip(b"\r\n")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """JSON Lines: ``(line number, object or Bad)``; blank lines are ignored."""
+    for lineno, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield lineno, Bad(BAD_UTF8)
+            continue
+        if lineno == 1:
+            text = text.lstrip("\ufeff")
+        try:
+            yield lineno, json.loads(text)
+        except ValueError:
+            yield lineno, Bad(INVALID_JSON)
+
+
+def _first_char(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return head[:1]
+
+
+def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    """Elements of a top-level JSON array, one at a time: ``(index, object or Bad)``.
+
+    Text is decoded with ``surrogateescape`` so an element holding bad UTF-8 is reported as
+    ``Bad("bad_utf8")`` and the elements after it still load. A syntax error cannot be
+    resynchronised: it ends the read with one ``Bad("invalid_json")``.
+    """
+    decoder = json.JSONDecoder()
+    udec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    with open(path, "rb") as f:
+        buf = ""
+        pos = 0
+        eof = False
+
+        def more() -> bool:
+            nonlocal buf, pos, eof
+            if eof:
+                return False
+            chunk = f.read(max(_CHUNK, len(buf) - pos))
+            eof = not chunk
+            buf = buf[pos:] + udec.decode(chunk, final=eof)
+            pos = 0
+            return True
+
+        def skip_ws() -> bool:
+            """Advance past whitespace; False at end of input."""
+            nonlocal pos
+            while True:
+                pos = _WS.match(buf, pos).end()
+                if pos < len(buf):
+                    return True
+                if not more():
+                    return False
+
+        more()
+        if buf.startswith("\ufeff"):
+            pos = 1
+        if not skip_ws() or buf[pos] != "[":
+            yield 0, Bad(INVALID_JSON)
+            return
+        pos += 1
+        index = 0
+        while True:
+            if not skip_ws():
+                yield index, Bad(INVALID_JSON)  # truncated: no closing bracket
+                return
+            if buf[pos] == "]":
+                return
+            if index > 0:
+                if buf[pos] != ",":
+                    yield index, Bad(INVALID_JSON)
+                    return
+                pos += 1
+                if not skip_ws():
+                    yield index, Bad(INVALID_JSON)
+                    return
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                except ValueError:
+                    if more():
+                        continue
+                    yield index, Bad(INVALID_JSON)
+                    return
+                if end == len(buf) and more():
+                    continue  # a number could go on in the next chunk
+                break
+            pos = end
+            yield index, (Bad(BAD_UTF8) if has_bad_utf8(obj) else obj)
+            index += 1
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """A JSON array file or a JSON Lines file, whichever ``path`` holds."""
+    if _first_char(path) == "[":
+        return iter_json_array(path)
+    return iter_jsonl(path)
+
+
+def parse_count(value: Any) -> int | Bad:
+    """A token count: a non-negative integer (``"12"``, ``12``, ``"12.0"``); else ``Bad``."""
+    if value is None or value == "":
+        return Bad(MISSING_FIELD)
+    if isinstance(value, bool):
+        return Bad(WRONG_TYPE)
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float | str):
+        try:
+            x = float(value)
+        except ValueError:
+            return Bad("non_numeric")
+        if x != x or x in (float("inf"), float("-inf")) or x != int(x):
+            return Bad("non_numeric")
+        n = int(x)
+    else:
+        return Bad(WRONG_TYPE)
+    if n < 0:
+        return Bad("negative_tokens")
+    return n
+
+
+def parse_seconds(value: Any) -> float | Bad:
+    """A finite, non-negative time in seconds from a number or a numeric string."""
+    if value is None or value == "":
+        return Bad(MISSING_FIELD)
+    if isinstance(value, bool):
+        return Bad("bad_timestamp")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return Bad("bad_timestamp")
+    if x != x or x in (float("inf"), float("-inf")) or x < 0:
+        return Bad("bad_timestamp")
+    return x
