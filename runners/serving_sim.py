@@ -1,0 +1,363 @@
+"""Model-free serving replay: an arrival trace through a FIFO queue and a batching server in
+simpy virtual time, with service times from a per-step cost model instead of a model.
+
+This is the laptop version of the BurstGPT serving replay: the same arrivals (BurstGPT
+timestamps x ``time_scale``, Mooncake, Azure), the same FIFO queue and batches of up to
+``batch_size`` requests, generation capped at ``min(response tokens, max_new_tokens)``, and
+the same ``summary.serving`` section (``kvtier.schema.Serving``).
+
+Service model (static batching, as the live runner serves a batch):
+- a batch starts when the server is free and the queue is non-empty; it takes the queue head
+  and up to ``batch_size - 1`` requests queued behind it;
+- one batched prefill of all prompts produces each request's first token
+  (``prefill_base_s + prefill_s_per_token x sum(prompt tokens)``);
+- then decode steps: step ``s`` (0-based) runs every request that still has tokens to
+  generate, at ``decode_base_s + decode_s_per_seq x active + decode_s_per_ctx_token x
+  sum(context)`` plus ``extra_step_time(active request ids, s)`` (e.g. a tiered backend's KV
+  fetch time), where a request's context at step ``s`` is ``prompt + s + 1`` tokens;
+- a request generating ``g`` tokens finishes after ``g - 1`` decode steps; the batch frees
+  the server when its longest request finishes.
+
+Per request: queue wait = batch start - arrival, service = finish - batch start,
+latency = wait + service. Percentiles use numpy's default linear method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from kvtier.runners.requests import Request, Workload
+
+from kvtier.schema import LatencyMs, Serving
+
+#: ``extra_step_time(active_request_ids, step) -> seconds`` added to a decode step
+ExtraStepTime = Callable[[Sequence[str], int], float]
+
+
+@dataclass(frozen=True, slots=True)
+class StepCostModel:
+    """Seconds per prefill and per decode step as a linear function of the batch's shape."""
+
+    prefill_base_s: float = 0.0
+    prefill_s_per_token: float = 0.0
+    decode_base_s: float = 0.0
+    decode_s_per_seq: float = 0.0
+    decode_s_per_ctx_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"StepCostModel.{f.name} must be a finite number >= 0, "
+                                 f"got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepCostModel:
+        """From a config mapping; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"StepCostModel: unknown field {key!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def prefill_time(self, prompt_lens: np.ndarray) -> float:
+        """One batched prefill of these prompts."""
+        return self.prefill_base_s + self.prefill_s_per_token * float(np.sum(prompt_lens))
+
+    def decode_step_times(self, active: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """Decode step times for arrays of (active sequences, summed context tokens)."""
+        return (self.decode_base_s + self.decode_s_per_seq * np.asarray(active, np.float64)
+                + self.decode_s_per_ctx_token * np.asarray(context, np.float64))
+
+    @classmethod
+    def calibrate(
+        cls,
+        prefill: Iterable[tuple[float, float]] = (),
+        decode: Iterable[tuple[float, float, float]] = (),
+    ) -> StepCostModel:
+        """Fit the coefficients to measured numbers by non-negative least squares.
+
+        ``prefill``: ``(prompt tokens in the prefill, seconds)`` pairs;
+        ``decode``: ``(active sequences, summed context tokens, seconds)`` triples, e.g. from
+        ``decode_samples_from_trace``. A part with no samples keeps zero coefficients.
+        """
+        pre = np.asarray(list(prefill), dtype=np.float64).reshape(-1, 2)
+        dec = np.asarray(list(decode), dtype=np.float64).reshape(-1, 3)
+        p = _nnls(np.column_stack([np.ones(len(pre)), pre[:, 0]]), pre[:, 1]) \
+            if len(pre) else np.zeros(2)
+        q = _nnls(np.column_stack([np.ones(len(dec)), dec[:, 0], dec[:, 1]]), dec[:, 2]) \
+            if len(dec) else np.zeros(3)
+        return cls(prefill_base_s=float(p[0]), prefill_s_per_token=float(p[1]),
+                   decode_base_s=float(q[0]), decode_s_per_seq=float(q[1]),
+                   decode_s_per_ctx_token=float(q[2]))
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact non-negative least squares for a handful of columns: the best of the
+    unconstrained fits over every column subset whose coefficients are all >= 0."""
+    n = a.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(b * b))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if np.any(x < 0):
+                continue
+            err = float(np.sum((a[:, cols] @ x - b) ** 2))
+            if err < best_err - 1e-18 * max(1.0, best_err):
+                best, best_err = np.zeros(n), err
+                best[list(cols)] = x
+    return best
+
+
+def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
+    """``(active sequences, summed context tokens, seconds)`` per measured decode step of a
+    recorded trace (``trace_steps.jsonl`` or its directory).
+
+    Uses the HBM tier's ``latency_us`` (the measured step wall time the tracer records) on
+    the first layer's records; rows of one forward share ``step_idx``, ``batch_size`` and
+    that latency, which groups them. Records without a latency are ignored.
+    """
+    import msgspec
+
+    from kvtier.schema import TRACE_FILE
+
+    class _Tier(msgspec.Struct):
+        latency_us: float | None
+        batch_size: int
+
+    class _Fetch(msgspec.Struct):
+        hbm: _Tier
+
+    class _Rec(msgspec.Struct):
+        layer_id: int
+        step_idx: int
+        seq_len_current: int
+        kv_fetch: _Fetch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRACE_FILE
+    dec = msgspec.json.Decoder(_Rec)
+    recs = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                recs.append(dec.decode(line))
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: {exc}") from exc
+    if not recs:
+        return []
+    first_layer = min(r.layer_id for r in recs)
+    groups: dict[tuple[int, int, float], list[int]] = {}
+    for r in recs:
+        lat = r.kv_fetch.hbm.latency_us
+        if r.layer_id != first_layer or lat is None:
+            continue
+        key = (r.step_idx, r.kv_fetch.hbm.batch_size, lat)
+        groups.setdefault(key, []).append(r.seq_len_current)
+    return [(len(ctx), int(sum(ctx)), key[2] * 1e-6) for key, ctx in groups.items()]
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Per-request outcome of a simulated replay, in arrival (FIFO) order."""
+
+    request_ids: list[str]
+    arrival_s: np.ndarray
+    start_s: np.ndarray
+    finish_s: np.ndarray
+    prompt_len: np.ndarray
+    gen_tokens: np.ndarray
+    batch_index: np.ndarray
+    batch_size: int
+    max_new_tokens_cap: int
+
+    @property
+    def wait_s(self) -> np.ndarray:
+        return self.start_s - self.arrival_s
+
+    @property
+    def service_s(self) -> np.ndarray:
+        return self.finish_s - self.start_s
+
+    @property
+    def latency_s(self) -> np.ndarray:
+        return self.wait_s + self.service_s
+
+    @property
+    def batches(self) -> int:
+        return int(self.batch_index.max()) + 1 if len(self.batch_index) else 0
+
+    def serving(self) -> Serving:
+        """The ``summary.serving`` section (latency = queue wait + service, in ms)."""
+        lat = self.latency_s * 1e3
+        if len(lat):
+            p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
+            ms = LatencyMs(p50=p50, p95=p95, p99=p99, max=float(lat.max()))
+        else:
+            ms = LatencyMs(p50=None, p95=None, p99=None, max=None)
+        return Serving(requests=len(lat), latency_ms=ms, batch_size=self.batch_size,
+                       max_new_tokens_cap=self.max_new_tokens_cap)
+
+    def per_request(self) -> list[dict]:
+        """One plain dict per request (for a CSV/JSONL dump)."""
+        wait, service = self.wait_s, self.service_s
+        return [
+            {"request_id": rid, "arrival_s": float(self.arrival_s[i]),
+             "start_s": float(self.start_s[i]), "finish_s": float(self.finish_s[i]),
+             "wait_s": float(wait[i]), "service_s": float(service[i]),
+             "latency_s": float(wait[i] + service[i]), "prompt_len": int(self.prompt_len[i]),
+             "gen_tokens": int(self.gen_tokens[i]), "batch": int(self.batch_index[i])}
+            for i, rid in enumerate(self.request_ids)
+        ]
+
+
+def _batch_offsets(
+    cost: StepCostModel,
+    prompt: np.ndarray,
+    gen: np.ndarray,
+    ids: list[str],
+    extra_step_time: ExtraStepTime | None,
+) -> np.ndarray:
+    """Finish time of each batch member, relative to the batch start."""
+    pre = cost.prefill_time(prompt)
+    steps = np.maximum(gen - 1, 0)  # decode steps after the prefill's first token
+    n_steps = int(steps.max()) if len(steps) else 0
+    if n_steps == 0:
+        return np.full(len(prompt), pre)
+    s = np.arange(n_steps)  # 0-based decode step
+    order = np.argsort(steps, kind="stable")
+    sorted_steps = steps[order]
+    # active at step s: requests with more than s decode steps
+    first_active = np.searchsorted(sorted_steps, s, side="right")
+    active = len(steps) - first_active
+    suffix_prompt = np.concatenate([np.cumsum(prompt[order][::-1])[::-1], [0]])
+    context = suffix_prompt[first_active] + (s + 1) * active
+    times = cost.decode_step_times(active, context)
+    if extra_step_time is not None:
+        extra = np.empty(n_steps)
+        for k in range(n_steps):
+            act = [ids[i] for i in np.flatnonzero(steps > k)]
+            x = float(extra_step_time(act, k))
+            if not math.isfinite(x) or x < 0:
+                raise ValueError(f"extra_step_time returned {x!r} at step {k}; "
+                                 "expected finite seconds >= 0")
+            extra[k] = x
+        times = times + extra
+    done = pre + np.concatenate([[0.0], np.cumsum(times)])
+    return done[steps]
+
+
+def simulate(
+    requests: Sequence[Request],
+    cost: StepCostModel,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    time_scale: float = 1.0,
+    extra_step_time: ExtraStepTime | None = None,
+    on_finish: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> SimResult:
+    """Replay ``requests`` (each with ``prompt_len`` and ``arrival_s``) through the server.
+
+    ``time_scale`` multiplies inter-arrival times (0.5 = twice the rate; 0 = all at once);
+    arrivals are shifted so the first is at t=0. ``max_new_tokens`` caps each request's
+    ``max_new_tokens`` (response tokens; a request without one generates the cap).
+    ``on_finish(request_id)`` is called as each request completes, in completion order.
+    """
+    import simpy
+    from tqdm import tqdm
+
+    _check_config(batch_size, max_new_tokens, time_scale)
+    n = len(requests)
+    arrival = np.empty(n)
+    prompt = np.empty(n, dtype=np.int64)
+    gen = np.empty(n, dtype=np.int64)
+    for i, r in enumerate(requests):
+        if r.arrival_s is None or not math.isfinite(r.arrival_s):
+            raise ValueError(f"request {r.request_id}: arrival_s must be a finite number, "
+                             f"got {r.arrival_s!r}")
+        if isinstance(r.prompt_len, bool) or not isinstance(r.prompt_len, int) \
+                or r.prompt_len < 0:
+            raise ValueError(f"request {r.request_id}: prompt_len must be an int >= 0, "
+                             f"got {r.prompt_len!r}")
+        m = r.max_new_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"request {r.request_id}: max_new_tokens must be an int >= 0 "
+                             f"or None, got {m!r}")
+        arrival[i] = r.arrival_s
+        prompt[i] = r.prompt_len
+        gen[i] = max_new_tokens if m is None else min(m, max_new_tokens)
+    order = np.argsort(arrival, kind="stable")  # FIFO; ties keep input order
+    arrival, prompt, gen = arrival[order], prompt[order], gen[order]
+    ids = [requests[i].request_id for i in order]
+    if n:
+        arrival = (arrival - arrival[0]) * time_scale
+    start = np.zeros(n)
+    finish = np.zeros(n)
+    batch_of = np.zeros(n, dtype=np.int64)
+
+    env = simpy.Environment()
+    queue: simpy.Store = simpy.Store(env)
+    bar = tqdm(total=n, desc="serving-sim", unit="req", disable=not progress)
+
+    def arrivals():
+        for i in range(n):
+            if arrival[i] > env.now:
+                yield env.timeout(arrival[i] - env.now)
+            queue.put(i)
+
+    def server():
+        for b in itertools.count():
+            batch = [(yield queue.get())]
+            while len(batch) < batch_size and queue.items:
+                batch.append((yield queue.get()))
+            idx = np.asarray(batch)
+            t0 = env.now
+            offsets = _batch_offsets(cost, prompt[idx], gen[idx], [ids[i] for i in batch],
+                                     extra_step_time)
+            start[idx] = t0
+            finish[idx] = t0 + offsets
+            batch_of[idx] = b
+            if on_finish is not None:
+                for j in np.argsort(offsets, kind="stable"):
+                    on_finish(ids[batch[j]])
+            bar.update(len(batch))
+            yield env.timeout(float(offsets.max()))
+
+    env.process(arrivals())
+    env.process(server())
+    env.run()
+    bar.close()
+    return SimResult(request_ids=ids, arrival_s=arrival, start_s=start, finish_s=finish,
+                     prompt_len=prompt, gen_tokens=gen, batch_index=batch_of,
+                     batch_size=batch_size, max_new_tokens_cap=max_new_tokens)
+
+
+def simulate_workload(workload: Workload, cost: StepCostModel, **kwargs) -> SimResult:
+    """``simulate`` over a loaded workload's requests (BurstGPT, Mooncake, Azure)."""
+    return simulate(workload.requests, cost, **kwargs)
+
+
+def _check_config(batch_size: int, max_new_tokens: int, time_scale: float) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(time_scale, bool) or not isinstance(time_scale, int | float) \
+            or not math.isfinite(time_scale) or time_scale < 0:
+        raise ValueError(f"time_scale must be a finite number >= 0, got {time_scale!r}")
