@@ -1,0 +1,109 @@
+"""Vectorised JSON encoding of many int lists at once (the tracer's hot path).
+
+A record's ``selected_token_pos`` holds thousands of ints; encoding them one by one in Python
+(or even through ``list.tolist()`` + msgspec) dominates the tracer's cost. Here every int of a
+whole decode step is written by one numpy gather from a lookup table of fixed-width decimal
+strings: each element takes ``width`` bytes, right-aligned and space-padded (``[  7, 42,512]``),
+which is valid JSON that every parser reads as the same list. The per-row texts are returned
+as spans of one shared buffer so the caller can splice them into records with ``msgspec.Raw``
+without another copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_COMMA = ord(",")
+_SPACE = ord(" ")
+_OPEN = ord("[")
+_CLOSE = ord("]")
+
+#: largest int this encoder handles (7 digits + comma fit one 8-byte slot)
+MAX_VALUE = 9_999_999
+
+_tables: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+
+def _ndigits(value: int) -> int:
+    return len(str(int(value)))
+
+
+def _pieces(width: int, size: int) -> list[tuple[int, np.ndarray]]:
+    """Lookup tables for the ``width - 1`` digit bytes of each value (right-aligned,
+    space-padded), split into 4/2/1-byte pieces: [(byte offset, uint table)]."""
+    cached = _tables.get(width)
+    if cached is not None and len(cached[0][1]) >= size:
+        return cached
+    size = min(1 << max(size - 1, 4095).bit_length(), 10 ** (width - 1))
+    ndig = width - 1
+    chars = np.full((size, ndig), _SPACE, dtype=np.uint8)
+    rest = np.arange(size, dtype=np.int64)
+    for col in range(ndig - 1, -1, -1):
+        show = (rest > 0) | (col == ndig - 1)
+        chars[show, col] = (rest[show] % 10).astype(np.uint8) + ord("0")
+        rest //= 10
+    pieces = []
+    off = 0
+    for nbytes, dtype in ((4, "<u4"), (2, "<u2"), (1, "u1")):
+        while ndig - off >= nbytes:
+            pieces.append((off, np.ascontiguousarray(chars[:, off:off + nbytes]).view(dtype).ravel()))
+            off += nbytes
+    _tables[width] = pieces
+    return pieces
+
+
+def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode rows of non-negative ints as JSON arrays.
+
+    ``values`` is either a 2-D array (every row the same length) or a flat array split into
+    rows by ``row_starts`` (length rows + 1, ascending). Rows must be non-empty. Returns
+    ``(buffer, lo, hi)``: row i's JSON text is ``buffer[lo[i]:hi[i]]`` (a uint8 array).
+    """
+    values = np.asarray(values)
+    if values.ndim == 2:
+        n_rows, k = values.shape
+        counts = None
+    else:
+        if row_starts is None:
+            raise ValueError("row_starts is required for flat values")
+        counts = np.diff(row_starts)
+        n_rows = len(counts)
+    if n_rows == 0:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if values.size == 0 or (counts is not None and counts.min() <= 0) or (counts is None and k == 0):
+        raise ValueError("cannot encode an empty row")
+    vmax = int(values.max())
+    vmin = int(values.min())
+    if vmin < 0 or vmax > MAX_VALUE:
+        raise ValueError(f"values must lie in [0, {MAX_VALUE}], got [{vmin}, {vmax}]")
+    width = _ndigits(vmax) + 1
+    pieces = _pieces(width, vmax + 1)
+    # Layout: a gap slot before every row, then its elements, each ``width`` bytes (digits,
+    # then a comma). The gap's last byte becomes '[' and the row's last comma becomes ']'.
+    if counts is None:
+        n_slots = n_rows * (k + 1)
+        first_slot = np.arange(n_rows, dtype=np.int64) * (k + 1) + 1
+        last_slot = first_slot + (k - 1)
+        src = values
+    else:
+        n_slots = len(values) + n_rows
+        first_slot = np.asarray(row_starts[:-1], dtype=np.int64) + np.arange(n_rows, dtype=np.int64) + 1
+        last_slot = first_slot + counts - 1
+        src = np.zeros(n_slots, dtype=values.dtype)
+        keep = np.ones(n_slots, dtype=bool)
+        keep[first_slot - 1] = False
+        src[keep] = values
+    buf = np.empty(n_slots * width + 8, dtype=np.uint8)
+    for off, table in pieces:
+        if counts is None:
+            dst = np.ndarray((n_rows, k), dtype=table.dtype, buffer=buf, offset=width + off,
+                             strides=((k + 1) * width, width))
+        else:
+            dst = np.ndarray((n_slots,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
+        dst[...] = table[src]
+    np.ndarray((n_slots,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
+    lo = first_slot * width - 1
+    hi = (last_slot + 1) * width
+    buf[lo] = _OPEN
+    buf[hi - 1] = _CLOSE
+    return buf, lo, hi

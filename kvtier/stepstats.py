@@ -1,0 +1,164 @@
+"""Points A and B for a whole decode step at once: every (layer, row) as one 2-D problem.
+
+Rows are sorted once (``np.sort`` along the row), then everything else is a pass over flat
+arrays: block ids are ``pos // block_size`` (a shift for powers of two), a block starts where
+the id changes, per-block token counts are gaps between block starts, and per-row percentiles
+come from sorted rows (offsets) or per-row histograms (tokens per block), with the arithmetic of
+``kvtier.stats`` so they equal ``np.percentile`` exactly. Negative indices are padding and are
+dropped, as are duplicates; only then do rows differ in length (the slower general path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from kvtier.stats import percentile_hist_rows, percentile_sorted_rows
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Per-row results of one step (rows = layers x active batch rows, layer-major)."""
+
+    positions: np.ndarray  # flat, each row sorted ascending, unique
+    row_starts: np.ndarray  # [R + 1] into positions
+    positions_2d: np.ndarray | None  # [R, K] view when every row has K positions
+    block_ids: np.ndarray  # flat, each row sorted unique
+    block_starts: np.ndarray  # [R + 1] into block_ids
+    block_counts: np.ndarray  # selected tokens per touched block, aligned with block_ids
+    unique_blocks: np.ndarray
+    tpb_mean: np.ndarray
+    tpb_p50: np.ndarray
+    tpb_p95: np.ndarray
+    offset_min: np.ndarray
+    offset_p50: np.ndarray
+    offset_max: np.ndarray
+    n_prefix: np.ndarray  # prefix blocks of the row's request
+    intersection: np.ndarray
+    ratio: np.ndarray
+    scores: np.ndarray | None  # flat, permuted like positions (only when kept)
+    scores_min: np.ndarray | None
+    scores_mean: np.ndarray | None
+    scores_max: np.ndarray | None
+
+    def subset(self, rows: np.ndarray) -> StepStats:
+        """The same statistics for a subset of rows (sampling)."""
+        pos, pstarts = _take_rows(self.positions, self.row_starts, rows)
+        blk, bstarts = _take_rows(self.block_ids, self.block_starts, rows)
+        cnt, _ = _take_rows(self.block_counts, self.block_starts, rows)
+        sc = None if self.scores is None else _take_rows(self.scores, self.row_starts, rows)[0]
+        per_row = {
+            name: (None if getattr(self, name) is None else getattr(self, name)[rows])
+            for name in ("unique_blocks", "tpb_mean", "tpb_p50", "tpb_p95", "offset_min",
+                         "offset_p50", "offset_max", "n_prefix", "intersection", "ratio",
+                         "scores_min", "scores_mean", "scores_max")
+        }
+        p2d = None if self.positions_2d is None else self.positions_2d[rows]
+        return replace(self, positions=pos, row_starts=pstarts, positions_2d=p2d, block_ids=blk,
+                       block_starts=bstarts, block_counts=cnt, scores=sc, **per_row)
+
+    def prefix_touches(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, block id) of every touched block inside its request's prefix. These are the
+        first ``intersection[row]`` entries of each row's sorted block ids."""
+        counts = np.diff(self.block_starts)
+        row_of_block = np.repeat(np.arange(len(counts)), counts)
+        inside = self.block_ids < self.n_prefix[row_of_block]
+        return row_of_block[inside], self.block_ids[inside]
+
+
+def _take_rows(flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.diff(starts)[rows]
+    new_starts = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_starts[1:])
+    idx = np.repeat(starts[:-1][rows] - new_starts[:-1], counts) + np.arange(new_starts[-1])
+    return flat[idx], new_starts
+
+
+def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_prefix: np.ndarray,
+                       scores: np.ndarray | None = None, keep_scores: bool = False) -> StepStats:
+    """Points A and B for rows of top-k indices [R, K] of one decode step (``seq_len`` =
+    ``step_idx + 1``); ``n_prefix[r]`` is the number of prefix blocks of row r's request."""
+    p = np.asarray(positions)
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise ValueError(f"top-k indices must be a non-empty [rows, K] array, got shape {list(p.shape)}")
+    if not np.issubdtype(p.dtype, np.integer):
+        raise ValueError(f"top-k indices must be integers, got {p.dtype}")
+    n_rows, k = p.shape
+    pmax = int(p.max())
+    if pmax >= seq_len:
+        raise ValueError(f"selected position {pmax} >= seq_len_current {seq_len} "
+                         f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
+    dtype = np.int32 if seq_len < 2**31 else np.int64
+    if scores is None:
+        s = np.sort(p.astype(dtype, copy=False), axis=1)
+        sc = None
+    else:
+        order = np.argsort(p, axis=1, kind="stable")
+        s = np.take_along_axis(p, order, axis=1).astype(dtype, copy=False)
+        sc = np.take_along_axis(np.asarray(scores), order, axis=1).astype(np.float64)
+    dup = s[:, 1:] == s[:, :-1]
+    if s[:, 0].min() >= 0 and not dup.any():
+        flat = s.ravel()
+        row_starts = np.arange(n_rows + 1, dtype=np.int64) * k
+        pos2d: np.ndarray | None = s
+        sflat = None if sc is None else sc.ravel()
+    else:
+        valid = s >= 0
+        valid[:, 1:] &= ~dup
+        counts = valid.sum(axis=1)
+        if counts.min() == 0:
+            raise ValueError(f"row {int(np.argmin(counts))} has no selected position (all padding)")
+        flat = s[valid]
+        row_starts = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=row_starts[1:])
+        pos2d = None
+        sflat = None if sc is None else sc[valid]
+    if sflat is not None and not np.isfinite(sflat).all():
+        raise ValueError("indexer scores of selected positions must be finite")
+    n = len(flat)
+    # point B: blocks
+    if block_size & (block_size - 1) == 0:
+        blocks = flat >> (block_size.bit_length() - 1)
+    else:
+        blocks = flat // block_size
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(blocks[1:], blocks[:-1], out=first[1:])
+    first[row_starts[:-1]] = True
+    bidx = np.flatnonzero(first)
+    block_ids = blocks[bidx]
+    block_counts = np.diff(np.append(bidx, n))
+    block_starts = np.searchsorted(bidx, row_starts).astype(np.int64)
+    unique = np.diff(block_starts)
+    n_tok = np.diff(row_starts)
+    tpb_mean = n_tok / unique
+    row_of_block = np.repeat(np.arange(n_rows), unique)
+    width = int(block_counts.max()) + 1
+    hist = np.bincount(row_of_block * width + block_counts, minlength=n_rows * width).reshape(n_rows, width)
+    tpb_p50 = percentile_hist_rows(hist, 50.0)
+    tpb_p95 = percentile_hist_rows(hist, 95.0)
+    # point A: offsets (end - 1) - pos; reflected, so min/max swap ends of the sorted row
+    last = seq_len - 1
+    offset_min = last - flat[row_starts[1:] - 1].astype(np.int64)
+    offset_max = last - flat[row_starts[:-1]].astype(np.int64)
+    offset_p50 = last - percentile_sorted_rows(flat, row_starts, 50.0)
+    # point D: touched blocks inside the prefix (block ids 0..n_prefix-1: a prefix of each row)
+    n_prefix = np.asarray(n_prefix, dtype=np.int64)
+    inside = block_ids < n_prefix[row_of_block]
+    intersection = np.add.reduceat(inside, block_starts[:-1], dtype=np.int64)
+    ratio = intersection / unique
+    if sflat is not None:
+        smin = np.minimum.reduceat(sflat, row_starts[:-1])
+        smax = np.maximum.reduceat(sflat, row_starts[:-1])
+        smean = np.add.reduceat(sflat, row_starts[:-1]) / n_tok
+    else:
+        smin = smax = smean = None
+    return StepStats(
+        positions=flat, row_starts=row_starts, positions_2d=pos2d, block_ids=block_ids,
+        block_starts=block_starts, block_counts=block_counts, unique_blocks=unique,
+        tpb_mean=tpb_mean, tpb_p50=tpb_p50, tpb_p95=tpb_p95, offset_min=offset_min,
+        offset_p50=offset_p50, offset_max=offset_max, n_prefix=n_prefix,
+        intersection=intersection, ratio=ratio,
+        scores=sflat if keep_scores else None, scores_min=smin, scores_mean=smean, scores_max=smax,
+    )

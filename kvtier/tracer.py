@@ -1,0 +1,396 @@
+"""The tracer: turns the indexer's top-k of every decode step x layer into trace records.
+
+The model calls ``begin_batch`` / ``start_step`` / ``on_topk`` (every layer) / ``end_step`` /
+``end_batch`` / ``close``. ``on_topk`` only copies (on CUDA: non-blocking into pinned host
+buffers, plus an event), so the forward never waits for the tracer; ``end_step`` then processes
+all layers x rows of the step as one 2-D numpy problem (see ``kvtier.stepstats``), asks the
+KVBackend for point C, and hands complete JSONL lines to the background writer.
+
+torch is never imported here: a torch tensor is recognised by its type's module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
+from kvtier.fastjson import encode_int_rows
+from kvtier.prefix import PrefixAnalyzer, PrefixState
+from kvtier.schema import (
+    EVENT_DSA_TOPK,
+    SCHEMA_VERSION,
+    SUMMARY_FILE,
+    PrefixInfo,
+    ScoresStats,
+    Summary,
+    TokensPerBlock,
+    TopkRecord,
+    TraceMeta,
+)
+from kvtier.settings import TraceSettings
+from kvtier.stepstats import StepStats, compute_step_stats
+from kvtier.summary import SummaryBuilder, backend_sections
+from kvtier.writer import TraceWriter, write_json_atomic
+
+
+def kv_bytes_per_token(kv_lora_rank: int, qk_rope_head_dim: int, index_head_dim: int,
+                       cache_dtype_bytes: int = 2, indexer_dtype_bytes: int = 1,
+                       indexer_scale_bytes: int = 4, fp8_mla: bool = False) -> int:
+    """KV bytes one token occupies in one layer (what a fetch of that token reads).
+
+    bf16 MLA (the reference): ``(kv_lora_rank + qk_rope_head_dim) * cache_dtype_bytes``
+    + indexer key ``index_head_dim * indexer_dtype_bytes`` + its ``indexer_scale_bytes`` scale.
+    671B: (512 + 64) * 2 + 128 * 1 + 4 = 1284 B (78,324 B over 61 layers).
+    ``fp8_mla`` (vLLM/FlashMLA ``fp8_ds_mla``): 512 fp8 latent + one fp32 scale per 128 values
+    + 64 bf16 rope = 656 B, so 656 + 132 = 788 B for 671B.
+    """
+    for name, value in (("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", qk_rope_head_dim),
+                        ("index_head_dim", index_head_dim)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if fp8_mla:
+        mla = kv_lora_rank + (-(-kv_lora_rank // 128)) * 4 + qk_rope_head_dim * 2
+    else:
+        mla = (kv_lora_rank + qk_rope_head_dim) * cache_dtype_bytes
+    return mla + index_head_dim * indexer_dtype_bytes + indexer_scale_bytes
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _sample_key(seed: int, request_id: str) -> int:
+    h = hashlib.blake2b(f"{seed}\x00{request_id}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def sample_uniform(keys: np.ndarray, step: int) -> np.ndarray:
+    """Deterministic uniforms in [0, 1) per (request key, step): splitmix64 of key ^ step."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(keys, dtype=np.uint64) ^ (np.uint64(step) * np.uint64(0x9E3779B97F4A7C15))
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class _Layer:
+    """One on_topk call waiting for end_step."""
+
+    __slots__ = ("layer_id", "indices", "scores", "event")
+
+    def __init__(self, layer_id: int, indices: Any, scores: Any, event: Any) -> None:
+        self.layer_id = layer_id
+        self.indices = indices
+        self.scores = scores
+        self.event = event
+
+
+class Tracer:
+    """Records DSA top-k selections of one run into ``out_dir`` (rank 0 only).
+
+    On ranks other than 0 every method is a no-op and ``close`` returns None, so callers need
+    no rank checks. Usable as a context manager (closes on exit).
+    """
+
+    def __init__(self, settings: TraceSettings, out_dir: str | os.PathLike, *, run_name: str,
+                 dataset: str, backend: KVBackend | None = None,
+                 kv_bytes_per_token: int | None = None, rank: int = 0, world_size: int = 1,
+                 config: dict | None = None, force: bool = False, background: bool = True) -> None:
+        self.enabled = rank == 0
+        self.settings = settings
+        self.run_name = run_name
+        self.dataset = dataset
+        self.rank = rank
+        self.world_size = world_size
+        self.summary: Summary | None = None
+        if not self.enabled:
+            return
+        bpt = settings.kv_bytes_per_token or kv_bytes_per_token
+        if backend is None:
+            if not bpt:
+                raise ValueError("kv_bytes_per_token is needed for the default HBM backend "
+                                 "(derive it with kv_bytes_per_token(...) or pass --kv-bytes-per-token)")
+            backend = HBMOnlyBackend(bpt)
+        self.backend = backend
+        self.out_dir = Path(out_dir)
+        full_config = {
+            "trace": settings.to_dict(),
+            "kv_bytes_per_token": bpt,
+            "backend": getattr(backend, "name", type(backend).__name__),
+            "rank": rank,
+            "world_size": world_size,
+            **(config or {}),
+        }
+        self.config = full_config
+        meta = TraceMeta(schema_version=SCHEMA_VERSION, run_name=run_name, dataset=dataset,
+                         config=full_config)
+        self.writer = TraceWriter(self.out_dir, meta, force=force,
+                                  shard_records=settings.shard_records, background=background)
+        self.builder = SummaryBuilder(run_name, dataset, full_config)
+        self.prefix = PrefixAnalyzer(settings.kv_block_size, settings.prefix_key_tokens)
+        self._encoder = msgspec.json.Encoder()
+        self._seen_requests: set[str] = set()
+        self._request_ids: list[str] = []
+        self._prefix_states: list[PrefixState] = []
+        self._sample_keys = np.zeros(0, np.uint64)
+        self._n_prefix = np.zeros(0, np.int64)
+        self._step: int | None = None
+        self._active: np.ndarray | None = None
+        self._layers: list[_Layer] = []
+        self._pinned: dict[tuple, Any] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def begin_batch(self, request_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> None:
+        """New requests enter: prefix analysis (point D) and ``backend.admit``."""
+        if not self.enabled:
+            return
+        if len(request_ids) != len(prompts):
+            raise ValueError(f"{len(request_ids)} request ids but {len(prompts)} prompts")
+        ids = [str(r) for r in request_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate request ids in one batch")
+        for rid in ids:
+            if rid in self._seen_requests:
+                raise ValueError(f"request id {rid!r} was already traced in this run")
+        self._seen_requests.update(ids)
+        self._request_ids = ids
+        self._prefix_states = []
+        for rid, prompt in zip(ids, prompts, strict=True):
+            state = self.prefix.admit(prompt)
+            self._prefix_states.append(state)
+            self.backend.admit(rid, len(prompt), state.hashes)
+        self._n_prefix = np.array([s.n_prefix_blocks for s in self._prefix_states], dtype=np.int64)
+        self._sample_keys = np.array([_sample_key(self.settings.sample_seed, r) for r in ids],
+                                     dtype=np.uint64)
+
+    def start_step(self, start_pos: int, active: Sequence[bool] | None = None) -> None:
+        """Before a 1-token decode forward at ``start_pos``; inactive rows are not recorded."""
+        if not self.enabled:
+            return
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        n = len(self._request_ids)
+        act = np.ones(n, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        if act.shape != (n,):
+            raise ValueError(f"active has {act.size} entries for a batch of {n}")
+        self._step = int(start_pos)
+        self._active = act
+        self._layers = []
+
+    def on_topk(self, layer_id: int, indices: Any, scores: Any = None) -> None:
+        """Right after the indexer's top-k of one layer: copy [B, K] indices (and scores) off
+        the device without waiting for it."""
+        if not self.enabled:
+            return
+        if self._step is None:
+            raise RuntimeError("on_topk called outside start_step/end_step")
+        event = None
+        if _is_torch(indices) and indices.is_cuda:
+            indices, event = self._to_pinned(len(self._layers), "i", indices)
+            if scores is not None:
+                scores, event = self._to_pinned(len(self._layers), "s", scores)
+        else:
+            indices = self._host_copy(indices)
+            scores = None if scores is None else self._host_copy(scores)
+        self._layers.append(_Layer(int(layer_id), indices, scores, event))
+
+    def _host_copy(self, x: Any) -> np.ndarray:
+        if _is_torch(x):
+            x = x.detach()
+            if x.dtype.is_floating_point and x.element_size() < 4:
+                x = x.float()
+            x = x.numpy()
+        return np.array(x, copy=True)
+
+    def _to_pinned(self, slot: int, kind: str, x: Any) -> tuple[Any, Any]:
+        import torch  # only reached with a CUDA tensor, so torch is already imported
+
+        key = (slot, kind, tuple(x.shape), x.dtype)
+        buf = self._pinned.get(key)
+        if buf is None:
+            buf = torch.empty(tuple(x.shape), dtype=x.dtype, device="cpu", pin_memory=True)
+            self._pinned[key] = buf
+        buf.copy_(x.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+    def _host_array(self, x: Any, event: Any) -> np.ndarray:
+        if event is not None:
+            event.synchronize()
+        if _is_torch(x):
+            if x.dtype.is_floating_point and x.element_size() < 4:
+                return x.float().numpy()
+            return x.numpy()
+        return x
+
+    # ------------------------------------------------------------------ the step
+    def end_step(self, wall_time_s: float | None) -> None:
+        """After the forward: build all records of the step, point C, and write them."""
+        if not self.enabled:
+            return
+        if self._step is None:
+            raise RuntimeError("end_step without start_step")
+        step, layers, active = self._step, self._layers, self._active
+        self._step, self._layers = None, []
+        if not layers:
+            return
+        assert active is not None
+        rows = np.flatnonzero(active)
+        if len(rows) == 0:
+            return
+        n_batch = len(self._request_ids)
+        idx_list, score_list = [], []
+        for lay in layers:
+            idx = self._host_array(lay.indices, lay.event)
+            if idx.ndim != 2 or idx.shape[0] != n_batch:
+                raise ValueError(f"layer {lay.layer_id}: indices must have shape [{n_batch}, K], "
+                                 f"got {list(idx.shape)}")
+            idx_list.append(idx)
+            if lay.scores is not None:
+                sc = self._host_array(lay.scores, None)
+                if sc.shape != idx.shape:
+                    raise ValueError(f"layer {lay.layer_id}: scores shape {list(sc.shape)} != "
+                                     f"indices shape {list(idx.shape)}")
+                score_list.append(sc)
+        if score_list and len(score_list) != len(layers):
+            raise ValueError("scores must be given for every layer of a step or for none")
+        n_layers = len(layers)
+        all_rows = len(rows) == n_batch
+        idx3 = np.stack(idx_list) if n_layers > 1 else idx_list[0][None]
+        if not all_rows:
+            idx3 = idx3[:, rows]
+        k = idx3.shape[2]
+        positions = idx3.reshape(-1, k)
+        scores2 = None
+        if score_list:
+            sc3 = np.stack(score_list)
+            if not all_rows:
+                sc3 = sc3[:, rows]
+            scores2 = sc3.reshape(-1, k)
+        n_rows = len(rows)
+        req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
+        stats = compute_step_stats(positions, step + 1, self.settings.kv_block_size,
+                                   self._n_prefix[req_rows], scores2,
+                                   keep_scores=self.settings.store_scores)
+        # sampling: per (request, step), identical for every layer
+        if self.settings.sample_rate < 1.0:
+            keep_row = sample_uniform(self._sample_keys[rows], step) < self.settings.sample_rate
+        else:
+            keep_row = np.ones(n_rows, dtype=bool)
+        wall_us = None if wall_time_s is None else float(wall_time_s) * 1e6
+        ids = [self._request_ids[r] for r in rows]
+        fetches = []
+        pstarts = stats.row_starts.tolist()
+        bstarts = stats.block_starts.tolist()
+        for li, lay in enumerate(layers):
+            r0 = li * n_rows
+            tp = [stats.positions[pstarts[r]:pstarts[r + 1]] for r in range(r0, r0 + n_rows)]
+            bl = [stats.block_ids[bstarts[r]:bstarts[r + 1]] for r in range(r0, r0 + n_rows)]
+            access = LayerAccess(step_idx=step, layer_id=lay.layer_id, request_ids=ids,
+                                 token_pos=tp, block_ids=bl,
+                                 block_size=self.settings.kv_block_size, step_wall_us=wall_us)
+            got = self.backend.fetch(access)
+            if len(got) != n_rows:
+                raise ValueError(f"backend {self.backend.name!r} returned {len(got)} results for {n_rows} rows")
+            fetches.extend(got)
+        for rid in ids:
+            self.backend.append(rid, 1)
+        keep = np.tile(keep_row, n_layers)
+        if keep.any():
+            self._emit(step, layers, rows, ids, stats, fetches, keep)
+
+    def _emit(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[str],
+              st: StepStats, fetches: list, keep: np.ndarray) -> None:
+        n_rows = len(rows)
+        sel = np.flatnonzero(keep)
+        sub = st if len(sel) == len(keep) else st.subset(sel)
+        pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d if sub.positions_2d is not None
+                                                  else sub.positions, None if sub.positions_2d is not None
+                                                  else sub.row_starts)
+        blk_buf, blk_lo, blk_hi = encode_int_rows(sub.block_ids, sub.block_starts)
+        pos_mv, blk_mv = memoryview(pos_buf), memoryview(blk_buf)
+        # summary (only what is written, so `kvtier summarize` sees the same records)
+        rec_ids = [ids[i % n_rows] for i in sel]
+        prefix_rows, prefix_blocks = sub.prefix_touches()
+        end = step + 1
+        self.builder.add(rec_ids, sub.unique_blocks, sub.block_counts, (end - 1) - sub.positions,
+                         sub.ratio, prefix_rows, prefix_blocks)
+        # python scalars for the per-record structs
+        unique = sub.unique_blocks.tolist()
+        n_unique_tok = np.diff(sub.row_starts).tolist()
+        off_min = sub.offset_min.tolist()
+        off_p50 = sub.offset_p50.tolist()
+        off_max = sub.offset_max.tolist()
+        tpb_mean, tpb_p50, tpb_p95 = sub.tpb_mean.tolist(), sub.tpb_p50.tolist(), sub.tpb_p95.tolist()
+        inter, ratio = sub.intersection.tolist(), sub.ratio.tolist()
+        if sub.scores_min is not None:
+            smin, smean, smax = sub.scores_min.tolist(), sub.scores_mean.tolist(), sub.scores_max.tolist()
+        else:
+            smin = None
+        store = self.settings.store_scores and sub.scores is not None
+        out = bytearray()
+        enc = self._encoder
+        bs = self.settings.kv_block_size
+        for j, i in enumerate(sel.tolist()):
+            li, r = divmod(i, n_rows)
+            rid = ids[r]
+            pstate = self._prefix_states[rows[r]]
+            pinfo = PrefixInfo(pstate.cache_hit, pstate.cached_blocks, pstate.key, ratio[j], inter[j])
+            rec = TopkRecord(
+                EVENT_DSA_TOPK, self.run_name, self.dataset, self.rank, self.world_size, rid,
+                layers[li].layer_id, step, end, n_unique_tok[j], off_min[j], off_p50[j],
+                off_max[j], bs, msgspec.Raw(blk_mv[blk_lo[j]:blk_hi[j]]), unique[j],
+                TokensPerBlock(tpb_mean[j], tpb_p50[j], tpb_p95[j]), fetches[i], pinfo,
+                msgspec.Raw(pos_mv[pos_lo[j]:pos_hi[j]]),
+                None if smin is None else ScoresStats(smin[j], smean[j], smax[j]),
+            )
+            if store:
+                s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
+                rec.scores_topk = sub.scores[s0:s1].tolist()
+            enc.encode_into(rec, out, -1)
+            out += b"\n"
+        self.writer.write(out, len(sel))
+
+    def end_batch(self) -> None:
+        """The batch's requests finished: ``backend.release`` each."""
+        if not self.enabled:
+            return
+        for rid in self._request_ids:
+            self.backend.release(rid)
+        self._request_ids = []
+        self._prefix_states = []
+        self._n_prefix = np.zeros(0, np.int64)
+        self._sample_keys = np.zeros(0, np.uint64)
+
+    def close(self, serving: Any = None, skipped: dict[str, int] | None = None) -> Summary | None:
+        """Flush the writer, write ``summary.json`` and return it (None on other ranks).
+        ``serving``/``skipped`` are the optional sections only the caller knows."""
+        if not self.enabled:
+            return None
+        if self._closed:
+            return self.summary
+        self._closed = True
+        if self._request_ids:
+            self.end_batch()
+        self.writer.close()
+        sections = backend_sections(self.backend.summary())
+        self.summary = self.builder.build(serving=serving, skipped=skipped, **sections)
+        write_json_atomic(self.out_dir / SUMMARY_FILE, self.summary)
+        return self.summary
