@@ -75,10 +75,14 @@ class BlockStream:
     block_size: int
     offsets: np.ndarray  # int64 [n + 1]
     blocks: np.ndarray  # int64, ascending within each record
+    _keys: np.ndarray | None = None
 
     def keys(self) -> np.ndarray:
-        """Single-tier key stream ``block_key(request, layer, block)`` in trace order."""
-        return block_stream_keys(self)
+        """Single-tier key stream ``block_key(request, layer, block)`` in trace order
+        (computed once, then cached; treat as read-only)."""
+        if self._keys is None:
+            self._keys = block_stream_keys(self)
+        return self._keys
 
     def __len__(self) -> int:
         return int(self.blocks.shape[0])
