@@ -57,14 +57,18 @@ class Tokenizer:
     """encode / decode / chat template / eos id over a local transformers tokenizer."""
 
     def __init__(self, ckpt_dir: str | Path | None = None) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
         from transformers.utils import logging as hf_logging
 
         self.path = resolve_tokenizer_dir(ckpt_dir)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the class-name notice about ByteLevel json is noise
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            # an empty config: the tokenizer files describe everything, and a checkpoint dir's
+            # config.json (possibly a kvtier demo-format one) must not be parsed as an HF config
+            self.hf = AutoTokenizer.from_pretrained(
+                str(self.path), local_files_only=True, config=PretrainedConfig()
+            )
         except Exception as exc:
             raise TokenizerError(f"{self.path}: cannot load tokenizer: {exc}") from None
         finally:
