@@ -124,3 +124,24 @@ def backend_sections(backend_summary: dict | None) -> dict:
     if set(backend_summary) <= set(BACKEND_SECTIONS):
         return dict(backend_summary)
     return {"tiers": backend_summary}
+
+
+def recompute_summary(trace_dir, keep_from: Summary | None = None, batch: int = 512) -> Summary:
+    """The summary of a trace directory from its records and ``trace_meta.json`` alone.
+    Optional sections (serving, skipped, tiers, ...) are copied from ``keep_from``."""
+    from kvtier.reader import find_trace, iter_records
+
+    tf = find_trace(trace_dir, require_meta=True)
+    assert tf.meta is not None
+    builder = SummaryBuilder(tf.meta.run_name, tf.meta.dataset, tf.meta.config)
+    chunk: list[TopkRecord] = []
+    for rec in iter_records(tf):
+        chunk.append(rec)
+        if len(chunk) >= batch:
+            builder.add_records(chunk)
+            chunk = []
+    builder.add_records(chunk)
+    sections = {}
+    if keep_from is not None:
+        sections = {name: getattr(keep_from, name) for name in ("serving", "skipped", *BACKEND_SECTIONS)}
+    return builder.build(**sections)

@@ -1,0 +1,195 @@
+"""The compact binary trace: Parquet (also kvtier's Parquet export).
+
+One row per record with the record's own nesting (structs, lists; ``latency_us``,
+``prefix_key``, ``scores_stats`` and ``scores_topk`` nullable, a null ``scores_topk`` meaning
+"not stored"). The sorted int lists use DELTA_BINARY_PACKED (consecutive differences of sorted
+positions need a few bits each) and everything is zstd-compressed, which makes the file many
+times smaller than JSONL. Conversion is lossless both ways: ints stay int64, floats float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from kvtier.schema import TopkRecord
+
+BATCH_RECORDS = 2048
+
+_INT_LISTS = ("selected_block_ids", "selected_token_pos")
+
+
+def arrow_schema():
+    """The Arrow schema of a record (field order = the JSONL field order)."""
+    import pyarrow as pa
+
+    i64, f64 = pa.int64(), pa.float64()
+    tier = pa.struct([
+        pa.field("hit_blocks", i64, nullable=False), pa.field("bytes_read", i64, nullable=False),
+        pa.field("read_ops", i64, nullable=False), pa.field("latency_us", f64),
+        pa.field("batch_size", i64, nullable=False),
+    ])
+    return pa.schema([
+        pa.field("event", pa.string(), nullable=False),
+        pa.field("run_name", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("rank", i64, nullable=False),
+        pa.field("world_size", i64, nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("layer_id", i64, nullable=False),
+        pa.field("step_idx", i64, nullable=False),
+        pa.field("seq_len_current", i64, nullable=False),
+        pa.field("unique_token_pos_count", i64, nullable=False),
+        pa.field("offset_min", i64, nullable=False),
+        pa.field("offset_p50", f64, nullable=False),
+        pa.field("offset_max", i64, nullable=False),
+        pa.field("block_size_tokens", i64, nullable=False),
+        pa.field("selected_block_ids", pa.list_(pa.field("element", i64, nullable=False)), nullable=False),
+        pa.field("unique_blocks", i64, nullable=False),
+        pa.field("tokens_per_touched_block", pa.struct([
+            pa.field("mean", f64, nullable=False), pa.field("p50", f64, nullable=False),
+            pa.field("p95", f64, nullable=False)]), nullable=False),
+        pa.field("kv_fetch", pa.struct([
+            pa.field("hbm", tier, nullable=False), pa.field("local_pool", tier, nullable=False),
+            pa.field("remote_pool", tier, nullable=False)]), nullable=False),
+        pa.field("prefix", pa.struct([
+            pa.field("prefix_cache_hit", pa.bool_(), nullable=False),
+            pa.field("prefix_cached_blocks", i64, nullable=False),
+            pa.field("prefix_key", pa.string()),
+            pa.field("intersection_ratio", f64, nullable=False),
+            pa.field("intersection_blocks", i64, nullable=False)]), nullable=False),
+        pa.field("selected_token_pos", pa.list_(pa.field("element", i64, nullable=False)), nullable=False),
+        pa.field("scores_stats", pa.struct([
+            pa.field("min", f64, nullable=False), pa.field("mean", f64, nullable=False),
+            pa.field("max", f64, nullable=False)])),
+        pa.field("scores_topk", pa.list_(pa.field("element", f64, nullable=False))),
+    ])
+
+
+def _to_row(rec: TopkRecord) -> dict:
+    row = msgspec.to_builtins(rec)
+    row.setdefault("scores_topk", None)
+    return row
+
+
+class ParquetTraceWriter:
+    """Streams records into one Parquet file in row groups of ``BATCH_RECORDS``."""
+
+    def __init__(self, path: str | Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.schema = arrow_schema()
+        int_cols = [f"{c}.list.element" for c in _INT_LISTS]
+        dict_cols = [f.name for f in self.schema if f.name in ("event", "run_name", "dataset", "request_id")]
+        self._writer = pq.ParquetWriter(
+            self.path, self.schema, compression="zstd", compression_level=3,
+            use_dictionary=dict_cols, column_encoding={c: "DELTA_BINARY_PACKED" for c in int_cols},
+            write_statistics=False,
+        )
+        self._rows: list[dict] = []
+        self.records = 0
+
+    def write(self, rec: TopkRecord) -> None:
+        self._rows.append(_to_row(rec))
+        if len(self._rows) >= BATCH_RECORDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self.records += len(self._rows)
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def iter_parquet_records(path: str | Path) -> Iterator[tuple[int, TopkRecord | Exception]]:
+    """(1-based row, record) for every row; a row that does not fit the schema yields the
+    ValidationError (its message names the field) instead of a record."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        from kvtier.reader import TraceError
+
+        raise TraceError(f"{path}: not a readable Parquet file: {exc}") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=BATCH_RECORDS):
+        for item in batch.to_pylist():
+            row += 1
+            if item.get("scores_topk", 0) is None:
+                del item["scores_topk"]
+            try:
+                yield row, msgspec.convert(item, TopkRecord)
+            except msgspec.ValidationError as exc:
+                yield row, exc
+
+
+def convert_trace(src: str | Path, dst: str | Path, to: str | None = None, force: bool = False,
+                  progress: bool = False) -> tuple[str, int]:
+    """Convert a trace (directory or file) into directory ``dst`` in format ``to``
+    (default: the other format). Returns (format, records). The input is read fully before
+    the output is committed, so a bad record leaves no half-written output behind."""
+    import shutil
+
+    from kvtier.reader import PARQUET_FILE, find_trace, iter_records
+    from kvtier.schema import META_FILE, SUMMARY_FILE, TRACE_FILE, TraceMeta
+    from kvtier.writer import prepare_out_dir, write_json_atomic
+
+    tf = find_trace(src)
+    fmt = to or ("jsonl" if tf.format == "parquet" else "parquet")
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"--to must be jsonl or parquet, got {fmt!r}")
+    out = Path(dst)
+    if out.resolve() == tf.root.resolve():
+        raise ValueError("output directory must differ from the input's")
+    prepare_out_dir(out, force)
+    name = PARQUET_FILE if fmt == "parquet" else TRACE_FILE
+    tmp = out / (name + ".partial")
+    records = iter_records(tf)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, desc="convert", unit="rec")
+    n = 0
+    try:
+        if fmt == "parquet":
+            writer = ParquetTraceWriter(tmp)
+            try:
+                for rec in records:
+                    writer.write(rec)
+                    n += 1
+            finally:
+                writer.close()
+        else:
+            enc = msgspec.json.Encoder()
+            buf = bytearray()
+            with open(tmp, "wb") as fh:
+                for rec in records:
+                    enc.encode_into(rec, buf, -1)
+                    buf += b"\n"
+                    n += 1
+                    if len(buf) > 1 << 22:
+                        fh.write(buf)
+                        buf.clear()
+                fh.write(buf)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.rename(out / name)
+    meta = tf.meta or TraceMeta(schema_version=1, run_name="", dataset="", config={})
+    meta.format = fmt
+    meta.shards = [name]
+    if tf.meta is not None:
+        write_json_atomic(out / META_FILE, meta)
+    if (tf.root / SUMMARY_FILE).is_file():
+        shutil.copyfile(tf.root / SUMMARY_FILE, out / SUMMARY_FILE)
+    return fmt, n

@@ -1,0 +1,52 @@
+"""``kvtier sanity``: write a synthetic trace (no torch, no model) and validate it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from kvtier.settings import add_trace_args
+
+    p = sub.add_parser("sanity", help="write a synthetic trace without torch and validate it",
+                       description="Drive the real tracer with a fake indexer (no torch, no model), "
+                                   "then validate the trace it wrote.")
+    p.add_argument("--out", default="runs/sanity", help="trace directory to write (default runs/sanity)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing trace in --out")
+    p.add_argument("--requests", type=int, default=4, help="number of synthetic requests (default 4)")
+    p.add_argument("--batch-size", type=int, default=2, help="requests decoded together (default 2)")
+    p.add_argument("--layers", type=int, default=4, help="layers per decode step (default 4)")
+    p.add_argument("--prompt-len", type=int, default=300, help="prompt tokens per request (default 300)")
+    p.add_argument("--shared-prefix", type=int, default=128,
+                   help="leading prompt tokens shared by all requests (default 128)")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps per request (default 16)")
+    p.add_argument("--topk", type=int, default=64, help="indexer top-k (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_trace_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtier.cli import CLIError
+    from kvtier.sanity import SanityConfig, run_sanity
+    from kvtier.settings import TraceSettings
+    from kvtier.validate import validate_trace
+
+    try:
+        settings = TraceSettings.from_args(args)
+        cfg = SanityConfig(requests=args.requests, batch_size=args.batch_size, layers=args.layers,
+                           prompt_len=args.prompt_len, shared_prefix=args.shared_prefix,
+                           new_tokens=args.new_tokens, topk=args.topk, seed=args.seed)
+        cfg.check()
+        summary = run_sanity(args.out, cfg, settings, force=args.force, progress=True)
+    except (ValueError, FileExistsError) as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"{args.out}: {exc}") from None
+    rep = validate_trace(args.out)
+    if not rep.ok:
+        for msg in rep.messages:
+            print(msg)
+        raise CLIError(f"the synthetic trace in {args.out} failed validation ({rep.errors} errors)")
+    print(f"wrote {args.out}: {summary.records} records, {summary.requests} requests; validate: ok")
+    return 0
