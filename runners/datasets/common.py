@@ -29,6 +29,7 @@ WRONG_TYPE = "wrong_type"
 
 _CHUNK = 1 << 20
 _WS = re.compile(r"[ \t\r\n]*")
+_DELIMS = frozenset(",] \t\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +209,9 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
                         continue
                     yield index, Bad(INVALID_JSON)
                     return
-                if end == len(buf) and more():
-                    continue  # a number could go on in the next chunk
+                if (isinstance(obj, int | float) and not isinstance(obj, bool)
+                        and (end == len(buf) or buf[end] not in _DELIMS) and more()):
+                    continue  # a number ("0." / "1e") may go on in the next chunk
                 break
             pos = end
             yield index, (Bad(BAD_UTF8) if has_bad_utf8(obj) else obj)

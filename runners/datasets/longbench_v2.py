@@ -76,14 +76,17 @@ def fill_template(template: str, row: dict) -> str:
 
 
 def middle_truncate(ids: Sequence[T], max_len: int) -> list[T]:
-    """``pred.py``'s truncation: keep the first and last ``max_len // 2`` token ids."""
+    """``pred.py``'s truncation ``ids[:max_len//2] + ids[-max_len//2:]``: the first
+    ``max_len // 2`` and the last ``ceil(max_len / 2)`` token ids (Python's ``-max_len//2``
+    rounds down), i.e. exactly ``max_len`` ids. ``max_len=0`` gives ``[]``."""
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
     ids = list(ids)
     if len(ids) <= max_len:
         return ids
-    half = max_len // 2
-    return ids[:half] + ids[len(ids) - half:] if half else []
+    if max_len == 0:
+        return []
+    return ids[: max_len // 2] + ids[-max_len // 2:]
 
 
 def load_longbench_v2(

@@ -47,7 +47,8 @@ DEFAULT_TGZ = "data_debug.tgz"
 HINT = "run scripts/datasets/download_ruler.sh or pass --ruler-tgz FILE (or a directory)"
 _MARKER = ".kvtier_extracted"
 _GENERIC_STEMS = frozenset({"", "validation", "test", "train", "data", "dev"})
-_LEN_SUFFIX = re.compile(r"(?:^|[_\-.])(\d+)$")
+#: a context-length suffix has 3+ digits, so task numbers (``niah_single_1``) are not one
+_LEN_SUFFIX = re.compile(r"(?:^|[_\-.])(\d{3,})$")
 
 SKIP_UNSAFE_MEMBER = "unsafe_tar_member"
 SKIP_EMPTY_INPUT = "empty_input"
@@ -187,7 +188,7 @@ def task_and_length(rel: Path) -> tuple[str, int | None]:
     base = stem[: m.start()] if m else stem
     if length is None:
         for part in reversed(rel.parts[:-1]):
-            if part.isdigit():
+            if part.isdigit() and len(part) >= 3:
                 length = int(part)
                 break
     if base.lower() in _GENERIC_STEMS:
