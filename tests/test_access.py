@@ -1,0 +1,189 @@
+"""Reading traces into the access stream, re-bucketing and the single-tier key stream."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import numpy as np
+import pytest
+from kvtier.policies import block_key
+
+from kvtier.access import (
+    AccessStream,
+    TraceReadError,
+    key_stream,
+    read_access_stream,
+    rebucket,
+    working_set,
+)
+from kvtier.accessgen import SynthConfig, synth_stream, write_trace
+
+CFG = SynthConfig(requests=3, layers=2, steps=6, prompt_len=300, prompt_jitter=50, topk=48,
+                  block_size=16)
+
+
+@pytest.fixture(scope="module")
+def stream() -> AccessStream:
+    return synth_stream(CFG)
+
+
+@pytest.fixture()
+def trace_dir(tmp_path, stream):
+    write_trace(stream, tmp_path / "t")
+    return tmp_path / "t"
+
+
+def assert_same(a: AccessStream, b: AccessStream) -> None:
+    assert a.request_ids == b.request_ids
+    for f in ("req", "layer", "step", "seq_len", "offsets", "pos"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    assert a.block_size == b.block_size
+
+
+def test_jsonl_roundtrip(trace_dir, stream):
+    assert_same(read_access_stream(trace_dir), stream)
+    assert_same(read_access_stream(trace_dir / "trace_steps.jsonl"), stream)
+
+
+def naive_keys(path, block_size):
+    """Straight from the JSON: per record in file order, ascending unique blocks."""
+    order: dict[str, int] = {}
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        ri = order.setdefault(r["request_id"], len(order))
+        for b in sorted({p // block_size for p in r["selected_token_pos"]}):
+            out.append(block_key(ri, r["layer_id"], b))
+    return out
+
+
+@pytest.mark.parametrize("bsz", [1, 7, 16, 64, 1024])
+def test_key_stream_matches_naive(trace_dir, bsz):
+    keys = key_stream(trace_dir, bsz)
+    assert keys.tolist() == naive_keys(trace_dir / "trace_steps.jsonl", bsz)
+    assert working_set(keys) == len(set(keys.tolist()))
+
+
+def test_rebucket_offsets(stream):
+    bs = rebucket(stream, 32)
+    for i in range(len(stream)):
+        pos = stream.pos[stream.offsets[i]:stream.offsets[i + 1]]
+        assert bs.blocks[bs.offsets[i]:bs.offsets[i + 1]].tolist() == np.unique(pos // 32).tolist()
+    with pytest.raises(ValueError, match="block_size"):
+        rebucket(stream, 0)
+
+
+def test_unsorted_duplicate_positions_are_normalised(trace_dir):
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["selected_token_pos"] = list(reversed(rec["selected_token_pos"])) + rec[
+        "selected_token_pos"][:3]
+    lines[0] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    s = read_access_stream(trace_dir)
+    first = s.pos[s.offsets[0]:s.offsets[1]]
+    assert first.tolist() == sorted(set(rec["selected_token_pos"]))
+
+
+def test_sharded_jsonl(tmp_path, stream):
+    one = tmp_path / "one"
+    write_trace(stream, one)
+    lines = (one / "trace_steps.jsonl").read_bytes().splitlines(keepends=True)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "trace_steps.0.jsonl").write_bytes(b"".join(lines[:5]))
+    (d / "trace_steps.1.jsonl").write_bytes(b"".join(lines[5:]))
+    meta = {"schema_version": 1, "run_name": "x", "dataset": "synthetic", "config": {},
+            "format": "jsonl", "shards": ["trace_steps.0.jsonl", "trace_steps.1.jsonl"]}
+    (d / "trace_meta.json").write_text(json.dumps(meta))
+    assert_same(read_access_stream(d), stream)
+    meta["shards"].append("missing.jsonl")
+    (d / "trace_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TraceReadError, match="shards"):
+        read_access_stream(d)
+
+
+def test_parquet(tmp_path, trace_dir, stream):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [msgspec.json.decode(x) for x in (trace_dir / "trace_steps.jsonl").read_bytes().splitlines()]
+    table = pa.table({
+        "request_id": [r["request_id"] for r in rows],
+        "layer_id": pa.array([r["layer_id"] for r in rows], pa.int16()),
+        "step_idx": [r["step_idx"] for r in rows],
+        "seq_len_current": [r["seq_len_current"] for r in rows],
+        "block_size_tokens": [r["block_size_tokens"] for r in rows],
+        "selected_token_pos": pa.array([r["selected_token_pos"] for r in rows],
+                                       pa.list_(pa.int32())),
+    })
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(table, d / "trace_steps.parquet", row_group_size=7)
+    assert_same(read_access_stream(d), stream)
+    pq.write_table(table.drop(["step_idx"]), d / "trace_steps.parquet")
+    with pytest.raises(TraceReadError, match="step_idx"):
+        read_access_stream(d)
+
+
+def test_bad_line_names_file_line_field(trace_dir):
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[3])
+    rec["layer_id"] = "three"
+    lines[3] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceReadError) as err:
+        read_access_stream(trace_dir)
+    msg = str(err.value)
+    assert "trace_steps.jsonl:4:" in msg and "layer_id" in msg and "\n" not in msg
+
+
+def test_truncated_line_and_missing_dir(trace_dir, tmp_path):
+    path = trace_dir / "trace_steps.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(TraceReadError, match=r"trace_steps.jsonl:\d+:"):
+        read_access_stream(trace_dir)
+    with pytest.raises(TraceReadError, match="no such trace"):
+        read_access_stream(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceReadError, match="trace_steps.jsonl"):
+        read_access_stream(tmp_path / "empty")
+
+
+def test_semantic_errors(trace_dir):
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["block_size_tokens"] = 32
+    lines[2] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceReadError, match="record 3: field `block_size_tokens`"):
+        read_access_stream(trace_dir)
+    rec["block_size_tokens"] = 16
+    rec["selected_token_pos"][0] = -5
+    lines[2] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceReadError, match="record 3: field `selected_token_pos`"):
+        read_access_stream(trace_dir)
+
+
+def test_request_order_is_first_appearance(stream):
+    assert stream.request_ids == ["synth-0", "synth-1", "synth-2"]
+    first = [int(np.flatnonzero(stream.req == r)[0]) for r in range(3)]
+    assert first == sorted(first)
+
+
+def test_no_torch_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, kvtier.access, kvtier.cachesim, kvtier.sweep, kvtier.policies.registry;"
+            "from kvtier.policies import load_policy;"
+            "[load_policy(n) for n in ('lru','fifo','lfu','arc','s3fifo','belady','distance',"
+            "'dsa_aware')];"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
