@@ -1,0 +1,311 @@
+"""Offline replay: run a recorded trace's selections through any KVBackend and policy.
+
+The input is read twice. First as an access stream (``kvtier.access``: validated numpy
+columns) to learn when each request starts and ends and, for offline policies, the exact
+future key stream. Then record by record: consecutive records of one (step, layer) form one
+``LayerAccess`` (so the key stream is the trace order), the backend serves it, and each record
+is written again with ``kv_fetch`` replaced. Requests are admitted at their first record with
+``prompt_len = seq_len_current - 1`` and released after their last one. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket, trace_files
+from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
+from kvtier.schema import (
+    META_FILE,
+    SUMMARY_FILE,
+    TRACE_FILE,
+    TokensPerBlock,
+    TopkRecord,
+    TraceMeta,
+)
+from kvtier.summary import SummaryBuilder, backend_sections
+
+
+class ReplayError(ValueError):
+    """Bad input or settings for a replay; one line naming the file, field or flag."""
+
+
+@dataclass
+class ReplaySettings:
+    """Everything that selects the backend and policies (recorded in the output's config)."""
+
+    backend: str = "sim"
+    tiers: str = "memfabric"
+    policy: str = "lru"
+    pool_policy: str = "lru"
+    placement: str = "local_first"
+    prefetch: str = "none"
+    migration: str = "none"
+    block_size: int | None = None
+    fetch_granularity: int | None = None
+    write_policy: str | None = None
+    hbm_blocks: int | None = None
+    on_release: str | None = None
+    model_config: str | None = None
+    kv_bytes_per_token: int | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReplayResult:
+    out_dir: Path
+    records: int
+    accesses: int
+    seconds: float
+    summary: dict | None
+
+
+def _read_meta(trace: Path) -> dict:
+    p = trace / META_FILE if trace.is_dir() else trace.parent / META_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_bytes())
+    except ValueError as exc:
+        raise ReplayError(f"{p}: not valid JSON: {exc}") from None
+
+
+def build_backend(s: ReplaySettings, stream: AccessStream, block_size: int,
+                  future: np.ndarray | None = None) -> KVBackend:
+    """The backend named by ``s`` (errors name the flag or config field)."""
+    from kvtier.tiers.config import ConfigError, load_tier_config
+
+    if s.backend == "hbm":
+        kvb = s.kv_bytes_per_token or 656
+        return HBMOnlyBackend(kvb)
+    if s.backend != "sim":
+        raise ReplayError(f"--backend must be 'hbm' or 'sim', got {s.backend!r}")
+    from kvtier.tiers.backend import TieredBackend
+    from kvtier.tiers.recompute import load_model_dims
+    from kvtier.tiers.specs import PolicySpecError
+
+    over = dict(s.overrides)
+    for key in ("fetch_granularity", "write_policy", "on_release", "kv_bytes_per_token"):
+        if getattr(s, key) is not None:
+            over[key] = getattr(s, key)
+    over["block_size"] = block_size
+    try:
+        cfg = load_tier_config(s.tiers, over)
+        if s.hbm_blocks is not None:
+            over["hbm"] = {"capacity_bytes": s.hbm_blocks * block_size * cfg.kv_bytes_per_token}
+            cfg = load_tier_config(s.tiers, over)
+        n_layers = int(stream.layer.max()) + 1 if len(stream) else 1
+        return TieredBackend(
+            cfg, num_layers=n_layers, eviction=s.policy, pool_eviction=s.pool_policy,
+            placement=s.placement, prefetch=s.prefetch, migration=s.migration,
+            model=load_model_dims(s.model_config), future_keys=future)
+    except (ConfigError, PolicySpecError) as exc:
+        raise ReplayError(str(exc)) from None
+
+
+def _needs_future(s: ReplaySettings) -> bool:
+    if s.backend != "sim":
+        return False
+    from kvtier.policies.registry import PolicyNotFound, load_policy
+    from kvtier.tiers.specs import parse_spec
+
+    try:
+        return bool(getattr(load_policy(parse_spec(s.policy)[0]), "offline", False))
+    except PolicyNotFound as exc:
+        raise ReplayError(f"--policy {s.policy!r}: {exc}") from None
+
+
+def _iter_records(fmt: str, files: list[Path]) -> Iterator[tuple[Path, int, TopkRecord]]:
+    """Full records in trace order with (file, line) for error messages."""
+    if fmt == "parquet":
+        try:
+            from kvtier.binary import iter_records  # type: ignore[attr-defined]
+        except ImportError:
+            raise ReplayError("Parquet traces need kvtier.binary.iter_records") from None
+        for f in files:
+            for i, rec in enumerate(iter_records(f), start=1):
+                yield f, i, rec
+        return
+    dec = msgspec.json.Decoder(TopkRecord)
+    for f in files:
+        with open(f, "rb") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f, lineno, dec.decode(line)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise ReplayError(f"{f}:{lineno}: {exc}") from None
+
+
+def _rebucket_record(rec: TopkRecord, blocks: np.ndarray, bs: int) -> None:
+    """Rewrite a record's block fields for another block size (point B at ``bs``)."""
+    pos = np.asarray(rec.selected_token_pos, dtype=np.int64)
+    per = np.unique(pos // bs, return_counts=True)[1] if pos.size else np.zeros(1, np.int64)
+    rec.block_size_tokens = bs
+    rec.selected_block_ids = blocks.tolist()
+    rec.unique_blocks = int(blocks.shape[0])
+    p50, p95 = np.percentile(per, [50, 95])
+    rec.tokens_per_touched_block = TokensPerBlock(mean=float(per.mean()), p50=float(p50),
+                                                  p95=float(p95))
+
+
+def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
+           force: bool = False, progress: bool = False) -> ReplayResult:
+    """Replay ``trace`` into ``out_dir`` (trace, meta and summary); see the module doc."""
+    import time
+
+    trace, out = Path(trace), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ReplayError(f"{out}: exists and is not empty (use --force to overwrite)")
+        if out.resolve() == trace.resolve() or out.resolve() in trace.resolve().parents:
+            raise ReplayError(f"{out}: refusing to overwrite the input trace")
+    try:
+        stream = read_access_stream(trace)
+        fmt, files = trace_files(trace)
+    except TraceReadError as exc:
+        raise ReplayError(str(exc)) from None
+    bs = settings.block_size or stream.block_size
+    future = rebucket(stream, bs).keys() if _needs_future(settings) else None
+    backend = build_backend(settings, stream, bs, future)
+    meta_in = _read_meta(trace)
+
+    n = len(stream)
+    last_rec = np.full(len(stream.request_ids), -1, dtype=np.int64)
+    np.maximum.at(last_rec, stream.req, np.arange(n, dtype=np.int64))
+    ends_at: dict[int, list[str]] = {}
+    for r, i in enumerate(last_rec.tolist()):
+        ends_at.setdefault(i, []).append(stream.request_ids[r])
+    use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
+
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(meta_in.get("config") or {})
+    config["backend"] = getattr(backend, "name", settings.backend)
+    config["replay"] = {"source": str(trace), **{k: v for k, v in vars(settings).items() if v}}
+    run_name = str(meta_in.get("run_name") or "replay")
+    dataset = str(meta_in.get("dataset") or "unknown")
+    meta = TraceMeta(schema_version=int(meta_in.get("schema_version", 1)), run_name=run_name,
+                     dataset=dataset, config=config, format="jsonl", shards=[])
+    (out / META_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(meta)))
+    builder = SummaryBuilder(run_name, dataset, config)
+    enc = msgspec.json.Encoder()
+
+    admitted: set[str] = set()
+    seen = 0
+    t_start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="rec", desc="replay")
+    with open(out / TRACE_FILE, "wb") as fh:
+        batch: list[TopkRecord] = []
+
+        def flush() -> None:
+            nonlocal seen
+            if not batch:
+                return
+            ids, tps, bls = [], [], []
+            for rec in batch:
+                rid = rec.request_id
+                pos = np.asarray(rec.selected_token_pos, dtype=np.int64)
+                if rid not in admitted:
+                    admitted.add(rid)
+                    backend.admit(rid, max(int(rec.seq_len_current) - 1, 0))
+                ids.append(rid)
+                tps.append(pos)
+                bls.append(np.unique(pos // bs))
+            wall = batch[0].kv_fetch.hbm.latency_us if use_wall else None
+            access = LayerAccess(step_idx=batch[0].step_idx, layer_id=batch[0].layer_id,
+                                 request_ids=ids, token_pos=tps, block_ids=bls, block_size=bs,
+                                 step_wall_us=wall)
+            got = backend.fetch(access)
+            buf = bytearray()
+            for rec, kv, blocks in zip(batch, got, bls, strict=True):
+                if bs != rec.block_size_tokens:
+                    _rebucket_record(rec, blocks, bs)
+                rec.kv_fetch = kv
+                buf += enc.encode(rec)
+                buf += b"\n"
+            fh.write(buf)
+            builder.add_records(batch)
+            for i in range(seen, seen + len(batch)):
+                for rid in ends_at.get(i, ()):
+                    backend.release(rid)
+            seen += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+            batch.clear()
+
+        for _f, _line, rec in _iter_records(fmt, files):
+            if batch and (rec.step_idx != batch[0].step_idx or rec.layer_id != batch[0].layer_id):
+                flush()
+            batch.append(rec)
+        flush()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    back = backend.summary()
+    summary = builder.build(**backend_sections(back))
+    (out / SUMMARY_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
+    accesses = int(getattr(backend, "accesses", 0))
+    return ReplayResult(out_dir=out, records=seen, accesses=accesses, seconds=seconds,
+                        summary=back)
+
+
+def iter_batches(stream: AccessStream, block_size: int | None = None
+                 ) -> Iterator[tuple[int, int, LayerAccess]]:
+    """``(first record, end record, LayerAccess)`` for each run of consecutive records with
+    one (step, layer), from an access stream (no record objects: the fast path)."""
+    bs = block_size or stream.block_size
+    n = len(stream)
+    if n == 0:
+        return
+    blocked = rebucket(stream, bs)
+    change = np.flatnonzero((np.diff(stream.step) != 0) | (np.diff(stream.layer) != 0)) + 1
+    bounds = np.concatenate(([0], change, [n])).tolist()
+    pos, poff = stream.pos, stream.offsets
+    blk, boff = blocked.blocks, blocked.offsets
+    names = stream.request_ids
+    req = stream.req.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        yield a, b, LayerAccess(
+            step_idx=int(stream.step[a]), layer_id=int(stream.layer[a]),
+            request_ids=[names[r] for r in req[a:b]],
+            token_pos=[pos[poff[i]:poff[i + 1]] for i in range(a, b)],
+            block_ids=[blk[boff[i]:boff[i + 1]] for i in range(a, b)],
+            block_size=bs)
+
+
+def drive_stream(backend: KVBackend, stream: AccessStream, block_size: int | None = None
+                 ) -> list:
+    """Run a whole access stream through ``backend`` with replay's lifecycle (admit at the
+    first record with ``seq_len_current - 1`` tokens, release after the last); returns the
+    ``KVFetch`` of every record in order."""
+    n = len(stream)
+    last = np.full(len(stream.request_ids), -1, dtype=np.int64)
+    np.maximum.at(last, stream.req, np.arange(n, dtype=np.int64))
+    first = np.full(len(stream.request_ids), n, dtype=np.int64)
+    np.minimum.at(first, stream.req, np.arange(n, dtype=np.int64))
+    seq = stream.seq_len
+    out: list = []
+    for a, b, access in iter_batches(stream, block_size):
+        for i in range(a, b):
+            r = int(stream.req[i])
+            if first[r] == i:
+                backend.admit(stream.request_ids[r], max(int(seq[i]) - 1, 0))
+        out.extend(backend.fetch(access))
+        for i in range(a, b):
+            r = int(stream.req[i])
+            if last[r] == i:
+                backend.release(stream.request_ids[r])
+    return out
