@@ -1,0 +1,135 @@
+"""``kvtier sweep`` and ``kvtier mrc`` end to end on a small synthetic trace."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from kvtier.policies import load_policy
+
+from kvtier.access import read_access_stream, rebucket
+from kvtier.accessgen import SynthConfig, synth_stream, write_trace
+from kvtier.cachesim import lru_mrc, simulate
+from kvtier.cli import main
+from kvtier.sweep import CapacitySpec, parse_capacity
+
+CFG = SynthConfig(requests=2, layers=3, steps=10, prompt_len=600, prompt_jitter=100, topk=96,
+                  block_size=16)
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trace")
+    write_trace(synth_stream(CFG), d)
+    return d
+
+
+def test_parse_capacity():
+    assert parse_capacity("256") == CapacitySpec("256", blocks=256)
+    assert parse_capacity("1k").blocks == 1024
+    assert parse_capacity("2M").blocks == 2 * 1024**2
+    assert parse_capacity("0.25").fraction == 0.25
+    assert parse_capacity("25%").fraction == 0.25
+    assert parse_capacity("100%").resolve(40) == 40
+    assert parse_capacity("1%").resolve(10) == 1
+    for bad in ("abc", "1.5", "0%", "-3", "1kb"):
+        with pytest.raises(ValueError, match="capacity"):
+            parse_capacity(bad)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sweep_table_matches_direct_simulation(trace, tmp_path, jobs):
+    out = tmp_path / "table.csv"
+    rc = main(["sweep", str(trace), "--policies", "lru,fifo,belady,dsa_aware",
+               "--capacities", "8,64,50%", "--block-sizes", "16,64", "--jobs", str(jobs),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    table = pq.read_table(out.with_suffix(".parquet")).to_pylist()
+    assert len(rows) == len(table) == 2 * 4 * 3
+    stream = read_access_stream(trace)
+    for r, t in zip(rows, table, strict=True):
+        assert int(r["hits"]) == t["hits"] and r["policy"] == t["policy"]
+        bs = rebucket(stream, t["block_size"])
+        ws = int(np.unique(bs.keys()).shape[0])
+        assert t["working_set"] == ws
+        expect_cap = max(1, round(0.5 * ws)) if t["capacity_spec"] == "50%" else int(
+            t["capacity_spec"])
+        assert t["capacity_blocks"] == expect_cap
+        direct = simulate(load_policy(t["policy"])(expect_cap), bs)
+        assert t["hits"] == direct.hits
+        assert t["hits"] + t["misses"] == t["accesses"] == direct.accesses
+    # grid order: block size, policy, capacity
+    assert [(t["block_size"], t["policy"]) for t in table[:4]] == [
+        (16, "lru"), (16, "lru"), (16, "lru"), (16, "fifo")]
+
+
+def test_sweep_defaults_to_trace_block_size(trace, tmp_path):
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--policies", "lru", "--capacities", "16",
+                 "--out", str(out), "--parquet", str(tmp_path / "x.parquet"),
+                 "--no-progress"]) == 0
+    t = pq.read_table(tmp_path / "x.parquet").to_pylist()
+    assert [r["block_size"] for r in t] == [16]
+
+
+def test_sweep_user_policy_file(trace, tmp_path):
+    f = tmp_path / "my_policy.py"
+    f.write_text("from kvtier.policies.fifo import FIFOPolicy\n\n"
+                 "class MyFIFO(FIFOPolicy):\n    name = 'myfifo'\n")
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--policies", f"fifo,{f}:MyFIFO", "--capacities", "32",
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["hits"] == rows[1]["hits"]
+    assert rows[1]["policy"] == f"{f}:MyFIFO"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--policies", "lru,bogus"], "--policies: unknown eviction policy 'bogus'; known:"),
+    (["--capacities", "12x"], "--capacities: capacity '12x'"),
+    (["--block-sizes", "16,0"], "--block-sizes: block size 0 must be > 0"),
+    (["--jobs", "0"], "--jobs: must be >= 1"),
+])
+def test_sweep_bad_flags_fail_at_start(trace, tmp_path, capsys, argv, needle):
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_sweep_bad_trace(tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "trace_steps.jsonl").write_text('{"event": "dsa_topk"}\n')
+    assert main(["sweep", str(d), "--out", str(tmp_path / "t.csv"), "--no-progress"]) == 2
+    assert "trace_steps.jsonl:1:" in capsys.readouterr().err
+
+
+def test_mrc_command(trace, tmp_path):
+    out = tmp_path / "mrc.csv"
+    png = tmp_path / "mrc.png"
+    assert main(["mrc", str(trace), "--block-size", "16,64", "--out", str(out),
+                 "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    stream = read_access_stream(trace)
+    for bsz in (16, 64):
+        keys = rebucket(stream, bsz).keys()
+        curve = lru_mrc(keys)
+        mine = [r for r in rows if int(r["block_size"]) == bsz]
+        assert [int(r["hits"]) for r in mine] == curve.hits.tolist()
+        for r in mine[:: max(1, len(mine) // 7)]:
+            cap = int(r["capacity_blocks"])
+            assert int(r["hits"]) == load_policy("lru")(cap).access_many(keys)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mrc_points(trace, tmp_path):
+    out = tmp_path / "mrc.csv"
+    assert main(["mrc", str(trace), "--out", str(out), "--points", "10"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert 3 <= len(rows) <= 12
+    assert rows[0]["capacity_blocks"] == "0" and float(rows[-1]["capacity_fraction"]) == 1.0
