@@ -8,7 +8,8 @@ the same ``summary.serving`` section (``kvtier.schema.Serving``).
 
 Service model (static batching, as the live runner serves a batch):
 - a batch starts when the server is free and the queue is non-empty; it takes the queue head
-  and up to ``batch_size - 1`` requests queued behind it;
+  and up to ``batch_size - 1`` requests queued behind it (requests arriving at the very
+  instant the server frees up count as queued);
 - one batched prefill of all prompts produces each request's first token
   (``prefill_base_s + prefill_s_per_token x sum(prompt tokens)``);
 - then decode steps: step ``s`` (0-based) runs every request that still has tokens to
@@ -30,10 +31,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from kvtier.runners.requests import Request, Workload
 
-from kvtier.schema import LatencyMs, Serving
+from kvtier.schema import TRACE_FILE, LatencyMs, Serving
 
 #: ``extra_step_time(active_request_ids, step) -> seconds`` added to a decode step
 ExtraStepTime = Callable[[Sequence[str], int], float]
@@ -119,6 +121,24 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
+class _Tier(msgspec.Struct):
+    latency_us: float | None
+    batch_size: int
+
+
+class _Fetch(msgspec.Struct):
+    hbm: _Tier
+
+
+class _Rec(msgspec.Struct):
+    """The few trace-record fields calibration reads (the rest are ignored when decoding)."""
+
+    layer_id: int
+    step_idx: int
+    seq_len_current: int
+    kv_fetch: _Fetch
+
+
 def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
     """``(active sequences, summed context tokens, seconds)`` per measured decode step of a
     recorded trace (``trace_steps.jsonl`` or its directory).
@@ -127,23 +147,6 @@ def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
     the first layer's records; rows of one forward share ``step_idx``, ``batch_size`` and
     that latency, which groups them. Records without a latency are ignored.
     """
-    import msgspec
-
-    from kvtier.schema import TRACE_FILE
-
-    class _Tier(msgspec.Struct):
-        latency_us: float | None
-        batch_size: int
-
-    class _Fetch(msgspec.Struct):
-        hbm: _Tier
-
-    class _Rec(msgspec.Struct):
-        layer_id: int
-        step_idx: int
-        seq_len_current: int
-        kv_fetch: _Fetch
-
     path = Path(path)
     if path.is_dir():
         path = path / TRACE_FILE
@@ -167,7 +170,7 @@ def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
             continue
         key = (r.step_idx, r.kv_fetch.hbm.batch_size, lat)
         groups.setdefault(key, []).append(r.seq_len_current)
-    return [(len(ctx), int(sum(ctx)), key[2] * 1e-6) for key, ctx in groups.items()]
+    return [(len(ctx), int(sum(ctx)), key[2] / 1e6) for key, ctx in groups.items()]
 
 
 @dataclass(slots=True)
@@ -315,9 +318,11 @@ def simulate(
     bar = tqdm(total=n, desc="serving-sim", unit="req", disable=not progress)
 
     def arrivals():
+        due = 0.0  # compare with the last target, not env.now (float sums drift by an ulp)
         for i in range(n):
-            if arrival[i] > env.now:
-                yield env.timeout(arrival[i] - env.now)
+            if arrival[i] > due:
+                due = arrival[i]
+                yield env.timeout(max(due - env.now, 0.0))
             queue.put(i)
 
     def server():
@@ -337,6 +342,9 @@ def simulate(
                     on_finish(ids[batch[j]])
             bar.update(len(batch))
             yield env.timeout(float(offsets.max()))
+            # let arrivals due at this very instant join the queue before the next batch
+            # forms: the arrival process's pending timeout for them was scheduled earlier
+            yield env.timeout(0)
 
     env.process(arrivals())
     env.process(server())
