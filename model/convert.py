@@ -235,7 +235,8 @@ def plan_conversion(hf_dir: str | Path, n_experts: int, mp: int) -> ConversionPl
         if path not in headers:
             headers[path] = _read_header(path)
         shape, dtype = headers[path][hf_name]
-        if dim is not None and (len(shape) <= dim or shape[dim] % mp):
+        is_scale = name.endswith(".scale")  # checked with its weight in _check_scales
+        if dim is not None and not is_scale and (len(shape) <= dim or shape[dim] % mp):
             size = shape[dim] if len(shape) > dim else "absent"
             raise ConversionError(
                 f"{path.name}: tensor {hf_name!r} shape {list(shape)}: dim {dim} ({size}) "
@@ -261,8 +262,8 @@ def _check_scales(by_name: dict[str, TensorPlan], mp: int) -> None:
     for name, t in by_name.items():
         if name.endswith(".scale"):
             weight = by_name.get(name[: -len("scale")] + "weight")
-            if weight is None:
-                raise ConversionError(f"{t.file.name}: tensor {t.hf_name!r} has no matching weight")
+            if weight is None or weight.dtype not in _FP8_DTYPES:
+                raise ConversionError(f"{t.file.name}: tensor {t.hf_name!r} has no matching fp8 weight")
             want = tuple(-(-s // BLOCK) for s in weight.shape)
             if t.shape != want:
                 raise ConversionError(
