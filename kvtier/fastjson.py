@@ -18,8 +18,9 @@ _SPACE = ord(" ")
 _OPEN = ord("[")
 _CLOSE = ord("]")
 
-#: largest int this encoder handles (7 digits + comma fit one 8-byte slot)
-MAX_VALUE = 9_999_999
+#: largest int the table path handles (tables stay <= 10**6 entries); larger rows fall back
+#: to msgspec (positions beyond a million tokens are far past DeepSeek-V3.2's 160K context)
+MAX_VALUE = 999_999
 
 _tables: dict[int, list[tuple[int, np.ndarray]]] = {}
 
@@ -74,8 +75,10 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None) ->
         raise ValueError("cannot encode an empty row")
     vmax = int(values.max())
     vmin = int(values.min())
-    if vmin < 0 or vmax > MAX_VALUE:
-        raise ValueError(f"values must lie in [0, {MAX_VALUE}], got [{vmin}, {vmax}]")
+    if vmin < 0:
+        raise ValueError(f"values must be >= 0, got {vmin}")
+    if vmax > MAX_VALUE:
+        return _encode_fallback(values, row_starts)
     width = _ndigits(vmax) + 1
     pieces = _pieces(width, vmax + 1)
     # Layout: a gap slot before every row, then its elements, each ``width`` bytes (digits,
@@ -107,3 +110,15 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None) ->
     buf[lo] = _OPEN
     buf[hi - 1] = _CLOSE
     return buf, lo, hi
+
+
+def _encode_fallback(values: np.ndarray, row_starts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compact msgspec encoding, row by row (only for values beyond ``MAX_VALUE``)."""
+    import msgspec
+
+    rows = values.tolist() if values.ndim == 2 else [
+        values[a:b].tolist() for a, b in zip(row_starts[:-1], row_starts[1:], strict=True)]
+    texts = [msgspec.json.encode(r) for r in rows]
+    hi = np.cumsum([len(t) for t in texts])
+    lo = hi - [len(t) for t in texts]
+    return np.frombuffer(b"".join(texts), dtype=np.uint8), lo, hi
