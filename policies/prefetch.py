@@ -27,10 +27,14 @@ class NoPrefetch(PrefetchPolicy):
 
 
 class _LayerTracker(PrefetchPolicy):
-    """Learns the number of layers from the layer ids it sees (the last layer wraps to 0)."""
+    """Knows the number of layers (``bind``, from the backend) or learns it from the layer ids
+    it sees; after the last layer comes the next step's layer 0."""
 
     def __init__(self) -> None:
         self.n_layers = 0
+
+    def bind(self, n_layers: int) -> None:
+        self.n_layers = int(n_layers)
 
     def _next_layer(self, layer: int) -> int:
         self.n_layers = max(self.n_layers, layer + 1)

@@ -150,6 +150,8 @@ class TieredBackend:
         if hasattr(self.placement, "bind"):
             self.placement.bind({t.name: t.capacity for t in self.pools})
         self.prefetch = make_prefetch(prefetch)
+        if hasattr(self.prefetch, "bind"):
+            self.prefetch.bind(self.num_layers)
         self.migration = make_migration(migration)
         self._prefetch_on = self.prefetch.name != "none"
         self._observe = getattr(self.migration, "observe", None)
