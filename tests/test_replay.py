@@ -1,0 +1,174 @@
+"""``kvtier replay``: records preserved with kv_fetch replaced, summaries consistent, the LRU
+reference through the CLI, overwrite protection, error lines, and no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from kvtier.access import key_stream
+from kvtier.accessgen import SynthConfig, synth_stream, write_trace
+from kvtier.cli import main
+from kvtier.schema import Summary, TopkRecord
+from kvtier.tiers.config import load_tier_config
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("trace")
+    s = synth_stream(SynthConfig(requests=3, layers=3, steps=8, prompt_len=512, prompt_jitter=64,
+                                 topk=64, block_size=BS, stagger=2, seed=3))
+    write_trace(s, d)
+    return d
+
+
+def _records(path: Path) -> list[TopkRecord]:
+    return msgspec.json.Decoder(TopkRecord).decode_lines((path / "trace_steps.jsonl").read_bytes())
+
+
+def _summary(path: Path) -> Summary:
+    return msgspec.json.decode((path / "summary.json").read_bytes(), type=Summary)
+
+
+def _ref_lru(keys, cap: int) -> int:
+    d: OrderedDict = OrderedDict()
+    hits = 0
+    for k in keys:
+        if k in d:
+            hits += 1
+            d.move_to_end(k)
+        else:
+            if len(d) >= cap:
+                d.popitem(last=False)
+            d[k] = None
+    return hits
+
+
+def _replay(*args: str) -> int:
+    return main(["replay", *args, "--no-progress"])
+
+
+def test_sim_replay_keeps_records_and_sums_up(trace, tmp_path):
+    out = tmp_path / "out"
+    assert _replay(str(trace), "--out", str(out), "--tiers", "mooncake", "--hbm-blocks", "40") == 0
+    before, after = _records(trace), _records(out)
+    assert len(before) == len(after)
+    for a, b in zip(before, after, strict=True):
+        assert msgspec.structs.replace(a, kv_fetch=b.kv_fetch) == b
+        served = b.kv_fetch.hbm.hit_blocks + b.kv_fetch.local_pool.hit_blocks + b.kv_fetch.remote_pool.hit_blocks
+        assert served == b.unique_blocks
+    summ = _summary(out)
+    assert summ.records == len(after)
+    for name in ("hbm", "local_pool", "remote_pool"):
+        recs = [getattr(r.kv_fetch, name) for r in after]
+        assert sum(x.hit_blocks for x in recs) == summ.tiers[name]["hit_blocks"]
+        assert sum(x.bytes_read for x in recs) == summ.tiers[name]["bytes_read"]
+        assert sum(x.read_ops for x in recs) == summ.tiers[name]["read_ops"]
+    assert summ.tiers["_totals"]["accesses"] == sum(r.unique_blocks for r in after)
+    assert set(summ.stall) >= {"total_us", "per_step_us", "per_layer_us", "per_fetch_us"}
+    assert summ.fetch_vs_recompute["requests"] == 3
+    meta = json.loads((out / "trace_meta.json").read_text())
+    assert meta["config"]["replay"]["tiers"] == "mooncake"
+    assert meta["config"]["backend"] == "sim"
+
+
+def test_hbm_only_replay_through_cli_equals_reference_lru(trace, tmp_path):
+    """Only an HBM tier, keys in trace order: hits equal a plain LRU over the key stream."""
+    cfg = msgspec.to_builtins(load_tier_config("memfabric"))
+    del cfg["local_pool"], cfg["remote_pool"]
+    path = tmp_path / "hbm_only.json"
+    path.write_text(json.dumps(cfg))
+    keys = key_stream(trace).tolist()
+    for cap in (10, 60, 300):
+        out = tmp_path / f"o{cap}"
+        assert _replay(str(trace), "--out", str(out), "--tiers", str(path), "--hbm-blocks",
+                       str(cap), "--on-release", "keep") == 0
+        assert _summary(out).tiers["hbm"]["hit_blocks"] == _ref_lru(keys, cap)
+
+
+def test_hbm_backend_marks_everything_hbm(trace, tmp_path):
+    out = tmp_path / "hbm"
+    assert _replay(str(trace), "--out", str(out), "--backend", "hbm") == 0
+    for r in _records(out):
+        assert r.kv_fetch.hbm.hit_blocks == r.unique_blocks
+        assert r.kv_fetch.local_pool.latency_us is None
+
+
+def test_rebucketing_rewrites_block_fields(trace, tmp_path):
+    out = tmp_path / "bs32"
+    assert _replay(str(trace), "--out", str(out), "--block-size", "32") == 0
+    for r in _records(out):
+        pos = np.asarray(r.selected_token_pos)
+        blocks = np.unique(pos // 32)
+        assert r.block_size_tokens == 32
+        assert r.selected_block_ids == blocks.tolist() and r.unique_blocks == blocks.size
+        per = np.unique(pos // 32, return_counts=True)[1]
+        assert r.tokens_per_touched_block.mean == pytest.approx(per.mean())
+
+
+def test_refuses_to_overwrite_without_force(trace, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert _replay(str(trace), "--out", str(out)) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert _replay(str(trace), "--out", str(out), "--force") == 0
+    assert not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "pattern"), [
+    ("--policy", "nosuch", "unknown eviction policy"),
+    ("--placement", "nowhere", "unknown placement policy"),
+    ("--prefetch", "psychic", "unknown prefetch policy"),
+    ("--migration", "promote_hot:hot=0", "hot"),
+    ("--tiers", "nosuchpreset", "unknown tier preset"),
+    ("--fetch-granularity", "5", "fetch_granularity"),
+])
+def test_bad_settings_fail_at_start(trace, tmp_path, capsys, flag, value, pattern):
+    out = tmp_path / "never"
+    assert _replay(str(trace), "--out", str(out), flag, value) == 2
+    err = capsys.readouterr().err
+    assert pattern in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_record_names_file_and_line(trace, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
+    lines[4] = lines[4].replace(b'"layer_id":', b'"layer_id":"x","was":')
+    (bad / "trace_steps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert _replay(str(bad), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "trace_steps.jsonl:5" in err and "layer_id" in err
+
+
+def test_offline_policy_gets_the_future(trace, tmp_path):
+    lru, opt = tmp_path / "lru", tmp_path / "opt"
+    assert _replay(str(trace), "--out", str(lru), "--hbm-blocks", "40") == 0
+    assert _replay(str(trace), "--out", str(opt), "--hbm-blocks", "40", "--policy", "belady") == 0
+    assert _summary(opt).tiers["hbm"]["hit_blocks"] >= _summary(lru).tiers["hbm"]["hit_blocks"]
+
+
+def test_replay_does_not_import_torch(trace, tmp_path):
+    code = (
+        "import sys\n"
+        "from kvtier.cli import main\n"
+        f"rc = main(['replay', {str(trace)!r}, '--out', {str(tmp_path / 'o')!r}, '--no-progress',"
+        " '--prefetch', 'this_step_prev_layer', '--migration', 'promote_hot'])\n"
+        "assert rc == 0, rc\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
