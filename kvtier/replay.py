@@ -19,8 +19,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket, trace_files
+from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
+from kvtier.reader import TraceError, find_trace, iter_records
 from kvtier.schema import (
     META_FILE,
     SUMMARY_FILE,
@@ -121,29 +122,6 @@ def _needs_future(s: ReplaySettings) -> bool:
         raise ReplayError(f"--policy {s.policy!r}: {exc}") from None
 
 
-def _iter_records(fmt: str, files: list[Path]) -> Iterator[tuple[Path, int, TopkRecord]]:
-    """Full records in trace order with (file, line) for error messages."""
-    if fmt == "parquet":
-        try:
-            from kvtier.binary import iter_records  # type: ignore[attr-defined]
-        except ImportError:
-            raise ReplayError("Parquet traces need kvtier.binary.iter_records") from None
-        for f in files:
-            for i, rec in enumerate(iter_records(f), start=1):
-                yield f, i, rec
-        return
-    dec = msgspec.json.Decoder(TopkRecord)
-    for f in files:
-        with open(f, "rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f, lineno, dec.decode(line)
-                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                    raise ReplayError(f"{f}:{lineno}: {exc}") from None
-
-
 def _rebucket_record(rec: TopkRecord, blocks: np.ndarray, bs: int) -> None:
     """Rewrite a record's block fields for another block size (point B at ``bs``)."""
     pos = np.asarray(rec.selected_token_pos, dtype=np.int64)
@@ -169,8 +147,8 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
             raise ReplayError(f"{out}: refusing to overwrite the input trace")
     try:
         stream = read_access_stream(trace)
-        fmt, files = trace_files(trace)
-    except TraceReadError as exc:
+        tf = find_trace(trace)
+    except (TraceReadError, TraceError) as exc:
         raise ReplayError(str(exc)) from None
     bs = settings.block_size or stream.block_size
     future = rebucket(stream, bs).keys() if _needs_future(settings) else None
@@ -246,10 +224,14 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                 bar.update(len(batch))
             batch.clear()
 
-        for _f, _line, rec in _iter_records(fmt, files):
-            if batch and (rec.step_idx != batch[0].step_idx or rec.layer_id != batch[0].layer_id):
-                flush()
-            batch.append(rec)
+        try:
+            for rec in iter_records(tf):
+                if batch and (rec.step_idx != batch[0].step_idx
+                              or rec.layer_id != batch[0].layer_id):
+                    flush()
+                batch.append(rec)
+        except TraceError as exc:
+            raise ReplayError(f"{exc} (records before it were written to {out})") from None
         flush()
     if bar is not None:
         bar.close()

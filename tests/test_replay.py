@@ -172,3 +172,15 @@ def test_replay_does_not_import_torch(trace, tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_parquet_input_gives_the_same_replay(trace, tmp_path):
+    from kvtier.binary import convert_trace
+
+    pq_dir = tmp_path / "pq"
+    convert_trace(trace, pq_dir, to="parquet")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _replay(str(trace), "--out", str(a), "--hbm-blocks", "30") == 0
+    assert _replay(str(pq_dir), "--out", str(b), "--hbm-blocks", "30") == 0
+    assert _records(a) == _records(b)
+    assert _summary(a).tiers == _summary(b).tiers
