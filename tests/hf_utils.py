@@ -14,7 +14,12 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import torch
 from kvtier.model.args import ModelArgs
+
+# one intra-op thread: on the 2 shared CI cores, torch's default pool oversubscribes and tiny
+# ops slow down 20x under load (a 20-token fp8 generate: 1.4 s vs 37 s measured)
+torch.set_num_threads(1)
 
 #: exact-mode fp32 config for the cross-check and the TP test: index_topk 8 < 24-40 tokens
 EXACT = dict(
