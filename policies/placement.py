@@ -37,6 +37,20 @@ class LocalFirst(PlacementPolicy):
     def place(self, key: int, tiers: Sequence[str], free_blocks: dict[str, int]) -> list[str]:
         return self._order(tiers, free_blocks)[: self.replicas]
 
+    def place_many(self, n: int, tiers: Sequence[str], free_blocks: dict[str, int]
+                   ) -> list[list[str]] | None:
+        """``place`` for ``n`` new blocks in a row, or None where only per-block calls are
+        exact. For one replica, local_first fills the nearest tier with room, then the next;
+        with no room anywhere every block goes to the nearest (which evicts)."""
+        if type(self) is not LocalFirst or self.replicas != 1:
+            return None
+        out: list[list[str]] = []
+        for t in tiers:
+            room = max(free_blocks.get(t, 0), 0)
+            out.extend([[t]] * min(room, n - len(out)))
+        out.extend([[tiers[0]]] * (n - len(out)) if tiers else [])
+        return out
+
     def demote_target(self, tier: str, tiers: Sequence[str]) -> str | None:
         """Where a victim of ``tier`` goes: the next pool down, or None (dropped)."""
         if not self.demote or tier not in tiers:

@@ -510,3 +510,29 @@ def test_properties(data, hbm, local, remote, gran, write, release, prefetch):
     _, out2, summ2 = run()
     assert out2 == out
     assert summ2 == summ
+
+
+class PerBlockLocalFirst(LocalFirst):
+    """local_first without the batched ``place_many`` path: one ``place`` call per block."""
+
+
+@settings(max_examples=15, deadline=None)
+@given(local=st.integers(0, 12), remote=st.integers(0, 12),
+       prompts=st.lists(st.integers(0, 10 * BS), min_size=1, max_size=4))
+def test_batched_placement_equals_per_block(local, remote, prompts):
+    data = msgspec.to_builtins(_config(4, pools=True))
+    data["local_pool"]["capacity_bytes"] = local * BLOCK
+    data["remote_pool"]["capacity_bytes"] = remote * BLOCK
+    data["remote_pool"]["nodes"] = 1
+    cfg = config_from_dict(data)
+    fast = _single(cfg, num_layers=2)
+    slow = _single(cfg, num_layers=2)
+    slow.placement = PerBlockLocalFirst()
+    assert slow.placement.place_many(3, ["local_pool"], {}) is None
+    for i, n in enumerate(prompts):
+        for b in (fast, slow):
+            b.admit(f"r{i}", n)
+            b.append(f"r{i}", 3)
+    for name in ("local_pool", "remote_pool"):
+        assert list(fast.tiers[name].policy.keys()) == list(slow.tiers[name].policy.keys())
+    assert fast.summary()["tiers"] | {"_totals": None} == slow.summary()["tiers"] | {"_totals": None}

@@ -137,6 +137,8 @@ class TieredBackend:
         self.pool_names = [t.name for t in self.pools]
         self._fast_hbm = self._fast(self.hbm.policy)
         self._pool_ops = {}
+        self._fast_pool = {t.name: self._fast(t.policy) for t in self.pools}
+        self._fast_pool = {k: v for k, v in self._fast_pool.items() if v is not None}
         for t in self.pools:
             f = self._fast(t.policy)
             if f is not None and f[1]:
@@ -315,22 +317,50 @@ class TieredBackend:
         w[1] += ops
 
     def _store(self, keys: list[int], nbytes: list[int]) -> None:
-        """Write blocks to the pool tiers the placement policy picks."""
+        """Write blocks to the pool tiers the placement policy picks (``place_many`` when the
+        policy has it: one decision list for the whole batch, same result as per-key calls)."""
         if not self.pools:
             return
         names = self.pool_names
-        place = self.placement.place
-        for k, nb in zip(keys, nbytes, strict=True):
-            free = {t.name: t.capacity - len(t.policy) for t in self.pools}
-            for tname in place(k, names, free):
+        many = getattr(self.placement, "place_many", None)
+        free = {t.name: t.capacity - len(t.policy) for t in self.pools}
+        plans = many(len(keys), names, free) if many is not None else None
+        # (a full nearest tier that evicts keeps zero room, so later blocks still go there)
+        written: dict[str, list[int]] = {}
+        for i, (k, nb) in enumerate(zip(keys, nbytes, strict=True)):
+            if plans is None:
+                free = {t.name: t.capacity - len(t.policy) for t in self.pools}
+                targets = self.placement.place(k, names, free)
+            else:
+                targets = plans[i]
+            for tname in targets:
                 self._pool_insert(self.tiers[tname], k)
-                self._queue_write(tname, nb, 1)
+                w = written.setdefault(tname, [0, 0])
+                w[0] += nb
+                w[1] += 1
+        for tname, (nb, ops) in written.items():
+            self._queue_write(tname, nb, ops)
 
     def _pool_insert(self, tier: _Tier, key: int) -> None:
-        victims = tier.policy.insert(key)
-        n = len(tier.policy)
-        if n > tier.peak:
-            tier.peak = n
+        fast = self._fast_pool.get(tier.name)
+        if fast is not None:
+            d, refresh, cap = fast
+            if key in d:
+                if refresh:
+                    d.move_to_end(key)
+                return
+            if cap == 0:
+                victims = [key]
+            else:
+                d[key] = None
+                victims = [d.popitem(False)[0]] if len(d) > cap else None
+                if len(d) > tier.peak:
+                    tier.peak = len(d)
+        else:
+            victims = tier.policy.insert(key)
+            n = len(tier.policy)
+            if n > tier.peak:
+                tier.peak = n
         if not victims:
             return
         tier.evictions += len(victims)
