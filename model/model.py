@@ -305,13 +305,17 @@ class Indexer(nn.Module):
         return indices, values
 
     def _check_ranks(self, indices: torch.Tensor, start_pos: int) -> None:
+        """Compare with rank 0's top-k; every rank raises on a mismatch (no rank hangs)."""
         ref = indices.clone()
         dist.broadcast(ref, src=0)
-        if not torch.equal(ref, indices):
-            bad = (ref != indices).any(-1).nonzero()[0].tolist()
+        bad = (ref != indices).any(-1)  # [b, s]
+        flag = bad.any().to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            where = bad.nonzero()[0].tolist() if bad.any() else "on another rank"
             raise TopkMismatchError(
-                f"indexer top-k differs between rank 0 and rank {rank} at layer {self.layer_id}, "
-                f"step {start_pos} (start_pos), first row/token {bad}"
+                f"indexer top-k differs between tensor-parallel ranks at layer {self.layer_id}, "
+                f"step {start_pos} (start_pos); rank {rank}: first differing (row, token) {where}"
             )
 
 
