@@ -10,22 +10,30 @@ Design (kvtier's own; measured against LRU/ARC/S3-FIFO/OPT in docs/POLICIES.md):
    window moves with the request's position (from ``begin_record``), so blocks age out of it.
 2. **Decayed frequency (LRFU-style).** Blocks are ranked by
    ``score = sum over its reads of 2 ** (-(now - t_read) / half_life)`` with ``now`` counted in
-   decode steps (each record advances the clock by 1 / the number of (request, layer) pairs
-   seen, so one round of the batch is one step); the lowest score is evicted. Recurring spans
+   decode steps (the clock ticks when a (request, layer) pair recurs, i.e. once per round of
+   the batch); the lowest score is evicted. Recurring spans
    survive bursts of one-off reads, which plain LRU cannot do; the decay forgets spans the
-   indexer stopped choosing. ``half_life`` is in decode steps (default 8). Without
+   indexer stopped choosing. ``half_life`` is in decode steps (default 4). Without
    ``begin_record`` calls the clock stands still (plain LFU with history).
 3. **History and admission (TinyLFU-like).** Scores of evicted blocks stay in a bounded ghost
    table (``ghost_factor`` x capacity entries), so a block the indexer keeps returning to
-   regains its rank. A missed block scoring below the eviction candidate is not admitted
-   (``insert`` returns ``[key]``), unless it is protected and the candidate is not. With the
+   regains its rank. A missed block is admitted only if its history (score before this read)
+   beats the eviction candidate's score, or it is protected and the candidate is not; else
+   ``insert`` returns ``[key]`` and the read is remembered in the ghost. History counts as at
+   least ``admit_floor`` (0.25: a block last read two half-lives ago), so a cold victim gives
+   way at once, while a block no more popular than a warm resident never displaces it (in a
+   loop bigger than the cache this keeps a stable subset, as OPT does, instead of churning). With the
    trace's step -> layer -> request order one decode step touches more blocks than a small HBM
    holds, and admitting everything flushes the recurring core every step (LRU's failure mode).
+
+4. **Finished requests first.** A decoding request reads all its layers at every step, so a
+   request not seen for ``idle_steps`` decode steps has finished (or been preempted); its
+   blocks are evicted before any block of a live request, whatever their scores. Frequency
+   alone would keep a finished request's hot blocks for several half-lives.
 
 Scores are kept in log space relative to the clock (``lp = log(score) + a * t``), so a lazy
 min-heap orders all blocks without rescaling. Protected blocks met during victim search are
 parked in a second heap and re-examined once per decode step. O(log n) per access.
-The (request, layer) set used for the clock grows with the requests seen.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ class DSAAwarePolicy(EvictionPolicy):
     needs_context = True
 
     def __init__(self, capacity: int, sink_tokens: int = 4, window_tokens: int = 64,
-                 half_life: float = 8.0, ghost_factor: float = 2.0,
-                 admission: bool = True) -> None:
+                 half_life: float = 4.0, ghost_factor: float = 2.0,
+                 admission: bool = True, idle_steps: float = 1.0,
+                 admit_floor: float = 0.25) -> None:
         super().__init__(capacity)
         if sink_tokens < 0 or window_tokens < 0:
             raise ValueError("sink_tokens and window_tokens must be >= 0")
@@ -60,6 +69,9 @@ class DSAAwarePolicy(EvictionPolicy):
         self.window_tokens = int(window_tokens)
         self.half_life = float(half_life)
         self.admission = bool(admission)
+        if not 0.0 < admit_floor:
+            raise ValueError(f"admit_floor must be > 0, got {admit_floor}")
+        self._log_floor = math.log(admit_floor)
         self._a = math.log(2.0) / self.half_life
         self._lp: dict[int, float] = {}
         self._heap: list[tuple[float, int]] = []  # unprotected (as far as known), lazy
@@ -67,9 +79,12 @@ class DSAAwarePolicy(EvictionPolicy):
         self._ghost: OrderedDict[int, float] = OrderedDict()
         self._ghost_cap = int(ghost_factor * capacity)
         self._cur: dict[int, int] = {}
-        self._pairs: set[tuple[int, int]] = set()
+        self._round: set[tuple[int, int]] = set()
         self._t = 0.0
-        self._last_unpark = 0
+        self.idle_steps = float(idle_steps)
+        self._seen: dict[int, float] = {}  # request -> clock when last seen
+        self._by_req: dict[int, set[int]] = {}  # request -> resident keys
+        self._idle: list[int] = []  # keys of idle requests, evicted first
 
     # -- context and clock ------------------------------------------------------------------
 
@@ -78,12 +93,22 @@ class DSAAwarePolicy(EvictionPolicy):
         super().begin_record(step_idx, layer_id, request_idx, seq_len, block_size)
         if seq_len > self._cur.get(request_idx, -1):
             self._cur[request_idx] = seq_len
-        pairs = self._pairs
-        pairs.add((request_idx, layer_id))
-        self._t += 1.0 / len(pairs)
-        if int(self._t) > self._last_unpark:
-            self._last_unpark = int(self._t)
+        pair = (request_idx, layer_id)
+        rnd = self._round
+        if pair in rnd:  # the batch came round again: one decode step passed
+            rnd.clear()
+            self._t += 1.0
             self._unpark()
+            self._collect_idle()
+        rnd.add(pair)
+        self._seen[request_idx] = self._t
+
+    def _collect_idle(self) -> None:
+        """Once per step: queue the resident blocks of requests that stopped decoding."""
+        limit = self._t - self.idle_steps
+        for r, keys in self._by_req.items():
+            if keys and self._seen.get(r, self._t) < limit:
+                self._idle.extend(sorted(keys))
 
     def _unpark(self) -> None:
         """Once per step: blocks that left the window go back to the eviction heap."""
@@ -121,6 +146,12 @@ class DSAAwarePolicy(EvictionPolicy):
         return at + (x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x)))
 
     def _store(self, key: int, lp: float) -> None:
+        if key not in self._lp:
+            r = key >> _REQ_SHIFT
+            ks = self._by_req.get(r)
+            if ks is None:
+                ks = self._by_req[r] = set()
+            ks.add(key)
         self._lp[key] = lp
         heapq.heappush(self._heap, (lp, key))
         n = 4 * len(self._lp) + 1024
@@ -132,6 +163,12 @@ class DSAAwarePolicy(EvictionPolicy):
     def _victim(self) -> tuple[float, int, bool]:
         """(log-priority, key, protected) of the next block to evict; left in its heap."""
         heap, parked, lp = self._heap, self._parked, self._lp
+        idle, limit = self._idle, self._t - self.idle_steps
+        while idle:
+            k = idle[-1]
+            if k in lp and self._seen.get(k >> _REQ_SHIFT, self._t) < limit:
+                return float("-inf"), k, False
+            idle.pop()
         while heap:
             item = heap[0]
             if lp.get(item[1]) != item[0]:
@@ -175,20 +212,29 @@ class DSAAwarePolicy(EvictionPolicy):
         if key in self._lp:
             self.touch(key)
             return []
-        lp_new = self._bumped(self._ghost.pop(key, None))
+        hist = self._ghost.pop(key, None)
+        lp_new = self._bumped(hist)
+        floor = self._log_floor + self._a * self._t
         if self.capacity == 0:
             return [key]
         victims = []
         while len(self._lp) >= self.capacity:
             vlp, v, vprot = self._victim()
-            if self.admission and lp_new < vlp and (vprot or not self._protected(key)):
+            # the newcomer's history (before this read) must beat the victim's score
+            if (self.admission and max(hist if hist is not None else floor, floor) <= vlp
+                    and (vprot or not self._protected(key))):
                 self._to_ghost(key, lp_new)
                 return [key]
-            del self._lp[v]
-            self._to_ghost(v, vlp)
+            self.remove(v)
+            self._to_ghost(v, vlp if vlp != float("-inf") else lp_new)
             victims.append(v)
         self._store(key, lp_new)
         return victims
 
     def remove(self, key: int) -> bool:
-        return self._lp.pop(key, None) is not None
+        if self._lp.pop(key, None) is None:
+            return False
+        ks = self._by_req.get(key >> _REQ_SHIFT)
+        if ks is not None:
+            ks.discard(key)
+        return True
