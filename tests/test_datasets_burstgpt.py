@@ -6,7 +6,9 @@ import csv
 from pathlib import Path
 
 import pytest
-from kvtier.runners.datasets import DatasetFormatError, DatasetNotFound, load_burstgpt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvtier.runners.datasets import DatasetFormatError, DatasetNotFound, burstgpt, load_burstgpt
 
 SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "burstgpt" / "BurstGPT_1.head400.csv"
 
@@ -106,3 +108,27 @@ def test_real_sample_matches_csv_reference():
         (int(r["Request tokens"]), int(r["Response tokens"]), float(r["Timestamp"]))
         for r in kept]
     assert all(r.meta["total_tokens"] == r.prompt_len + r.max_new_tokens for r in wl.requests)
+
+
+CELLS = st.sampled_from(["0", "7", "12.0", "-3", "1.5", "-1.5", "", "nan", "inf", "1e3", "40"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.tuples(CELLS, CELLS, CELLS, st.sampled_from(["GPT-4", "ChatGPT", ""])),
+                     max_size=25),
+       limit=st.one_of(st.none(), st.integers(0, 8)),
+       model=st.sampled_from([None, "GPT-4"]))
+def test_columnar_path_equals_row_path(tmp_path_factory, rows, limit, model):
+    """Files pyarrow accepts take the numpy path; it must agree with the row-by-row one."""
+    text = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n" + "".join(
+        f"{ts},{m},{a},{b},{a},API log\n" for ts, a, b, m in rows)
+    p = tmp_path_factory.mktemp("b") / "b.csv"
+    p.write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(burstgpt, "ROW_PATH_MAX_LIMIT", -1)  # columnar even for a small limit
+        fast = load_burstgpt(p, limit, model=model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(burstgpt, "_load_columnar", lambda *a, **k: None)
+        slow = load_burstgpt(p, limit, model=model)
+    assert fast.requests == slow.requests
+    assert fast.skipped == slow.skipped

@@ -9,11 +9,13 @@ and bad UTF-8 inside one element only costs that element.
 from __future__ import annotations
 
 import codecs
+import gc
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,19 @@ class Bad:
     """A row that could not be read, and why (the key counted in ``Workload.skipped``)."""
 
     reason: str
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Build millions of small objects without the cyclic GC rescanning them (2-3x faster);
+    they hold no cycles, and the previous GC state is restored."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def check_limit(limit: int | None) -> int | None:
