@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvtier.runners.datasets import DatasetNotFound, common
-from kvtier.runners.datasets.common import Bad, iter_json_array, parse_count, resolve_file
+from kvtier.runners.datasets.common import (
+    Bad,
+    iter_json_array,
+    iter_jsonl,
+    parse_count,
+    resolve_file,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=12)
@@ -41,6 +47,11 @@ def test_streaming_array_bad_input(tmp_path):
     p = tmp_path / "a.json"
     p.write_bytes(b'\xef\xbb\xbf [ {"a": "\xff"} , 12 ,"x"]')  # BOM, bad UTF-8 in element 0
     assert list(iter_json_array(p)) == [(0, Bad("bad_utf8")), (1, 12), (2, "x")]
+    # an escaped lone surrogate cannot be encoded either; a proper pair is fine
+    p.write_bytes(b'["\\ud83d", "\\ud83d\\ude00", "\\u00e9"]')
+    assert list(iter_json_array(p)) == [(0, Bad("bad_utf8")), (1, "\U0001f600"), (2, "\u00e9")]
+    p.write_bytes(b'"\\ud83d"\n"\\ud83d\\ude00"\n"ok \xff"\n')
+    assert list(iter_jsonl(p)) == [(1, Bad("bad_utf8")), (2, "\U0001f600"), (3, Bad("bad_utf8"))]
     p.write_bytes(b'[1, 2 3]')
     assert list(iter_json_array(p)) == [(0, 1), (1, 2), (2, Bad("invalid_json"))]
     p.write_bytes(b'{"not": "an array"}')

@@ -32,6 +32,9 @@ WRONG_TYPE = "wrong_type"
 _CHUNK = 1 << 20
 _WS = re.compile(r"[ \t\r\n]*")
 _DELIMS = frozenset(",] \t\r\n")
+#: an escaped UTF-16 surrogate: the one way valid JSON text parses to a string that does not
+#: encode to UTF-8 (a lone half); checked exactly only on a hit
+_ESC_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +152,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
         if lineno == 1:
             text = text.lstrip("\ufeff")
         try:
-            yield lineno, json.loads(text)
+            obj = json.loads(text)
         except ValueError:
             yield lineno, Bad(INVALID_JSON)
+            continue
+        yield lineno, (Bad(BAD_UTF8) if _ESC_SURROGATE.search(text) and has_bad_utf8(obj)
+                       else obj)
 
 
 def _first_char(path: Path) -> str:
@@ -228,9 +234,20 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
                         and (end == len(buf) or buf[end] not in _DELIMS) and more()):
                     continue  # a number ("0." / "1e") may go on in the next chunk
                 break
+            bad = _bad_element(buf[pos:end], obj)
             pos = end
-            yield index, (Bad(BAD_UTF8) if has_bad_utf8(obj) else obj)
+            yield index, (Bad(BAD_UTF8) if bad else obj)
             index += 1
+
+
+def _bad_element(text: str, obj: Any) -> bool:
+    """Raw undecodable bytes (surrogateescape'd) or an escaped lone surrogate in one element."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return _ESC_SURROGATE.search(text) is not None and has_bad_utf8(obj)
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
