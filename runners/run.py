@@ -1,0 +1,290 @@
+"""The common run loop: a loaded ``Workload`` -> tokenized, length-filtered requests ->
+``generate`` with the tracer -> ``trace_steps.jsonl`` + ``summary.json`` + ``run_meta.json``.
+
+Offline datasets (RULER, LongBench v2, ShareGPT) run in FIFO batches; BurstGPT runs as a
+live serving replay (``serving.py``). Ctrl-C stops after the current forward: the tracer is
+closed, so the trace and the summary describe the same records, and run_meta.json says the
+run was interrupted; the KeyboardInterrupt then propagates (exit 130).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kvtier.runners.model_setup import ModelBundle
+from kvtier.runners.prepare import Prepared, batches, prepare
+from kvtier.runners.provenance import build_meta, utc_now, write_meta
+from kvtier.runners.requests import Workload
+from kvtier.runners.serving import SERVING_FILE, CompletedLog, replay, serving_section
+from tqdm import tqdm
+
+from kvtier.schema import Summary
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """Everything a run needs besides the workload and the model (all of it lands in
+    run_meta.json's ``config``)."""
+
+    dataset: str
+    out_dir: Path
+    run_name: str
+    max_new_tokens: int = 64
+    batch_size: int = 1
+    max_prompt_tokens: int | None = None
+    limit: int | None = 64
+    temperature: float = 0.0
+    seed: int = 0
+    backend: str = "hbm"
+    tiers: str | None = None
+    policy: str = "lru"
+    hbm_blocks: int | None = None
+    force: bool = False
+    serving: bool = False
+    time_scale: float = 1.0
+    extra: dict = field(default_factory=dict)  # CLI flags not listed above
+
+    def to_config(self) -> dict[str, Any]:
+        cfg = asdict(self)
+        cfg["out_dir"] = str(self.out_dir)
+        return cfg
+
+
+@dataclass(slots=True)
+class RunResult:
+    out_dir: Path
+    summary: Summary | None
+    requests_done: int
+    new_tokens: int
+    skipped: Counter
+    wall_s: float
+
+
+def default_out_dir(dataset: str, root: Path | str = "outputs") -> Path:
+    """``outputs/<dataset>_<UTC timestamp>`` (dataset name made path-safe)."""
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path(root) / f"{dataset.replace('-', '_')}_{stamp}"
+
+
+class CappedTracer:
+    """Forwards to the tracer but marks a row inactive once it has produced its own
+    ``max_new_tokens``: ``generate`` takes one cap per batch, BurstGPT has one per request.
+
+    Row i with prompt length L and cap N is decoded at start_pos L .. L+N-2 (the first new
+    token comes from the prompt forward), exactly what ``generate`` traces for a lone prompt.
+    """
+
+    def __init__(self, inner: Any, prompt_lens: Sequence[int], caps: Sequence[int]) -> None:
+        self.inner = inner
+        self.last_pos = [p + c - 2 for p, c in zip(prompt_lens, caps, strict=True)]
+
+    def begin_batch(self, request_ids, prompt_tokens) -> None:
+        self.inner.begin_batch(request_ids, prompt_tokens)
+
+    def start_step(self, start_pos: int, active: list[bool]) -> None:
+        self.inner.start_step(start_pos, [a and start_pos <= last for a, last in zip(active, self.last_pos, strict=True)])
+
+    def on_topk(self, layer_id, indices, scores) -> None:
+        self.inner.on_topk(layer_id, indices, scores)
+
+    def end_step(self, wall_s: float) -> None:
+        self.inner.end_step(wall_s)
+
+    def end_batch(self) -> None:
+        self.inner.end_batch()
+
+
+class FetchTimer:
+    """Wraps a KV backend and adds up the time the pool tiers take to serve fetches.
+
+    Per (step, layer) the batch's rows are fetched together, so the step pays the slowest
+    row: ``max_row(local_pool.latency_us + remote_pool.latency_us)``. HBM latency is the
+    measured forward itself and is not added again.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.total_us = 0.0
+
+    def admit(self, request_id, prompt_len, prefix_hashes=()) -> None:
+        self.inner.admit(request_id, prompt_len, prefix_hashes)
+
+    def append(self, request_id, n_tokens=1) -> None:
+        self.inner.append(request_id, n_tokens)
+
+    def release(self, request_id) -> None:
+        self.inner.release(request_id)
+
+    def summary(self):
+        return self.inner.summary()
+
+    def fetch(self, access):
+        out = self.inner.fetch(access)
+        worst = 0.0
+        for f in out:
+            row = (f.local_pool.latency_us or 0.0) + (f.remote_pool.latency_us or 0.0)
+            worst = max(worst, row)
+        self.total_us += worst
+        return out
+
+    def take_us(self) -> float:
+        """Pool fetch time accumulated since the last call."""
+        t, self.total_us = self.total_us, 0.0
+        return t
+
+    def __getattr__(self, name: str) -> Any:  # anything else the tracer asks the backend
+        return getattr(self.inner, name)
+
+
+def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any) -> RunResult:
+    """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring."""
+    from kvtier.model.generate import generate
+
+    from kvtier.tracer import Tracer
+
+    out_dir = Path(opts.out_dir)
+    args = bundle.args
+    max_prompt = opts.max_prompt_tokens
+    if max_prompt is None:
+        max_prompt = args.max_seq_len - opts.max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(
+            f"--max-prompt-tokens: max_seq_len {args.max_seq_len} - max_new_tokens "
+            f"{opts.max_new_tokens} leaves no room for a prompt"
+        )
+    skipped: Counter = Counter(workload.skipped)
+    backend = make_backend(opts, bundle, trace_settings)
+    timer = FetchTimer(backend) if opts.backend == "sim" else None
+    # the tracer refuses a directory holding an old trace (unless --force) before anything
+    # of ours is written there
+    tracer = Tracer(
+        trace_settings, out_dir, run_name=opts.run_name, dataset=opts.dataset,
+        backend=timer or backend, rank=bundle.rank, world_size=bundle.world_size,
+        kv_bytes_per_token=getattr(backend, "kvb", None) or getattr(backend, "kv_bytes_per_token", None),
+        config={"run": opts.to_config(), "random_weights": bundle.random_weights},
+        force=opts.force,
+    )  # fmt: skip
+    meta = build_meta(
+        {**opts.to_config(), "max_prompt_tokens_effective": max_prompt,
+         "model_config_file": str(bundle.config_path), "model": args.to_dict(),
+         "device": bundle.device, "trace": trace_settings.to_dict()},
+        workload.source, random_weights=bundle.random_weights,
+    )  # fmt: skip
+    meta.update(status="running", interrupted=False)
+    if bundle.rank == 0:
+        write_meta(out_dir, meta)
+    tok = bundle.tokenizer
+    state = {"done": 0, "tokens": 0, "status": "finished"}
+    items: list[Prepared] = []
+    served: list = []  # filled as batches finish, so an interrupted replay keeps its rows
+    log = CompletedLog(out_dir / SERVING_FILE) if opts.serving and bundle.rank == 0 else None
+    bar = tqdm(unit="req", desc=opts.dataset, disable=bundle.rank != 0)
+    t_start = time.perf_counter()
+
+    def run_batch(batch: list[Prepared]) -> float:
+        caps = [p.max_new_tokens for p in batch]
+        prompts = [p.tokens for p in batch]
+        capped = CappedTracer(tracer, [len(p) for p in prompts], caps)
+        t0 = time.perf_counter()
+        outs = generate(
+            bundle.model, prompts, max(caps), tok.eos_id, temperature=opts.temperature,
+            tracer=capped, request_ids=[p.request_id for p in batch],
+            sync_cuda=trace_settings.sync_cuda,
+        )  # fmt: skip
+        service = time.perf_counter() - t0
+        if timer is not None:
+            service += timer.take_us() * 1e-6
+        state["done"] += len(batch)
+        state["tokens"] += sum(min(len(o), c) for o, c in zip(outs, caps, strict=True))
+        elapsed = time.perf_counter() - t_start
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{state['tokens'] / max(elapsed, 1e-9):.1f}",
+                        skipped=sum(skipped.values()))  # fmt: skip
+        return service
+
+    def on_done(rows) -> None:
+        served.extend(rows)
+        if log is not None:
+            log.write(rows)
+
+    summary = None
+    try:
+        items = list(
+            prepare(
+                workload.requests, tok, max_prompt_tokens=max_prompt,
+                max_new_tokens=opts.max_new_tokens, limit=opts.limit, seed=opts.seed,
+                bos_id=tok.bos_id, vocab_size=args.vocab_size, skipped=skipped,
+            )
+        )  # fmt: skip
+        bar.reset(total=len(items))
+        bar.set_postfix(skipped=sum(skipped.values()))
+        if opts.serving:
+            replay(items, opts.batch_size, opts.time_scale, run_batch, on_done=on_done)
+        else:
+            for batch in batches(items, opts.batch_size):
+                run_batch(batch)
+    except KeyboardInterrupt:
+        state["status"] = "interrupted"
+        raise
+    except BaseException as exc:
+        state["status"] = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        summary = tracer.close(
+            serving=serving_section(served, opts.batch_size, opts.max_new_tokens)
+            if opts.serving else None,
+            skipped={k: int(v) for k, v in sorted(skipped.items())},
+        )  # fmt: skip
+        wall = time.perf_counter() - t_start
+        meta.update(
+            status=state["status"],
+            interrupted=state["status"] == "interrupted",
+            finished_utc=utc_now(),
+            requests_run=state["done"],
+            requests_prepared=len(items),
+            new_tokens=state["tokens"],
+            wall_s=round(wall, 3),
+            skipped=dict(sorted(skipped.items())),
+        )
+        if bundle.rank == 0:
+            write_meta(out_dir, meta)
+    return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall)
+
+
+def make_backend(opts: RunOptions, bundle: ModelBundle, settings: Any) -> Any:
+    """``hbm``: every block an HBM hit, bytes from the model's KV size. ``sim``: the simpy
+    tiered emulator built as ``kvtier replay`` builds it, so a live sim run and a replay of
+    the same selections agree."""
+    from kvtier.runners.model_setup import kv_bytes_per_token
+
+    if opts.backend == "hbm":
+        from kvtier.backend import HBMOnlyBackend
+
+        return HBMOnlyBackend(settings.kv_bytes_per_token or kv_bytes_per_token(bundle.args))
+    if opts.backend != "sim":
+        raise ValueError(f"--backend must be 'hbm' or 'sim', got {opts.backend!r}")
+    from kvtier.tiers.backend import TieredBackend
+    from kvtier.tiers.config import load_tier_config
+    from kvtier.tiers.recompute import load_model_dims
+
+    over: dict[str, Any] = {"block_size": settings.kv_block_size}
+    if settings.kv_bytes_per_token:
+        over["kv_bytes_per_token"] = settings.kv_bytes_per_token
+    cfg = load_tier_config(opts.tiers or "memfabric", over)
+    if opts.hbm_blocks is not None:
+        over["hbm"] = {"capacity_bytes": opts.hbm_blocks * settings.kv_block_size * cfg.kv_bytes_per_token}
+        cfg = load_tier_config(opts.tiers or "memfabric", over)
+    return TieredBackend(
+        cfg, num_layers=bundle.args.n_layers, eviction=opts.policy,
+        model=load_model_dims(str(bundle.config_path)),
+    )  # fmt: skip
