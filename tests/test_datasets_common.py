@@ -81,6 +81,10 @@ def test_resolve_file_and_datas_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DATAS_DIR", str(tmp_path))
     assert common.data_root() == tmp_path
     assert resolve_file(None, ("x.csv",), "X", "hint") == tmp_path / "sub" / "x.csv"
+    # the shared data dir is searched by exact name only: a glob could pick another dataset
+    assert resolve_file(tmp_path, ("*.csv",), "X", "h") == tmp_path / "sub" / "x.csv"
+    with pytest.raises(DatasetNotFound):
+        resolve_file(None, ("*.csv",), "X", "hint")
 
 
 def test_imports_stay_torch_free():

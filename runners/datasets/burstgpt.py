@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 DATASET_ID = "lzzmm/BurstGPT"
 FILE_NAMES = (
+    "lzzmm__BurstGPT/burstgpt_train.csv",
     "BurstGPT_1.csv",
     "BurstGPT_without_fails_1.csv",
     "BurstGPT_2.csv",

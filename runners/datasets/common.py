@@ -90,10 +90,13 @@ def resolve_file(
 ) -> Path:
     """A file given directly, or the first of ``names`` found (recursively) in a directory.
 
-    ``path=None`` searches ``data_root()``. Raises ``DatasetNotFound`` with ``hint`` (the
+    ``path=None`` searches ``data_root()`` (where the download scripts put files) for the
+    exact names only, never a glob such as ``*.csv``, which could match another dataset. Raises ``DatasetNotFound`` with ``hint`` (the
     download script / flag) when nothing matches.
     """
     base = Path(path).expanduser() if path is not None else data_root()
+    if path is None:  # the shared data dir holds every dataset: exact names only, no globs
+        names = tuple(n for n in names if "*" not in n)
     if base.is_file():
         return base
     if base.is_dir():

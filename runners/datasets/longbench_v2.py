@@ -27,7 +27,7 @@ from kvtier.runners.requests import Request, Workload
 from tqdm import tqdm
 
 DATASET_ID = "zai-org/LongBench-v2"
-FILE_NAMES = ("data.json", "*.jsonl")
+FILE_NAMES = ("zai-org__LongBench-v2/data.json", "data.json", "*.jsonl")
 HINT = "run scripts/datasets/download_longbench_v2.sh or pass --lbv2-json FILE"
 LENGTHS = ("short", "medium", "long")
 FIELDS = ("_id", "domain", "sub_domain", "difficulty", "length", "question",

@@ -34,7 +34,7 @@ from kvtier.runners.requests import Request, Workload
 from tqdm import tqdm
 
 DATASET_ID = "anon8231489123/ShareGPT_Vicuna_unfiltered"
-FILE_NAMES = ("ShareGPT_V3_unfiltered_cleaned_split.json", "*.json")
+FILE_NAMES = ("ShareGPT_V3_unfiltered_cleaned_split.json", "*.json", "*.jsonl")
 HINT = "run scripts/datasets/download_sharegpt.sh or pass --sharegpt-json FILE"
 TURN_MODES = ("full", "per_user_turn")
 
