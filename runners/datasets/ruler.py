@@ -176,7 +176,12 @@ def _extract(tgz: Path, extract_base: Path, wl: Workload) -> Path:
         wl.skip(SKIP_UNSAFE_MEMBER, unsafe)
     (tmp / _MARKER).write_text(f"{digest} {unsafe}\n")
     shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process extracted the same tarball first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (marker.is_file() and marker.read_text().split()[:1] == [digest]):
+            raise
     return dest
 
 
