@@ -399,18 +399,21 @@ class TieredBackend:
                 self.pending.pop(v, None)
         if not self.pools:
             return
-        has = [self._pool_ops[t.name][0] for t in self.pools]
         dirty = self.dirty
-        for v in victims:
-            if dirty and v in dirty:
+        if dirty:
+            for v in [v for v in victims if v in dirty]:
                 dirty.discard(v)
                 home = self._home(v)
                 if home is None:
                     self._store([v], [self.block_bytes])
                 else:
                     self._queue_write(home.name, self.block_bytes, 1)
-            elif not any(h(v) for h in has):
-                self._store([v], [self.block_bytes])  # refilled (unserved) block goes back down
+        lost = victims
+        for t in self.pools:  # blocks no pool holds (refilled after being dropped) go back down
+            has = self._pool_ops[t.name][0]
+            lost = [v for v in lost if not has(v)]
+        if lost:
+            self._store(lost, [self.block_bytes] * len(lost))
 
     # ------------------------------------------------------------------ simpy processes
 
@@ -522,7 +525,7 @@ class TieredBackend:
             c[0] = len(keys) - len(miss)
             if miss:
                 src = self._pool_lookup(miss, served)
-                c[1:] = np.bincount(src, minlength=n_tiers + 1)[1:]
+                c[1:] = [src.count(j) for j in range(1, n_tiers + 1)]
                 if missing is not None:
                     sub_counts[i, 1:] = np.bincount(src, weights=missing, minlength=n_tiers + 1)[1:]
         n_hbm = len(hbm)
@@ -691,26 +694,31 @@ class TieredBackend:
                 self.prefetch_useful += 1
         return waits
 
-    def _pool_lookup(self, miss: list[int], served: list[list[int]]) -> np.ndarray:
+    def _pool_lookup(self, miss: list[int], served: list[list[int]]) -> list[int]:
         """Source tier number (1 local, 2 remote, 3 unserved) of each HBM miss; the pool that
         serves a block sees it as an access (touch)."""
-        src = np.full(len(miss), _UNSERVED, dtype=np.int64)
-        todo = list(range(len(miss)))
+        src = [_UNSERVED] * len(miss)
+        todo = miss
+        todo_idx = range(len(miss))
         for t in self.pools:
-            tier_no = TIER_NAMES.index(t.name)
             if not todo:
                 break
+            tier_no = TIER_NAMES.index(t.name)
             has, touch = self._pool_ops[t.name]
-            rest = []
-            for j in todo:
-                k = miss[j]
-                if has(k):
+            found = list(map(has, todo))
+            if not any(found):
+                continue
+            rest, rest_idx = [], []
+            out = served[tier_no]
+            for k, j, f in zip(todo, todo_idx, found, strict=True):
+                if f:
                     touch(k)
                     src[j] = tier_no
-                    served[tier_no].append(k)
+                    out.append(k)
                 else:
-                    rest.append(j)
-            todo = rest
+                    rest.append(k)
+                    rest_idx.append(j)
+            todo, todo_idx = rest, rest_idx
         return src
 
     def _issue_prefetch(self, keys: np.ndarray) -> None:
