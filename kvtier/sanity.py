@@ -60,14 +60,12 @@ def run_sanity(out_dir: str | os.PathLike, cfg: SanityConfig, settings: TraceSet
                for _ in range(cfg.requests)]
     bpt = settings.kv_bytes_per_token or 1284
     n_batches = -(-cfg.requests // cfg.batch_size)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches * cfg.new_tokens, desc="sanity", unit="step")
     tracer = Tracer(settings, out_dir, run_name="sanity", dataset="synthetic",
                     kv_bytes_per_token=bpt, config={"sanity": msgspec.structs.asdict(cfg)}, force=force)
-    with tracer:
+    from tqdm import tqdm
+
+    with tracer, tqdm(total=n_batches * cfg.new_tokens, desc="sanity", unit="step",
+                      disable=not progress) as bar:
         for b in range(n_batches):
             ids = list(range(b * cfg.batch_size, min(cfg.requests, (b + 1) * cfg.batch_size)))
             tracer.begin_batch([f"req-{i}" for i in ids], [prompts[i] for i in ids])
@@ -78,10 +76,7 @@ def run_sanity(out_dir: str | os.PathLike, cfg: SanityConfig, settings: TraceSet
                     idx, sc = fake_topk(rng, len(ids), start + 1, cfg.topk, layer)
                     tracer.on_topk(layer, idx, sc)
                 tracer.end_step(1e-3)
-                if bar is not None:
-                    bar.update()
+                bar.update()
             tracer.end_batch()
-    if bar is not None:
-        bar.close()
     assert tracer.summary is not None
     return tracer.summary
