@@ -76,15 +76,18 @@ def test_resolve_file_and_datas_dir(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.csv").write_text("a\n")
     assert resolve_file(tmp_path, ("x.csv",), "X", "hint") == tmp_path / "sub" / "x.csv"
-    with pytest.raises(DatasetNotFound, match="none of y.csv under .*; pass --y"):
+    with pytest.raises(DatasetNotFound, match="none of y.csv in .*; pass --y"):
         resolve_file(tmp_path, ("y.csv",), "Y", "pass --y")
     monkeypatch.setenv("DATAS_DIR", str(tmp_path))
     assert common.data_root() == tmp_path
     assert resolve_file(None, ("x.csv",), "X", "hint") == tmp_path / "sub" / "x.csv"
-    # the shared data dir is searched by exact name only: a glob could pick another dataset
-    assert resolve_file(tmp_path, ("*.csv",), "X", "h") == tmp_path / "sub" / "x.csv"
-    with pytest.raises(DatasetNotFound):
+    # a glob only looks at the directory's own files and must match exactly one
+    with pytest.raises(DatasetNotFound, match="none of"):
         resolve_file(None, ("*.csv",), "X", "hint")
+    assert resolve_file(tmp_path / "sub", ("*.csv",), "X", "h") == tmp_path / "sub" / "x.csv"
+    (tmp_path / "sub" / "y.csv").write_text("a\n")
+    with pytest.raises(DatasetNotFound, match="several files match"):
+        resolve_file(tmp_path / "sub", ("*.csv",), "X", "h")
 
 
 def test_imports_stay_torch_free():

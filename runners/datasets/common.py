@@ -88,28 +88,36 @@ def data_root() -> Path:
 def resolve_file(
     path: str | os.PathLike | None, names: tuple[str, ...], what: str, hint: str
 ) -> Path:
-    """A file given directly, or the first of ``names`` found (recursively) in a directory.
+    """A file given directly, or one found in a directory (``path=None``: ``data_root()``).
 
-    ``path=None`` searches ``data_root()`` (where the download scripts put files) for the
-    exact names only, never a glob such as ``*.csv``, which could match another dataset. Raises ``DatasetNotFound`` with ``hint`` (the
-    download script / flag) when nothing matches.
+    Exact ``names`` are searched first, directly and then recursively (the download scripts
+    nest files in ``<owner>__<name>/``). A glob such as ``*.csv`` only looks at the
+    directory's own files, never below it, and must match exactly one, so a shared data
+    directory cannot hand one dataset's file to another dataset's loader. Raises
+    ``DatasetNotFound`` with ``hint`` (the download script / flag) otherwise.
     """
     base = Path(path).expanduser() if path is not None else data_root()
-    if path is None:  # the shared data dir holds every dataset: exact names only, no globs
-        names = tuple(n for n in names if "*" not in n)
     if base.is_file():
         return base
-    if base.is_dir():
-        for name in names:
-            direct = base / name
-            if direct.is_file():
-                return direct
-        for name in names:
-            found = sorted(p for p in base.rglob(name) if p.is_file())
-            if found:
-                return found[0]
-        raise DatasetNotFound(f"{what}: none of {', '.join(names)} under {base}; {hint}")
-    raise DatasetNotFound(f"{what}: {base} does not exist; {hint}")
+    if not base.is_dir():
+        raise DatasetNotFound(f"{what}: {base} does not exist; {hint}")
+    exact = [n for n in names if "*" not in n]
+    for name in exact:
+        if (base / name).is_file():
+            return base / name
+    for name in exact:
+        found = sorted(p for p in base.rglob(name) if p.is_file())
+        if found:
+            return found[0]
+    for pattern in (n for n in names if "*" in n):
+        found = sorted(p for p in base.glob(pattern) if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise DatasetNotFound(f"{what}: several files match {pattern} in {base} "
+                                  f"({shown}); pass the file itself")
+    raise DatasetNotFound(f"{what}: none of {', '.join(names)} in {base}; {hint}")
 
 
 def sha256_file(path: Path) -> str:
