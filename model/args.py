@@ -192,6 +192,20 @@ class ModelArgs:
                 )
             if not self.v1 and self.kv_lora_rank % 128:
                 raise ConfigError("field 'kv_lora_rank' must be a multiple of 128 (v2 fp8 latent)")
+        if self.dtype == "fp8":  # fp8 Linear layers quantise their inputs in groups of 128
+            fp8_inputs = {
+                "dim": self.dim,
+                "q_lora_rank": self.q_lora_rank,
+                "kv_lora_rank": self.kv_lora_rank,
+                "inter_dim": self.inter_dim,
+                "moe_inter_dim": self.moe_inter_dim,
+                "n_heads * v_head_dim": self.n_heads * self.v_head_dim,
+            }
+            for name, value in fp8_inputs.items():
+                if value % 128:
+                    raise ConfigError(
+                        f"field {name!r} ({value}) must be a multiple of 128 when dtype is 'fp8'"
+                    )
         if self.beta_fast <= self.beta_slow:
             raise ConfigError("field 'beta_fast' must exceed beta_slow")
 

@@ -56,6 +56,8 @@ def test_overrides_and_roundtrip(tmp_path):
     "patch, field",
     [
         ({"dim": 0}, "dim"),
+        ({"dim": 192}, "dim"),
+        ({"moe_inter_dim": 64}, "moe_inter_dim"),
         ({"dim": "7168"}, "dim"),
         ({"n_layers": 2.5}, "n_layers"),
         ({"dtype": "fp16"}, "dtype"),
@@ -83,7 +85,7 @@ def test_invalid_fields_are_named(tmp_path, patch, field):
 
 
 def test_exact_mode_relaxes_fp8_only_constraints():
-    ModelArgs.builtin("tiny", indexer_exact=True, index_head_dim=64, kv_lora_rank=96)
+    ModelArgs.builtin("tiny", dtype="fp32", indexer_exact=True, index_head_dim=64, kv_lora_rank=96)
 
 
 def test_bad_json_and_missing_file(tmp_path):
