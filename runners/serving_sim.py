@@ -3,21 +3,27 @@ simpy virtual time, with service times from a per-step cost model instead of a m
 
 This is the laptop version of the BurstGPT serving replay: the same arrivals (BurstGPT
 timestamps x ``time_scale``, Mooncake, Azure), the same FIFO queue and batches of up to
-``batch_size`` requests, generation capped at ``min(response tokens, max_new_tokens)``, and
-the same ``summary.serving`` section (``kvtier.schema.Serving``).
+``batch_size`` requests, generation capped at ``g = min(response tokens, max_new_tokens)``,
+and the same ``summary.serving`` section (``kvtier.schema.Serving``).
 
-Service model (static batching, as the live runner serves a batch):
-- a batch starts when the server is free and the queue is non-empty; it takes the queue head
-  and up to ``batch_size - 1`` requests queued behind it (requests arriving at the very
-  instant the server frees up count as queued);
-- one batched prefill of all prompts produces each request's first token
-  (``prefill_base_s + prefill_s_per_token x sum(prompt tokens)``);
-- then decode steps: step ``s`` (0-based) runs every request that still has tokens to
-  generate, at ``decode_base_s + decode_s_per_seq x active + decode_s_per_ctx_token x
-  sum(context)`` plus ``extra_step_time(active request ids, s)`` (e.g. a tiered backend's KV
-  fetch time), where a request's context at step ``s`` is ``prompt + s + 1`` tokens;
-- a request generating ``g`` tokens finishes after ``g - 1`` decode steps; the batch frees
-  the server when its longest request finishes.
+Queue: a batch starts when the server is free and the queue is non-empty; it takes the
+queue head and up to ``batch_size - 1`` requests queued behind it (requests arriving at the
+very instant the server frees up count as queued). Batches are static: the next one starts
+when this one is done.
+
+A forward over ``rows`` sequences costs ``prefill_base_s + prefill_s_per_token x tokens``
+(prefill) or ``decode_base_s + decode_s_per_seq x rows + decode_s_per_ctx_token x
+sum(context)`` plus ``extra_step_time(decoding request ids, step)`` (one decode step, e.g. a
+tiered backend's KV fetch time). Two engines serve a batch:
+
+- ``reference`` (default; what ``kvtier run`` does with the model, via ``generate.py``):
+  one prefill of the shortest prompt ``P_min`` for every row, then 1-token forwards over all
+  rows at positions ``P_min .. max(P) + max(g) - 2`` (longer prompts are teacher-forced),
+  so every step costs ``rows = batch`` and context ``batch x (position + 1)``; the hook sees
+  the rows past their prompt and within their cap; every request finishes with the batch.
+- ``per_request``: one prefill of all prompts gives each request its first token; decode
+  step ``s`` runs only the requests still generating (context ``prompt + s + 1``); a
+  request finishes after its own ``g - 1`` steps, the batch when its longest one does.
 
 Per request: queue wait = batch start - arrival, service = finish - batch start,
 latency = wait + service. Percentiles use numpy's default linear method.
@@ -227,14 +233,25 @@ class SimResult:
         ]
 
 
-def _batch_offsets(
+ENGINES = ("reference", "per_request")
+
+
+def _checked_extra(extra_step_time: ExtraStepTime, act: list[str], k: int) -> float:
+    x = float(extra_step_time(act, k))
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"extra_step_time returned {x!r} at step {k}; "
+                         "expected finite seconds >= 0")
+    return x
+
+
+def _offsets_per_request(
     cost: StepCostModel,
     prompt: np.ndarray,
     gen: np.ndarray,
     ids: list[str],
     extra_step_time: ExtraStepTime | None,
 ) -> np.ndarray:
-    """Finish time of each batch member, relative to the batch start."""
+    """Finish time of each batch member (``per_request`` engine), from the batch start."""
     pre = cost.prefill_time(prompt)
     steps = np.maximum(gen - 1, 0)  # decode steps after the prefill's first token
     n_steps = int(steps.max()) if len(steps) else 0
@@ -250,17 +267,41 @@ def _batch_offsets(
     context = suffix_prompt[first_active] + (s + 1) * active
     times = cost.decode_step_times(active, context)
     if extra_step_time is not None:
-        extra = np.empty(n_steps)
-        for k in range(n_steps):
-            act = [ids[i] for i in np.flatnonzero(steps > k)]
-            x = float(extra_step_time(act, k))
-            if not math.isfinite(x) or x < 0:
-                raise ValueError(f"extra_step_time returned {x!r} at step {k}; "
-                                 "expected finite seconds >= 0")
-            extra[k] = x
+        extra = np.array([_checked_extra(extra_step_time,
+                                         [ids[i] for i in np.flatnonzero(steps > k)], k)
+                          for k in range(n_steps)])
         times = times + extra
     done = pre + np.concatenate([[0.0], np.cumsum(times)])
     return done[steps]
+
+
+def _offsets_reference(
+    cost: StepCostModel,
+    prompt: np.ndarray,
+    gen: np.ndarray,
+    ids: list[str],
+    extra_step_time: ExtraStepTime | None,
+    max_seq_len: int | None,
+) -> np.ndarray:
+    """Finish time of each batch member (``reference`` engine): all finish together."""
+    rows = len(prompt)
+    p_min = int(prompt.min())
+    total_len = int(prompt.max()) + int(gen.max())
+    if max_seq_len is not None:
+        total_len = min(total_len, max_seq_len)
+    pre = cost.prefill_base_s + cost.prefill_s_per_token * rows * p_min
+    n_steps = max(total_len - p_min - 1, 0)  # 1-token forwards after the prefill
+    pos = p_min + np.arange(n_steps)  # start position of each decode forward
+    times = cost.decode_step_times(np.full(n_steps, rows), rows * (pos + 1))
+    if extra_step_time is not None:
+        last = prompt + gen - 2  # a row decodes at positions prompt .. prompt + g - 2
+        extra = np.zeros(n_steps)
+        for k, at in enumerate(pos.tolist()):
+            live = np.flatnonzero((prompt <= at) & (at <= last))
+            if len(live):
+                extra[k] = _checked_extra(extra_step_time, [ids[i] for i in live], k)
+        times = times + extra
+    return np.full(rows, pre + float(np.sum(times)))
 
 
 def simulate(
@@ -272,6 +313,8 @@ def simulate(
     time_scale: float = 1.0,
     extra_step_time: ExtraStepTime | None = None,
     on_finish: Callable[[str], None] | None = None,
+    engine: str = "reference",
+    max_seq_len: int | None = None,
     progress: bool = False,
 ) -> SimResult:
     """Replay ``requests`` (each with ``prompt_len`` and ``arrival_s``) through the server.
@@ -280,11 +323,19 @@ def simulate(
     arrivals are shifted so the first is at t=0. ``max_new_tokens`` caps each request's
     ``max_new_tokens`` (response tokens; a request without one generates the cap).
     ``on_finish(request_id)`` is called as each request completes, in completion order.
+    ``engine`` is ``reference`` (``generate.py``'s batch semantics, as the live replay) or
+    ``per_request`` (see the module docstring); ``max_seq_len`` caps the reference engine's
+    positions as the model's cache does (``None``: no cap).
     """
     import simpy
     from tqdm import tqdm
 
     _check_config(batch_size, max_new_tokens, time_scale)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {'|'.join(ENGINES)}, got {engine!r}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool)
+                                    or not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
     n = len(requests)
     arrival = np.empty(n)
     prompt = np.empty(n, dtype=np.int64)
@@ -332,8 +383,13 @@ def simulate(
                 batch.append((yield queue.get()))
             idx = np.asarray(batch)
             t0 = env.now
-            offsets = _batch_offsets(cost, prompt[idx], gen[idx], [ids[i] for i in batch],
-                                     extra_step_time)
+            batch_ids = [ids[i] for i in batch]
+            if engine == "reference":
+                offsets = _offsets_reference(cost, prompt[idx], gen[idx], batch_ids,
+                                             extra_step_time, max_seq_len)
+            else:
+                offsets = _offsets_per_request(cost, prompt[idx], gen[idx], batch_ids,
+                                               extra_step_time)
             start[idx] = t0
             finish[idx] = t0 + offsets
             batch_of[idx] = b
