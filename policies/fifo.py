@@ -46,19 +46,24 @@ class FIFOPolicy(EvictionPolicy):
 
     def access_many(self, keys: Iterable[int]) -> int:
         keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        free = self.capacity - len(self._d)
         if self.capacity == 0:
             return 0
-        d = self._d
+        # placeholder keys fill the free slots at the old end (see LRUPolicy.access_many)
+        d: OrderedDict[int, None] = OrderedDict.fromkeys(range(-free, 0))
+        d.update(self._d)
         pop = d.popitem
-        free = self.capacity - len(d)
-        misses = 0
+        hits = 0
         for k in keys:
-            if k not in d:
+            if k in d:
+                hits += 1
+            else:
                 d[k] = None
-                misses += 1
-                if misses > free:
-                    pop(False)
-        return len(keys) - misses
+                pop(False)
+        for _ in range(max(0, free - (len(keys) - hits))):
+            pop(False)
+        self._d = d
+        return hits
 
 
 _MISSING = object()

@@ -47,22 +47,27 @@ class LRUPolicy(EvictionPolicy):
 
     def access_many(self, keys: Iterable[int]) -> int:
         keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        free = self.capacity - len(self._d)
         if self.capacity == 0:
             return 0
-        d = self._d
+        # Pad the free slots with placeholder keys (negative: never real keys) at the LRU end,
+        # so every miss is exactly "insert + pop oldest" with no size check in the loop.
+        d: OrderedDict[int, None] = OrderedDict.fromkeys(range(-free, 0))
+        d.update(self._d)
         move = d.move_to_end
         pop = d.popitem
-        free = self.capacity - len(d)
-        misses = 0
+        hits = 0
         for k in keys:
             if k in d:
                 move(k)
+                hits += 1
             else:
                 d[k] = None
-                misses += 1
-                if misses > free:
-                    pop(False)
-        return len(keys) - misses
+                pop(False)
+        for _ in range(max(0, free - (len(keys) - hits))):  # unused placeholders, oldest first
+            pop(False)
+        self._d = d
+        return hits
 
 
 _MISSING = object()
