@@ -53,12 +53,15 @@ def _pieces(width: int, size: int) -> list[tuple[int, np.ndarray]]:
     return pieces
 
 
-def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None,
+                    scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode rows of non-negative ints as JSON arrays.
 
     ``values`` is either a 2-D array (every row the same length) or a flat array split into
     rows by ``row_starts`` (length rows + 1, ascending). Rows must be non-empty. Returns
-    ``(buffer, lo, hi)``: row i's JSON text is ``buffer[lo[i]:hi[i]]`` (a uint8 array).
+    ``(buffer, lo, hi)``: row i's JSON text is ``buffer[lo[i]:hi[i]]`` (a uint8 array). A large
+    enough uint8 ``scratch`` array is reused for the buffer (pass the previous result's
+    ``.base`` to avoid fresh allocations on every call).
     """
     values = np.asarray(values)
     if values.ndim == 2:
@@ -96,7 +99,11 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None) ->
         keep = np.ones(n_slots, dtype=bool)
         keep[first_slot - 1] = False
         src[keep] = values
-    buf = np.empty(n_slots * width + 8, dtype=np.uint8)
+    need = n_slots * width + 8
+    if scratch is not None and scratch.dtype == np.uint8 and scratch.ndim == 1 and len(scratch) >= need:
+        buf = scratch[:need]
+    else:
+        buf = np.empty(max(need, int(need * 1.25)), dtype=np.uint8)[:need]
     for off, table in pieces:
         if counts is None:
             dst = np.ndarray((n_rows, k), dtype=table.dtype, buffer=buf, offset=width + off,

@@ -76,9 +76,11 @@ def _take_rows(flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> tuple[
 
 
 def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_prefix: np.ndarray,
-                       scores: np.ndarray | None = None, keep_scores: bool = False) -> StepStats:
+                       scores: np.ndarray | None = None, keep_scores: bool = False,
+                       in_place: bool = False) -> StepStats:
     """Points A and B for rows of top-k indices [R, K] of one decode step (``seq_len`` =
-    ``step_idx + 1``); ``n_prefix[r]`` is the number of prefix blocks of row r's request."""
+    ``step_idx + 1``); ``n_prefix[r]`` is the number of prefix blocks of row r's request.
+    ``in_place`` lets the sort reuse ``positions`` (a scratch buffer of the caller)."""
     p = np.asarray(positions)
     if p.ndim != 2 or p.shape[1] == 0:
         raise ValueError(f"top-k indices must be a non-empty [rows, K] array, got shape {list(p.shape)}")
@@ -91,7 +93,11 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
                          f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
     dtype = np.int32 if seq_len < 2**31 else np.int64
     if scores is None:
-        s = np.sort(p.astype(dtype, copy=False), axis=1)
+        if in_place and p.dtype == dtype and p.flags.c_contiguous and p.flags.writeable:
+            p.sort(axis=1)
+            s = p
+        else:
+            s = np.sort(p.astype(dtype, copy=False), axis=1)
         sc = None
     else:
         order = np.argsort(p, axis=1, kind="stable")

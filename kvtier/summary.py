@@ -35,12 +35,13 @@ class SummaryBuilder:
         self._hot: dict[str, np.ndarray] = {}
 
     def add(self, request_ids: Sequence[str], unique_blocks: np.ndarray, block_counts: np.ndarray,
-            offsets: np.ndarray, ratios: np.ndarray, prefix_rows: np.ndarray,
-            prefix_blocks: np.ndarray) -> None:
+            offsets: np.ndarray | None, ratios: np.ndarray, prefix_rows: np.ndarray,
+            prefix_blocks: np.ndarray, offset_hist: np.ndarray | None = None) -> None:
         """Add records, one per entry of ``request_ids``.
 
         ``block_counts``: selected tokens of every touched block of these records (flat);
-        ``offsets``: every unique offset (flat); ``prefix_rows``/``prefix_blocks``: one entry
+        ``offsets``: every unique offset (flat), or their histogram as ``offset_hist``;
+        ``prefix_rows``/``prefix_blocks``: one entry
         per touched prefix block, the record's index into ``request_ids`` and the block id.
         """
         n = len(request_ids)
@@ -49,7 +50,9 @@ class SummaryBuilder:
         self.records += n
         self._unique = add_hist(self._unique, np.bincount(unique_blocks))
         self._tpb = add_hist(self._tpb, np.bincount(block_counts))
-        self._offsets = add_hist(self._offsets, np.bincount(offsets))
+        if offset_hist is None:
+            offset_hist = np.bincount(offsets)
+        self._offsets = add_hist(self._offsets, offset_hist)
         self._ratios.append(np.asarray(ratios, dtype=np.float64))
         for rid in dict.fromkeys(request_ids):
             self._hot.setdefault(rid, np.zeros(0, np.int64))

@@ -147,6 +147,9 @@ class Tracer:
         self._active: np.ndarray | None = None
         self._layers: list[_Layer] = []
         self._pinned: dict[tuple, Any] = {}
+        self._ibuf: np.ndarray | None = None
+        self._pos_scratch = np.zeros(0, np.uint8)
+        self._blk_scratch = np.zeros(0, np.uint8)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -200,23 +203,59 @@ class Tracer:
             return
         if self._step is None:
             raise RuntimeError("on_topk called outside start_step/end_step")
-        event = None
+        slot = len(self._layers)
         if _is_torch(indices) and indices.is_cuda:
-            indices, event = self._to_pinned(len(self._layers), "i", indices)
+            pinned, event = self._to_pinned(slot, "i", indices)
+            sc = None
             if scores is not None:
-                scores, event = self._to_pinned(len(self._layers), "s", scores)
-        else:
-            indices = self._host_copy(indices)
-            scores = None if scores is None else self._host_copy(scores)
-        self._layers.append(_Layer(int(layer_id), indices, scores, event))
+                sc, event = self._to_pinned(slot, "s", scores)
+            self._layers.append(_Layer(int(layer_id), pinned, sc, event))
+            return
+        arr = self._numpy(indices)
+        self._check_shape(layer_id, arr)
+        self._store_indices(slot, layer_id, arr)
+        if scores is not None:
+            scores = np.array(self._numpy(scores), dtype=np.float64, copy=True)
+        self._layers.append(_Layer(int(layer_id), None, scores, None))
 
-    def _host_copy(self, x: Any) -> np.ndarray:
+    @staticmethod
+    def _numpy(x: Any) -> np.ndarray:
         if _is_torch(x):
             x = x.detach()
             if x.dtype.is_floating_point and x.element_size() < 4:
                 x = x.float()
-            x = x.numpy()
-        return np.array(x, copy=True)
+            return x.numpy()
+        return np.asarray(x)
+
+    def _check_shape(self, layer_id: int, arr: np.ndarray) -> None:
+        n_batch = len(self._request_ids)
+        if arr.ndim != 2 or arr.shape[0] != n_batch or arr.shape[1] == 0:
+            raise ValueError(f"layer {layer_id}: indices must have shape [{n_batch}, K] with K > 0, "
+                             f"got {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"layer {layer_id}: indices must be integers, got {arr.dtype}")
+
+    def _store_indices(self, slot: int, layer_id: int, arr: np.ndarray) -> None:
+        """Copy one layer into the step's [layers, B, K] buffer (int32 while positions fit),
+        checking the range first so the narrowing copy cannot wrap a bad index."""
+        assert self._step is not None
+        seq_len = self._step + 1
+        amax = int(arr.max())
+        if amax >= seq_len:
+            raise ValueError(f"layer {layer_id}: selected position {amax} >= seq_len_current {seq_len} "
+                             f"(a decode step at start_pos {self._step} sees positions 0..{self._step})")
+        dtype = np.int32 if seq_len < 2**31 else np.int64
+        buf = self._ibuf
+        if (buf is None or buf.dtype != dtype or buf.shape[1:] != arr.shape
+                or buf.shape[0] <= slot):
+            if slot > 0 and buf is not None and buf.shape[1:] != arr.shape:
+                raise ValueError(f"layer {layer_id}: indices shape {list(arr.shape)} differs from "
+                                 f"the step's first layer {list(buf.shape[1:])}")
+            grown = np.empty((max(2 * slot, 8), *arr.shape), dtype=dtype)
+            if slot and buf is not None:
+                grown[:slot] = buf[:slot]
+            self._ibuf = buf = grown
+        np.copyto(buf[slot], arr, casting="unsafe")
 
     def _to_pinned(self, slot: int, kind: str, x: Any) -> tuple[Any, Any]:
         import torch  # only reached with a CUDA tensor, so torch is already imported
@@ -231,15 +270,6 @@ class Tracer:
         event.record()
         return buf, event
 
-    def _host_array(self, x: Any, event: Any) -> np.ndarray:
-        if event is not None:
-            event.synchronize()
-        if _is_torch(x):
-            if x.dtype.is_floating_point and x.element_size() < 4:
-                return x.float().numpy()
-            return x.numpy()
-        return x
-
     # ------------------------------------------------------------------ the step
     def end_step(self, wall_time_s: float | None) -> None:
         """After the forward: build all records of the step, point C, and write them."""
@@ -248,47 +278,44 @@ class Tracer:
         if self._step is None:
             raise RuntimeError("end_step without start_step")
         step, layers, active = self._step, self._layers, self._active
-        self._step, self._layers = None, []
         if not layers:
+            self._step = None
             return
-        assert active is not None
+        for slot, lay in enumerate(layers):  # CUDA layers: wait for their copies now
+            if lay.event is not None:
+                lay.event.synchronize()
+                arr = self._numpy(lay.indices)
+                self._check_shape(lay.layer_id, arr)
+                self._store_indices(slot, lay.layer_id, arr)
+                if lay.scores is not None:
+                    lay.scores = np.array(self._numpy(lay.scores), dtype=np.float64, copy=True)
+        self._step, self._layers = None, []
+        assert active is not None and self._ibuf is not None
         rows = np.flatnonzero(active)
         if len(rows) == 0:
             return
         n_batch = len(self._request_ids)
-        idx_list, score_list = [], []
-        for lay in layers:
-            idx = self._host_array(lay.indices, lay.event)
-            if idx.ndim != 2 or idx.shape[0] != n_batch:
-                raise ValueError(f"layer {lay.layer_id}: indices must have shape [{n_batch}, K], "
-                                 f"got {list(idx.shape)}")
-            idx_list.append(idx)
-            if lay.scores is not None:
-                sc = self._host_array(lay.scores, None)
-                if sc.shape != idx.shape:
-                    raise ValueError(f"layer {lay.layer_id}: scores shape {list(sc.shape)} != "
-                                     f"indices shape {list(idx.shape)}")
-                score_list.append(sc)
-        if score_list and len(score_list) != len(layers):
-            raise ValueError("scores must be given for every layer of a step or for none")
         n_layers = len(layers)
+        with_scores = [lay.scores is not None for lay in layers]
+        if any(with_scores) and not all(with_scores):
+            raise ValueError("scores must be given for every layer of a step or for none")
+        k = self._ibuf.shape[2]
         all_rows = len(rows) == n_batch
-        idx3 = np.stack(idx_list) if n_layers > 1 else idx_list[0][None]
-        if not all_rows:
-            idx3 = idx3[:, rows]
-        k = idx3.shape[2]
-        positions = idx3.reshape(-1, k)
+        idx3 = self._ibuf[:n_layers]
+        positions = idx3.reshape(-1, k) if all_rows else idx3[:, rows].reshape(-1, k)
         scores2 = None
-        if score_list:
-            sc3 = np.stack(score_list)
-            if not all_rows:
-                sc3 = sc3[:, rows]
-            scores2 = sc3.reshape(-1, k)
+        if with_scores[0]:
+            for lay in layers:
+                if lay.scores.shape != (n_batch, k):
+                    raise ValueError(f"layer {lay.layer_id}: scores shape {list(lay.scores.shape)} "
+                                     f"!= indices shape {[n_batch, k]}")
+            sc3 = np.stack([lay.scores for lay in layers])
+            scores2 = (sc3 if all_rows else sc3[:, rows]).reshape(-1, k)
         n_rows = len(rows)
         req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
         stats = compute_step_stats(positions, step + 1, self.settings.kv_block_size,
                                    self._n_prefix[req_rows], scores2,
-                                   keep_scores=self.settings.store_scores)
+                                   keep_scores=self.settings.store_scores, in_place=True)
         # sampling: per (request, step), identical for every layer
         if self.settings.sample_rate < 1.0:
             keep_row = sample_uniform(self._sample_keys[rows], step) < self.settings.sample_rate
@@ -321,17 +348,21 @@ class Tracer:
         n_rows = len(rows)
         sel = np.flatnonzero(keep)
         sub = st if len(sel) == len(keep) else st.subset(sel)
-        pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d if sub.positions_2d is not None
-                                                  else sub.positions, None if sub.positions_2d is not None
-                                                  else sub.row_starts)
-        blk_buf, blk_lo, blk_hi = encode_int_rows(sub.block_ids, sub.block_starts)
+        if sub.positions_2d is not None:
+            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d, None, self._pos_scratch)
+        else:
+            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions, sub.row_starts, self._pos_scratch)
+        blk_buf, blk_lo, blk_hi = encode_int_rows(sub.block_ids, sub.block_starts, self._blk_scratch)
+        self._pos_scratch, self._blk_scratch = pos_buf.base if pos_buf.base is not None else pos_buf, \
+            blk_buf.base if blk_buf.base is not None else blk_buf
         pos_mv, blk_mv = memoryview(pos_buf), memoryview(blk_buf)
         # summary (only what is written, so `kvtier summarize` sees the same records)
         rec_ids = [ids[i % n_rows] for i in sel]
         prefix_rows, prefix_blocks = sub.prefix_touches()
         end = step + 1
-        self.builder.add(rec_ids, sub.unique_blocks, sub.block_counts, (end - 1) - sub.positions,
-                         sub.ratio, prefix_rows, prefix_blocks)
+        self.builder.add(rec_ids, sub.unique_blocks, sub.block_counts, None,
+                         sub.ratio, prefix_rows, prefix_blocks,
+                         offset_hist=np.bincount(sub.positions, minlength=end)[::-1])
         # python scalars for the per-record structs
         unique = sub.unique_blocks.tolist()
         n_unique_tok = np.diff(sub.row_starts).tolist()
@@ -345,7 +376,7 @@ class Tracer:
         else:
             smin = None
         store = self.settings.store_scores and sub.scores is not None
-        out = bytearray()
+        recs = []
         enc = self._encoder
         bs = self.settings.kv_block_size
         for j, i in enumerate(sel.tolist()):
@@ -364,9 +395,8 @@ class Tracer:
             if store:
                 s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
                 rec.scores_topk = sub.scores[s0:s1].tolist()
-            enc.encode_into(rec, out, -1)
-            out += b"\n"
-        self.writer.write(out, len(sel))
+            recs.append(rec)
+        self.writer.write(enc.encode_lines(recs), len(recs))
 
     def end_batch(self) -> None:
         """The batch's requests finished: ``backend.release`` each."""

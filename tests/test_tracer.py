@@ -190,13 +190,16 @@ def test_bad_input_fails_clearly(tmp_path):
     tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d", kv_bytes_per_token=1)
     tr.begin_batch(["a", "b"], [[1, 2, 3], [4, 5]])
     tr.start_step(3)
-    tr.on_topk(0, np.array([[0, 4], [1, 2]]))
-    with pytest.raises(ValueError, match="selected position 4 >= seq_len_current 4"):
-        tr.end_step(0.1)
-    tr.start_step(3)
-    tr.on_topk(0, np.array([[0, 1, 2]]))
-    with pytest.raises(ValueError, match="shape"):
-        tr.end_step(0.1)
+    with pytest.raises(ValueError, match="layer 0: selected position 4 >= seq_len_current 4"):
+        tr.on_topk(0, np.array([[0, 4], [1, 2]]))
+    with pytest.raises(ValueError, match="layer 1: indices must have shape"):
+        tr.on_topk(1, np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="integers"):
+        tr.on_topk(1, np.array([[0.0], [1.0]]))
+    tr.on_topk(2, np.array([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="differs from the step's first layer"):
+        tr.on_topk(3, np.array([[0, 1, 2], [1, 2, 3]]))
+    tr.end_step(0.1)
     with pytest.raises(ValueError, match="already traced"):
         tr.begin_batch(["a"], [[1]])
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
