@@ -106,17 +106,23 @@ def main() -> int:
         "--dense-repeats", type=int, default=8, help="masked-dense decode steps timed (baseline)"
     )
     ap.add_argument("--seed", type=int, default=0, help="weight and token seed")
+    ap.add_argument("--config", default="671B_v3.2", help="builtin config: 671B_v3.2, demo or tiny")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     ap.add_argument("--small", action="store_true", help="tiny config on CPU (smoke run)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     opts = ap.parse_args()
 
-    torch.set_default_dtype(torch.bfloat16)  # as the reference generate.py
     if opts.small:
-        torch.set_num_threads(1)
-        cfg = ModelArgs.builtin("tiny")
-        opts.device, opts.context, opts.steps = "cpu", min(opts.context, 100), min(opts.steps, 8)
+        opts.config, opts.device = "tiny", "cpu"
+        opts.context, opts.steps = min(opts.context, 100), min(opts.steps, 8)
+    if opts.config == "671B_v3.2":
+        cfg = ModelArgs.builtin(opts.config, n_layers=opts.layers, n_dense_layers=opts.dense_layers)
     else:
-        cfg = ModelArgs.builtin("671B_v3.2", n_layers=opts.layers, n_dense_layers=opts.dense_layers)
+        cfg = ModelArgs.builtin(opts.config)
+    # bf16 as the reference generate.py, fp32 for fp32 configs (the CPU demo)
+    torch.set_default_dtype(torch.float32 if cfg.dtype == "fp32" else torch.bfloat16)
+    if opts.device == "cpu":
+        torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     tokens = torch.randint(0, cfg.vocab_size, (1, opts.context + opts.steps), device=opts.device)
 
@@ -148,22 +154,23 @@ def main() -> int:
         ]
     )  # [steps, layers]
     rel = ((la - lb).norm(dim=-1) / lb.norm(dim=-1)).flatten()
+    sparse = statistics.median(sparse_ms[2:] or sparse_ms)
+    dense = statistics.median(dense_ms[1:] or dense_ms) if dense_ms else float("nan")
     res = {
         "device": torch.cuda.get_device_name() if opts.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "config": {
             k: getattr(cfg, k)
-            for k in ("n_layers", "n_dense_layers", "dim", "index_topk", "max_seq_len")
+            for k in ("n_layers", "n_dense_layers", "dim", "index_topk", "max_seq_len", "dtype")
         },
         "context": opts.context,
         "steps": opts.steps,
         "build_s": round(build_s, 2),
         "weights_mem_gib": round(mem_gib, 2),
         "prefill_s": round(prefill_s, 3),
-        "decode_sparse_ms_median": round(statistics.median(sparse_ms[2:] or sparse_ms), 3),
-        "decode_dense_ms_median": round(statistics.median(dense_ms[1:] or dense_ms), 3)
-        if dense_ms
-        else None,
+        "decode_sparse_ms_median": round(sparse, 3),
+        "decode_dense_ms_median": round(dense, 3) if dense_ms else None,
+        "dense_over_sparse": round(dense / sparse, 3) if dense_ms else None,
         "decode_exact_ms_median": round(statistics.median(exact_ms[2:] or exact_ms), 3),
         "topk_overlap_mean": round(float(overlap.mean()), 4),
         "topk_overlap_min": round(float(overlap.min()), 4),
