@@ -74,8 +74,9 @@ def _trace_settings(args: argparse.Namespace) -> Any:
         raise RunError(str(exc)) from None
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Run ``kvtier run`` for parsed ``args``; returns the exit status."""
+def launch(args: argparse.Namespace, bundle: Any = None) -> int:
+    """Run ``kvtier run`` for parsed ``args``; returns the exit status. ``bundle``: an
+    already loaded model to use instead of ``--ckpt-path``/``--config`` (tests, the demo)."""
     from kvtier.runners.datasets import DatasetFormatError, DatasetNotFound
 
     if args.data_dir:
@@ -93,10 +94,11 @@ def launch(args: argparse.Namespace) -> int:
     out_dir = _out_dir(args, dataset)
     if args.model_free:
         return _model_free(args, workload, dataset, out_dir)
-    return _live(args, workload, dataset, out_dir, settings)
+    return _live(args, workload, dataset, out_dir, settings, bundle)
 
 
-def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, settings: Any) -> int:
+def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, settings: Any,
+          bundle: Any = None) -> int:  # fmt: skip
     from kvtier.model.args import ConfigError
     from kvtier.runners.model_setup import load_model
     from kvtier.runners.run import RunOptions, execute
@@ -112,8 +114,9 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
                "arrivals": args.arrivals, "argv": sys.argv[1:]},
     )  # fmt: skip
     try:
-        bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=args.seed,
-                            max_batch_size=args.batch_size, max_seq_len=args.max_seq_len)  # fmt: skip
+        if bundle is None:
+            bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=args.seed,
+                                max_batch_size=args.batch_size, max_seq_len=args.max_seq_len)  # fmt: skip
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise RunError(str(exc)) from None
     if args.batch_size > bundle.args.max_batch_size:

@@ -45,9 +45,9 @@ class Completed:
 
 def arrival_times(items: Sequence[Prepared], time_scale: float) -> np.ndarray:
     """Arrival of each item on the virtual clock: trace seconds from the first request,
-    multiplied by ``time_scale`` (< 1 compresses the trace, > 1 stretches it)."""
-    if not time_scale > 0:
-        raise ValueError(f"time_scale must be > 0, got {time_scale}")
+    multiplied by ``time_scale`` (< 1 compresses the trace, 0 = all at once)."""
+    if not 0 <= time_scale < float("inf"):
+        raise ValueError(f"--time-scale must be a finite number >= 0, got {time_scale}")
     raw = np.array([it.request.arrival_s or 0.0 for it in items], dtype=np.float64)
     if raw.size == 0:
         return raw
