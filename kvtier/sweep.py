@@ -20,7 +20,7 @@ import numpy as np
 
 from kvtier.access import AccessStream, BlockStream, read_access_stream, rebucket
 from kvtier.cachesim import simulate
-from kvtier.policies.registry import load_policy
+from kvtier.tiers.specs import eviction_factory
 
 COLUMNS = (
     "block_size", "policy", "capacity_spec", "capacity_blocks", "working_set", "accesses",
@@ -76,6 +76,22 @@ def parse_list(text: str, item: Callable[[str], object], flag: str) -> list:
     return out
 
 
+def split_policies(text: str) -> list[str]:
+    """Split ``--policies``: commas separate policies, except inside a policy's ``:k=v,k=v``
+    arguments (a part with ``=`` and no ``:`` continues the previous spec)."""
+    out: list[str] = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        if out and "=" in part and ":" not in part and "=" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    if not out:
+        raise ValueError("--policies: empty list")
+    return out
+
+
 def parse_block_size(text: str) -> int:
     try:
         v = int(text)
@@ -115,7 +131,7 @@ def run_cell(block_size: int, policy: str, cap: CapacitySpec) -> dict:
     """One grid cell -> one table row."""
     bs, ws = _block_stream(block_size)
     capacity = cap.resolve(ws)
-    res = simulate(load_policy(policy)(capacity), bs)
+    res = simulate(eviction_factory(policy)(capacity), bs)
     return {
         "block_size": block_size, "policy": policy, "capacity_spec": cap.text,
         "capacity_blocks": capacity, "working_set": ws, "accesses": res.accesses,
@@ -141,7 +157,7 @@ def run_sweep(trace: str | Path, policies: Sequence[str], capacities: Sequence[C
     A failing cell is reported in ``errors`` and the other cells still complete."""
     global _STREAM, _TRACE
     for p in policies:
-        load_policy(p)  # fail at start on an unknown policy
+        eviction_factory(p)  # fail at start on an unknown policy or bad arguments
     _STREAM = read_access_stream(trace)  # fail at start on a bad trace; inherited on fork
     _TRACE = str(trace)
     _BLOCKS.clear()

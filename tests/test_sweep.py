@@ -13,7 +13,7 @@ from kvtier.access import read_access_stream, rebucket
 from kvtier.accessgen import SynthConfig, synth_stream, write_trace
 from kvtier.cachesim import lru_mrc, simulate
 from kvtier.cli import main
-from kvtier.sweep import CapacitySpec, parse_capacity
+from kvtier.sweep import CapacitySpec, parse_capacity, split_policies
 
 CFG = SynthConfig(requests=2, layers=3, steps=10, prompt_len=600, prompt_jitter=100, topk=96,
                   block_size=16)
@@ -24,6 +24,26 @@ def trace(tmp_path_factory):
     d = tmp_path_factory.mktemp("trace")
     write_trace(synth_stream(CFG), d)
     return d
+
+
+def test_split_policies():
+    assert split_policies("lru, fifo") == ["lru", "fifo"]
+    assert split_policies("lru,dsa_aware:half_life=8,window_tokens=128,m.p:C,f.py:D:x=1,y=2") == [
+        "lru", "dsa_aware:half_life=8,window_tokens=128", "m.p:C", "f.py:D:x=1,y=2"]
+
+
+def test_sweep_policy_arguments(trace, tmp_path):
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--policies",
+                 "dsa_aware,dsa_aware:half_life=1,admission=false", "--capacities", "48",
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["policy"] for r in rows] == ["dsa_aware", "dsa_aware:half_life=1,admission=false"]
+    bs = rebucket(read_access_stream(trace), 16)
+    from kvtier.policies.dsa_aware import DSAAwarePolicy
+
+    assert int(rows[1]["hits"]) == simulate(DSAAwarePolicy(48, half_life=1, admission=False),
+                                            bs).hits
 
 
 def test_parse_capacity():
@@ -88,7 +108,9 @@ def test_sweep_user_policy_file(trace, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--policies", "lru,bogus"], "--policies: unknown eviction policy 'bogus'; known:"),
+    (["--policies", "lru,bogus"], "unknown eviction policy 'bogus'; known: arc, belady"),
+    (["--policies", "dsa_aware:half_life=-1"], "half_life must be > 0"),
+    (["--policies", "lru:nonsense=1"], "--policies: eviction policy 'lru:nonsense=1'"),
     (["--capacities", "12x"], "--capacities: capacity '12x'"),
     (["--block-sizes", "16,0"], "--block-sizes: block size 0 must be > 0"),
     (["--jobs", "0"], "--jobs: must be >= 1"),

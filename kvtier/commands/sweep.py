@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trace directory (trace_steps.jsonl, shards, or trace_steps.parquet)")
     p.add_argument("--policies", default="lru,fifo,lfu,arc,s3fifo,belady",
                    help="comma-separated eviction policies: built-in names, module:Class, "
-                        "file.py:Class or entry points (default: %(default)s)")
+                        "file.py:Class or entry points, each optionally with :k=v,k=v "
+                        "constructor arguments (default: %(default)s)")
     p.add_argument("--capacities", default="64,256,1k,4k",
                    help="comma-separated capacities in blocks (256, 1k = 1024) or fractions of "
                         "the working set at that block size (0.1, 25%%) (default: %(default)s)")
@@ -38,11 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvtier.access import TraceReadError, read_access_stream
     from kvtier.cli import CLIError
-    from kvtier.policies.registry import PolicyNotFound, load_policy
-    from kvtier.sweep import parse_block_size, parse_capacity, parse_list, run_sweep, write_table
+    from kvtier.sweep import (
+        parse_block_size,
+        parse_capacity,
+        parse_list,
+        run_sweep,
+        split_policies,
+        write_table,
+    )
+    from kvtier.tiers.specs import PolicySpecError, eviction_factory
 
     try:
-        policies = parse_list(args.policies, str, "--policies")
+        policies = split_policies(args.policies)
         caps = parse_list(args.capacities, parse_capacity, "--capacities")
         block_sizes = (parse_list(args.block_sizes, parse_block_size, "--block-sizes")
                        if args.block_sizes else None)
@@ -52,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--jobs: must be >= 1, got {args.jobs}")
     try:
         for pol in policies:
-            load_policy(pol)
-    except PolicyNotFound as exc:
+            eviction_factory(pol)
+    except PolicySpecError as exc:
         raise CLIError(f"--policies: {exc}") from None
     out = Path(args.out)
     parquet = Path(args.parquet) if args.parquet else out.with_suffix(".parquet")
