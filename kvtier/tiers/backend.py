@@ -21,7 +21,10 @@ Model (docs/TIERS.md has the full version):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from itertools import compress, islice, repeat
+from operator import not_
 
 import msgspec
 import numpy as np
@@ -37,6 +40,33 @@ from kvtier.tiers.recompute import ModelDims, fetch_vs_recompute
 from kvtier.tiers.specs import eviction_factory, make_migration, make_placement, make_prefetch
 
 _UNSERVED = 3
+
+
+def _consume(it) -> None:
+    """Run an iterator of C calls to exhaustion without a Python-level loop."""
+    deque(it, maxlen=0)
+
+
+def _dict_batch(d, refresh: bool, cap: int, keys: list[int]) -> tuple[list[int], list[int]] | None:
+    """Access unique ``keys`` in order on an LRU (``refresh``) or FIFO OrderedDict of
+    ``cap`` entries with C-level calls: (misses, victims in eviction order), exactly what the
+    per-key loop gives, or None (nothing changed) when a key of the batch is among the
+    residents its own misses evict, where only the per-key loop is exact."""
+    present = list(map(d.__contains__, keys))
+    n_miss = present.count(False)
+    excess = len(d) + n_miss - cap
+    oldest = list(islice(d, excess)) if excess > 0 else []
+    if excess > len(oldest) or (oldest and not set(keys).isdisjoint(oldest)):
+        return None
+    miss = list(compress(keys, map(not_, present))) if n_miss else []
+    if refresh:  # every key ends at the MRU end, in batch order
+        _consume(map(d.pop, keys, repeat(None)))
+        d.update(dict.fromkeys(keys))
+    elif n_miss:
+        d.update(dict.fromkeys(miss))
+    if oldest:
+        _consume(map(d.pop, oldest))
+    return miss, oldest
 
 
 def _pcts(values: list[float]) -> dict:
@@ -326,20 +356,47 @@ class TieredBackend:
         free = {t.name: t.capacity - len(t.policy) for t in self.pools}
         plans = many(len(keys), names, free) if many is not None else None
         # (a full nearest tier that evicts keeps zero room, so later blocks still go there)
+        if plans is not None:
+            start = 0
+            while start < len(keys):  # runs of blocks with the same single target
+                target = plans[start]
+                end = start + 1
+                while end < len(keys) and plans[end] is target:
+                    end += 1
+                tname = target[0]
+                self._pool_insert_many(self.tiers[tname], keys[start:end])
+                self._queue_write(tname, sum(nbytes[start:end]), end - start)
+                start = end
+            return
         written: dict[str, list[int]] = {}
-        for i, (k, nb) in enumerate(zip(keys, nbytes, strict=True)):
-            if plans is None:
-                free = {t.name: t.capacity - len(t.policy) for t in self.pools}
-                targets = self.placement.place(k, names, free)
-            else:
-                targets = plans[i]
-            for tname in targets:
+        for k, nb in zip(keys, nbytes, strict=True):
+            free = {t.name: t.capacity - len(t.policy) for t in self.pools}
+            for tname in self.placement.place(k, names, free):
                 self._pool_insert(self.tiers[tname], k)
                 w = written.setdefault(tname, [0, 0])
                 w[0] += nb
                 w[1] += 1
         for tname, (nb, ops) in written.items():
             self._queue_write(tname, nb, ops)
+
+    def _pool_insert_many(self, tier: _Tier, keys: list[int]) -> None:
+        """``_pool_insert`` for unique keys in order (C-level for LRU/FIFO pools)."""
+        fast = self._fast_pool.get(tier.name)
+        if fast is None or fast[2] == 0 or len(set(keys)) != len(keys):
+            for k in keys:
+                self._pool_insert(tier, k)
+            return
+        d, refresh, cap = fast
+        done = _dict_batch(d, refresh, cap, keys)
+        if done is None:
+            for k in keys:
+                self._pool_insert(tier, k)
+            return
+        if len(d) > tier.peak:
+            tier.peak = len(d)
+        victims = done[1]
+        if victims:
+            self._pool_victims(tier, victims)
 
     def _pool_insert(self, tier: _Tier, key: int) -> None:
         fast = self._fast_pool.get(tier.name)
@@ -361,8 +418,12 @@ class TieredBackend:
             n = len(tier.policy)
             if n > tier.peak:
                 tier.peak = n
-        if not victims:
-            return
+        if victims:
+            self._pool_victims(tier, victims)
+
+    def _pool_victims(self, tier: _Tier, victims: list[int]) -> None:
+        """A pool's victims go to the next pool down (placement's ``demote_target``) or are
+        dropped."""
         tier.evictions += len(victims)
         demote = getattr(self.placement, "demote_target", None)
         target = demote(tier.name, self.pool_names) if demote else None
@@ -411,7 +472,7 @@ class TieredBackend:
         lost = victims
         for t in self.pools:  # blocks no pool holds (refilled after being dropped) go back down
             has = self._pool_ops[t.name][0]
-            lost = [v for v in lost if not has(v)]
+            lost = list(compress(lost, map(not_, map(has, lost))))
         if lost:
             self._store(lost, [self.block_bytes] * len(lost))
 
@@ -524,10 +585,10 @@ class TieredBackend:
             c = counts[i]
             c[0] = len(keys) - len(miss)
             if miss:
-                src = self._pool_lookup(miss, served)
-                c[1:] = [src.count(j) for j in range(1, n_tiers + 1)]
+                cnt, wsum = self._pool_lookup(miss, served, missing)
+                c[1:] = cnt[1:]
                 if missing is not None:
-                    sub_counts[i, 1:] = np.bincount(src, weights=missing, minlength=n_tiers + 1)[1:]
+                    sub_counts[i, 1:] = wsum[1:]
         n_hbm = len(hbm)
         if n_hbm > self.hbm.peak:
             self.hbm.peak = n_hbm
@@ -617,6 +678,11 @@ class TieredBackend:
             d, refresh, cap = fast
             if cap == 0:
                 return list(keys), []
+            done = _dict_batch(d, refresh, cap, keys)
+            if done is not None:
+                if len(d) > self.hbm.peak:
+                    self.hbm.peak = len(d)
+                return done
             pop = d.popitem
             if refresh:
                 move = d.move_to_end
@@ -694,32 +760,34 @@ class TieredBackend:
                 self.prefetch_useful += 1
         return waits
 
-    def _pool_lookup(self, miss: list[int], served: list[list[int]]) -> list[int]:
-        """Source tier number (1 local, 2 remote, 3 unserved) of each HBM miss; the pool that
-        serves a block sees it as an access (touch)."""
-        src = [_UNSERVED] * len(miss)
-        todo = miss
-        todo_idx = range(len(miss))
+    def _pool_lookup(self, miss: list[int], served: list[list[int]],
+                     weights: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """Blocks (and sub-block weights) each pool tier served for these HBM misses, nearest
+        first; the serving pool sees each as an access (touch). Index 3 = unserved."""
+        counts = [0, 0, 0, 0]
+        wsum = [0, 0, 0, 0]
+        todo, w = miss, weights
         for t in self.pools:
             if not todo:
                 break
             tier_no = TIER_NAMES.index(t.name)
             has, touch = self._pool_ops[t.name]
             found = list(map(has, todo))
-            if not any(found):
+            n = found.count(True)
+            if not n:
                 continue
-            rest, rest_idx = [], []
-            out = served[tier_no]
-            for k, j, f in zip(todo, todo_idx, found, strict=True):
-                if f:
-                    touch(k)
-                    src[j] = tier_no
-                    out.append(k)
-                else:
-                    rest.append(k)
-                    rest_idx.append(j)
-            todo, todo_idx = rest, rest_idx
-        return src
+            got = list(compress(todo, found))
+            _consume(map(touch, got))
+            served[tier_no].extend(got)
+            counts[tier_no] = n
+            if w is not None:
+                wsum[tier_no] = sum(compress(w, found))
+                w = list(compress(w, map(not_, found)))
+            todo = list(compress(todo, map(not_, found)))
+        counts[_UNSERVED] = len(todo)
+        if w is not None:
+            wsum[_UNSERVED] = sum(w)
+        return counts, wsum
 
     def _issue_prefetch(self, keys: np.ndarray) -> None:
         """Move predicted keys into HBM in the background, one batch per source tier."""
