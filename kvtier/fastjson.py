@@ -110,7 +110,7 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None,
                              strides=((k + 1) * width, width))
         else:
             dst = np.ndarray((n_slots,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
-        dst[...] = table[src]
+        dst[...] = np.take(table, src)
     np.ndarray((n_slots,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
     lo = first_slot * width - 1
     hi = (last_slot + 1) * width

@@ -27,11 +27,7 @@ from kvtier.schema import (
     EVENT_DSA_TOPK,
     SCHEMA_VERSION,
     SUMMARY_FILE,
-    PrefixInfo,
-    ScoresStats,
     Summary,
-    TokensPerBlock,
-    TopkRecord,
     TraceMeta,
 )
 from kvtier.settings import TraceSettings
@@ -80,6 +76,18 @@ def sample_uniform(keys: np.ndarray, step: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# The JSON text of a record around its two big int lists, in schema field order. Floats are
+# written with repr (the shortest round-trip form, as msgspec does); tests decode every line
+# with the msgspec schema and compare with msgspec's own encoding.
+_MID1 = (b',"layer_id":%d,"step_idx":%d,"seq_len_current":%d,"unique_token_pos_count":%d,'
+         b'"offset_min":%d,"offset_p50":%r,"offset_max":%d,"block_size_tokens":%d,'
+         b'"selected_block_ids":')
+_MID2 = (b',"unique_blocks":%d,"tokens_per_touched_block":{"mean":%r,"p50":%r,"p95":%r},'
+         b'"kv_fetch":%s,"prefix":{"prefix_cache_hit":%s,"prefix_cached_blocks":%d,'
+         b'"prefix_key":%s,"intersection_ratio":%r,"intersection_blocks":%d},'
+         b'"selected_token_pos":')
 
 
 class _Layer:
@@ -138,6 +146,10 @@ class Tracer:
         self.builder = SummaryBuilder(run_name, dataset, full_config)
         self.prefix = PrefixAnalyzer(settings.kv_block_size, settings.prefix_key_tokens)
         self._encoder = msgspec.json.Encoder()
+        enc = self._encoder
+        self._head = (b'{"event":"' + EVENT_DSA_TOPK.encode() + b'","run_name":' + enc.encode(run_name)
+                      + b',"dataset":' + enc.encode(dataset)
+                      + b',"rank":%d,"world_size":%d,"request_id":' % (rank, world_size))
         self._seen_requests: set[str] = set()
         self._request_ids: list[str] = []
         self._prefix_states: list[PrefixState] = []
@@ -376,27 +388,42 @@ class Tracer:
         else:
             smin = None
         store = self.settings.store_scores and sub.scores is not None
-        recs = []
         enc = self._encoder
+        head = self._head
+        layer_ids = [lay.layer_id for lay in layers]
+        # per request row: its JSON id and its prefix facts (identical for every layer)
+        row_head = []
+        row_prefix = []
+        for r in rows.tolist():
+            pstate = self._prefix_states[r]
+            row_head.append(head + enc.encode(self._request_ids[r]))
+            key = b"null" if pstate.key is None else b'"%s"' % pstate.key.encode()
+            row_prefix.append((b"true" if pstate.cache_hit else b"false", pstate.cached_blocks, key))
         bs = self.settings.kv_block_size
+        pieces: list = []
+        add = pieces.extend
         for j, i in enumerate(sel.tolist()):
             li, r = divmod(i, n_rows)
-            rid = ids[r]
-            pstate = self._prefix_states[rows[r]]
-            pinfo = PrefixInfo(pstate.cache_hit, pstate.cached_blocks, pstate.key, ratio[j], inter[j])
-            rec = TopkRecord(
-                EVENT_DSA_TOPK, self.run_name, self.dataset, self.rank, self.world_size, rid,
-                layers[li].layer_id, step, end, n_unique_tok[j], off_min[j], off_p50[j],
-                off_max[j], bs, msgspec.Raw(blk_mv[blk_lo[j]:blk_hi[j]]), unique[j],
-                TokensPerBlock(tpb_mean[j], tpb_p50[j], tpb_p95[j]), fetches[i], pinfo,
-                msgspec.Raw(pos_mv[pos_lo[j]:pos_hi[j]]),
-                None if smin is None else ScoresStats(smin[j], smean[j], smax[j]),
-            )
-            if store:
-                s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
-                rec.scores_topk = sub.scores[s0:s1].tolist()
-            recs.append(rec)
-        self.writer.write(enc.encode_lines(recs), len(recs))
+            hit, cached, key = row_prefix[r]
+            if smin is None:
+                tail = b',"scores_stats":null}\n'
+            else:
+                tail = b',"scores_stats":{"min":%r,"mean":%r,"max":%r}' % (smin[j], smean[j], smax[j])
+                if store:
+                    s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
+                    tail += b',"scores_topk":' + enc.encode(sub.scores[s0:s1].tolist())
+                tail += b"}\n"
+            add((
+                row_head[r],
+                _MID1 % (layer_ids[li], step, end, n_unique_tok[j], off_min[j], off_p50[j],
+                         off_max[j], bs),
+                blk_mv[blk_lo[j]:blk_hi[j]],
+                _MID2 % (unique[j], tpb_mean[j], tpb_p50[j], tpb_p95[j], enc.encode(fetches[i]),
+                         hit, cached, key, ratio[j], inter[j]),
+                pos_mv[pos_lo[j]:pos_hi[j]],
+                tail,
+            ))
+        self.writer.write(b"".join(pieces), len(sel))
 
     def end_batch(self) -> None:
         """The batch's requests finished: ``backend.release`` each."""

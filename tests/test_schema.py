@@ -64,3 +64,20 @@ def test_meta_and_summary_round_trip(tmp_path):
     assert meta.config == s.config and meta.format == "jsonl"
     assert s.config["trace"]["kv_block_size"] == 16 and s.config["kv_bytes_per_token"] == 1284
     assert np.isfinite(s.unique_blocks.mean)
+
+
+def test_names_needing_json_escapes(tmp_path):
+    from kvtier.settings import TraceSettings
+    from kvtier.tracer import Tracer
+
+    rid, run, ds = 'q"\\1\u00e9\n', 'run "x"', "d\u2603"
+    with Tracer(TraceSettings(store_scores=True), tmp_path / "t", run_name=run, dataset=ds,
+                kv_bytes_per_token=1) as tr:
+        tr.begin_batch([rid], [[1, 2, 3]])
+        tr.start_step(3)
+        tr.on_topk(0, np.array([[3, 0]]), np.array([[1e-300, -2.5e16]]))
+        tr.end_step(1e-7)
+    (rec,) = iter_records(find_trace(tmp_path / "t"))
+    assert (rec.request_id, rec.run_name, rec.dataset) == (rid, run, ds)
+    assert rec.scores_topk == [-2.5e16, 1e-300]
+    assert rec.kv_fetch.hbm.latency_us == 1e-7 * 1e6
