@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,11 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
     return _live(args, workload, dataset, out_dir, settings, bundle)
 
 
+def _cli_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every parsed flag (the full config for run_meta.json)."""
+    return {k: v for k, v in sorted(vars(args).items()) if not callable(v)}
+
+
 def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, settings: Any,
           bundle: Any = None) -> int:  # fmt: skip
     from kvtier.model.args import ConfigError
@@ -110,8 +114,7 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         temperature=args.temperature, seed=args.seed, backend=args.backend, tiers=args.tiers,
         policy=args.policy, hbm_blocks=args.hbm_blocks, force=args.force,
         serving=args.dataset == "burstgpt", time_scale=args.time_scale,
-        extra={"ckpt_path": args.ckpt_path, "config": args.config, "data_dir": args.data_dir,
-               "arrivals": args.arrivals, "argv": sys.argv[1:]},
+        extra={"cli": _cli_flags(args)},
     )  # fmt: skip
     try:
         if bundle is None:
@@ -179,7 +182,7 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         else:
             requests.append(req)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"mode": "model_free", "cost_model": cost.to_dict(), "batch_size": args.batch_size,
+    config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace}  # fmt: skip
     try:
