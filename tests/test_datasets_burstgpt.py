@@ -48,6 +48,7 @@ def test_v11_layout_rows_and_skips(tmp_path):
                                 "negative_tokens": 1, "bad_timestamp": 1}
     assert len({r.request_id for r in wl.requests}) == 2
     assert wl.source["dataset_id"] == "lzzmm/BurstGPT" and len(wl.source["sha256"]) == 64
+    assert wl.source["revision"] is None  # a local file with no download record
 
 
 def test_v20_layout_read_by_name(tmp_path):

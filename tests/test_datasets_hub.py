@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from kvtier.runners.datasets import load_burstgpt
+from kvtier.runners.datasets.common import file_revision
 from kvtier.runners.datasets.hub import main
 
 
@@ -27,6 +28,9 @@ def test_file_download_goes_under_dest_and_prints_flag(tmp_path, monkeypatch, ca
         out = Path(local_dir) / filename
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(b"x")
+        meta = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
+        meta.parent.mkdir(parents=True)
+        meta.write_text("a" * 40 + "\netag\n1700000000.0\n")  # hf_hub_download's layout
         return str(out)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub",
@@ -38,6 +42,7 @@ def test_file_download_goes_under_dest_and_prints_flag(tmp_path, monkeypatch, ca
                       str(tmp_path / "hub"))]
     out = capsys.readouterr().out
     assert f"--ruler-tgz {want}" in out
+    assert file_revision(want) == "a" * 40
     assert os.environ["HF_HOME"] == str(tmp_path)
     assert os.environ["HF_DATASETS_CACHE"] == str(tmp_path / "datasets")
 
@@ -49,13 +54,26 @@ def test_burstgpt_export_loads(tmp_path, monkeypatch, capsys):
             Path(path).write_text("Timestamp,Model,Request tokens,Response tokens,"
                                   "Total tokens,Log Type\n5,GPT-4,10,2,12,API log\n")
 
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class FakeApi:
+        def dataset_info(self, repo, revision):
+            assert (repo, revision) == ("lzzmm/BurstGPT", None)
+            return types.SimpleNamespace(sha=commit)
+
+    def fake_load(repo, split, revision):
+        assert (repo, split, revision) == ("lzzmm/BurstGPT", "train", commit)
+        return FakeSplit()
+
     monkeypatch.setenv("DATAS_DIR", str(tmp_path))
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-        load_dataset=lambda repo, split, revision: FakeSplit()))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
     assert main(["burstgpt"]) == 0
     csv = tmp_path / "lzzmm__BurstGPT" / "burstgpt_train.csv"
     assert f"--burstgpt-csv {csv}" in capsys.readouterr().out
-    assert [r.prompt_len for r in load_burstgpt(tmp_path).requests] == [10]
+    wl = load_burstgpt(tmp_path)
+    assert [r.prompt_len for r in wl.requests] == [10]
+    assert wl.source["revision"] == commit  # provenance from the export's sidecar
 
 
 def test_failure_is_one_line(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ from kvtier.runners.datasets.common import (
     WRONG_TYPE,
     Bad,
     check_limit,
+    file_revision,
     has_bad_utf8,
     iter_jsonl,
     parse_count,
@@ -62,7 +63,7 @@ def load_mooncake(
         name="mooncake",
         requests=[],
         source={"dataset_id": "kvcache-ai/Mooncake FAST25-release/traces", "file": str(file),
-                "split": None, "revision": None, "sha256": sha256_file(file)},
+                "split": None, "revision": file_revision(file), "sha256": sha256_file(file)},
     )
     rows = tqdm(iter_jsonl(file), desc="mooncake", unit="row", disable=not progress)
     for lineno, row in rows:
@@ -152,7 +153,7 @@ def load_azure(
         name="azure",
         requests=[],
         source={"dataset_id": "Azure/AzurePublicDataset", "file": str(file), "split": None,
-                "revision": None, "sha256": sha256_file(file)},
+                "revision": file_revision(file), "sha256": sha256_file(file)},
     )
     stamps: list[int] = []
     with open(file, encoding="utf-8", errors="surrogateescape", newline="") as f:

@@ -23,6 +23,7 @@ from kvtier.runners.datasets.common import (
     MISSING_FIELD,
     Bad,
     check_limit,
+    file_revision,
     gc_paused,
     has_bad_utf8,
     parse_count,
@@ -94,7 +95,7 @@ def load_burstgpt(
         name="burstgpt",
         requests=[],
         source={"dataset_id": DATASET_ID, "file": str(file), "split": "train",
-                "revision": None, "sha256": sha256_file(file)},
+                "revision": file_revision(file), "sha256": sha256_file(file)},
     )
     names = _header(file)
     fast = None

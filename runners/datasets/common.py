@@ -128,6 +128,36 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: sidecar a download helper writes next to a file it exported (``{"revision": ...}``)
+SOURCE_SIDECAR = ".kvtier-source.json"
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+
+
+def file_revision(path: Path, max_up: int = 4) -> str | None:
+    """The hub commit a local file came from, if a download left a record of it.
+
+    Reads the sidecar ``<file>.kvtier-source.json`` (written by ``hub.py`` for exports), or
+    the ``.cache/huggingface/download/<file>.metadata`` that ``hf_hub_download(local_dir=)``
+    writes (first line: the commit hash). ``None`` for files from anywhere else.
+    """
+    path = Path(path)
+    sidecar = path.with_name(path.name + SOURCE_SIDECAR)
+    try:
+        if sidecar.is_file():
+            rev = json.loads(sidecar.read_text(encoding="utf-8")).get("revision")
+            return rev if isinstance(rev, str) and rev else None
+        for parent in list(path.parents)[:max_up]:
+            meta = (parent / ".cache" / "huggingface" / "download"
+                    / (path.relative_to(parent).as_posix() + ".metadata"))
+            if meta.is_file():
+                with open(meta, encoding="utf-8") as f:
+                    first = f.readline().strip()
+                return first if _HEX40.fullmatch(first) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def has_bad_utf8(obj: Any) -> bool:
     """True if a value decoded with ``surrogateescape`` carries undecodable bytes."""
     if isinstance(obj, str):

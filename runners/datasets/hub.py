@@ -12,13 +12,14 @@ so nothing lands in ``~/.cache``. Each download prints where the file went and t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvtier.runners.datasets.common import data_root
+from kvtier.runners.datasets.common import SOURCE_SIDECAR, data_root
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +72,19 @@ def download_burstgpt(revision: str | None = None, root: Path | None = None) -> 
     """Export ``lzzmm/BurstGPT`` split ``train`` to one CSV (columns keep their names)."""
     src = SOURCES["burstgpt"]
     root = hub_env(root)
-    from datasets import load_dataset  # after hub_env: it reads HF_* at import
+    from datasets import load_dataset  # after hub_env: they read HF_* at import
+    from huggingface_hub import HfApi
 
-    ds = load_dataset(src.repo_id, split="train", revision=revision)
+    commit = HfApi().dataset_info(src.repo_id, revision=revision).sha  # pin what we export
+    ds = load_dataset(src.repo_id, split="train", revision=commit or revision)
     out = local_dir(root, src.repo_id) / src.filename
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".csv.partial")
     ds.to_csv(str(tmp), index=False)
     tmp.replace(out)
+    sidecar = out.with_name(out.name + SOURCE_SIDECAR)  # read back by the loader's provenance
+    sidecar.write_text(json.dumps({"dataset_id": src.repo_id, "split": "train",
+                                   "revision": commit}) + "\n", encoding="utf-8")
     return out
 
 

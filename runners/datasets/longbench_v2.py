@@ -19,6 +19,7 @@ from kvtier.runners.datasets.common import (
     WRONG_TYPE,
     Bad,
     check_limit,
+    file_revision,
     iter_json_records,
     resolve_file,
     sha256_file,
@@ -112,7 +113,7 @@ def load_longbench_v2(
         name="longbench-v2",
         requests=[],
         source={"dataset_id": DATASET_ID, "file": str(file), "split": "train",
-                "revision": None, "sha256": sha256_file(file), "template": template,
+                "revision": file_revision(file), "sha256": sha256_file(file), "template": template,
                 "length_filter": length},
     )
     seen: dict[str, int] = {}

@@ -36,6 +36,7 @@ from kvtier.runners.datasets.common import (
     Bad,
     check_limit,
     data_root,
+    file_revision,
     iter_json_records,
     sha256_file,
 )
@@ -151,7 +152,7 @@ def _safe_members(tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], int]:
 def _extract(tgz: Path, extract_base: Path, wl: Workload) -> Path:
     """Extract ``tgz`` once (a marker holds its sha256) and return the extraction dir."""
     digest = sha256_file(tgz)
-    wl.source.update(file=str(tgz), sha256=digest)
+    wl.source.update(file=str(tgz), sha256=digest, revision=file_revision(tgz))
     dest = extract_base / _tar_stem(tgz.name)
     marker = dest / _MARKER
     if marker.is_file() and marker.read_text().split()[:1] == [digest]:

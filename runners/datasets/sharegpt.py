@@ -26,6 +26,7 @@ from kvtier.runners.datasets.common import (
     WRONG_TYPE,
     Bad,
     check_limit,
+    file_revision,
     iter_json_records,
     resolve_file,
     sha256_file,
@@ -76,7 +77,7 @@ def load_sharegpt(
     wl = Workload(
         name="sharegpt",
         requests=[],
-        source={"dataset_id": DATASET_ID, "file": str(file), "split": None, "revision": None,
+        source={"dataset_id": DATASET_ID, "file": str(file), "split": None, "revision": file_revision(file),
                 "sha256": sha256_file(file), "turn_mode": turn_mode},
     )
     seen: dict[str, int] = {}
