@@ -148,8 +148,9 @@ def torch_fp8_index(
     return out * k_s.unsqueeze(1)
 
 
-def torch_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Butterfly over strides 1, 2, ..., n/2 in fp32 (natural Sylvester order), scaled by n^-0.5."""
+def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of the last dim in fp32: the in-place butterfly
+    over strides 1, 2, ..., n/2 with (a, b) -> (a + b, a - b), natural Sylvester order."""
     n = x.size(-1)
     if n & (n - 1):
         raise ValueError(f"hadamard: last dim {n} is not a power of two")
@@ -161,7 +162,27 @@ def torch_hadamard(x: torch.Tensor) -> torch.Tensor:
         a, c = y[..., 0, :], y[..., 1, :]
         y = torch.stack((a + c, a - c), dim=-2)
         h *= 2
-    return (y.reshape(shape) * n**-0.5).to(torch.bfloat16)
+    return y.reshape(shape)
+
+
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
+    """``H_n / sqrt(n)`` in fp32 (the butterfly applied to the identity), cached per device."""
+    key = (n, device)
+    if key not in _HADAMARD:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            _HADAMARD[key] = hadamard_butterfly(torch.eye(n, device=device)) * n**-0.5
+    return _HADAMARD[key]
+
+
+def torch_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x · H_n / sqrt(n)`` in fp32 (one matmul with the symmetric Sylvester matrix), in bf16."""
+    n = x.size(-1)
+    if n & (n - 1):
+        raise ValueError(f"hadamard: last dim {n} is not a power of two")
+    return (x.float() @ _hadamard_matrix(n, x.device)).to(torch.bfloat16)
 
 
 @lru_cache(maxsize=1)

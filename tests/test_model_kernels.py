@@ -128,6 +128,12 @@ def test_hadamard_matches_sylvester_and_is_orthonormal(n):
     exact = kernels.torch_hadamard(torch.eye(n)).float().numpy()
     # bf16 holds ±1/sqrt(n) to 8 bits, so the matrix is orthonormal up to bf16 rounding
     np.testing.assert_allclose(exact @ exact.T, np.eye(n), atol=2e-2)
+    # the butterfly (unnormalised) equals the Sylvester matrix product
+    np.testing.assert_allclose(
+        kernels.hadamard_butterfly(x).double().numpy(),
+        x.double().numpy() @ _sylvester(n),
+        atol=1e-4,
+    )
     q, k = torch.randn(2, n, generator=g)
     dot = (kernels.torch_hadamard(q).double() * kernels.torch_hadamard(k).double()).sum()
     assert abs(dot.item() - (q.double() * k.double()).sum().item()) < 0.05 * n**0.5
