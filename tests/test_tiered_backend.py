@@ -536,3 +536,32 @@ def test_batched_placement_equals_per_block(local, remote, prompts):
     for name in ("local_pool", "remote_pool"):
         assert list(fast.tiers[name].policy.keys()) == list(slow.tiers[name].policy.keys())
     assert fast.summary()["tiers"] | {"_totals": None} == slow.summary()["tiers"] | {"_totals": None}
+
+
+@settings(max_examples=150, deadline=None)
+@given(cap=st.integers(1, 12), resident=st.lists(st.integers(0, 30), max_size=12, unique=True),
+       keys=st.lists(st.integers(0, 30), max_size=15, unique=True), refresh=st.booleans())
+def test_dict_batch_equals_the_per_key_loop(cap, resident, keys, refresh):
+    from kvtier.tiers.backend import _dict_batch
+
+    resident = resident[:cap]
+    ref = OrderedDict.fromkeys(resident)
+    miss, victims = [], []
+    for k in keys:
+        if k in ref:
+            if refresh:
+                ref.move_to_end(k)
+        else:
+            ref[k] = None
+            miss.append(k)
+            if len(ref) > cap:
+                victims.append(ref.popitem(last=False)[0])
+    d = OrderedDict.fromkeys(resident)
+    got = _dict_batch(d, refresh, cap, keys)
+    if got is None:  # declined (a batch key is among the oldest its misses evict): untouched
+        assert list(d) == resident
+        excess = len(resident) + sum(k not in resident for k in keys) - cap
+        assert excess > len(resident) or set(keys) & set(resident[:excess])
+    else:
+        assert got == (miss, victims)
+        assert list(d) == list(ref)
