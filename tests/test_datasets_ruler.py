@@ -23,6 +23,9 @@ FILES = {
     "data/ruler/niah_single_1/validation_4096.jsonl":
         "\n".join([row(0), row(1, answer_prefix=None), "{broken"]) + "\n",
     "data/ruler/niah_single_1/validation_8192.jsonl": row(2) + "\n",
+    "data/ruler/meta/config.json": json.dumps({"tasks": ["qa_1"], "seed": 42}, indent=2),
+    "data/ruler/vt/validation_4096.json": json.dumps(
+        {"input": "pretty row", "outputs": ["x"]}, indent=2),
     "data/ruler/qa_1/validation_4096.jsonl":
         "\n".join([row(3), json.dumps({"context": "C", "query": "Q?", "outputs": ["a"]}),
                    json.dumps({"input": 5}), json.dumps({"outputs": ["x"]}),
@@ -45,7 +48,7 @@ def make_tgz(path: Path, files: dict[str, str], evil: bool = False) -> Path:
         if evil:
             add(tar, "../escaped.jsonl", row(9).encode())
             add(tar, "/abs/escaped.jsonl", row(9).encode())
-            link = tarfile.TarInfo("data/ruler/vt/validation_4096.jsonl")
+            link = tarfile.TarInfo("data/ruler/cwe/validation_4096.jsonl")
             link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
             tar.addfile(link)
     return path
@@ -58,22 +61,24 @@ def test_tarball_rows_round_robin(tmp_path):
     ids = [r.request_id for r in wl.requests]
     # files sorted by (task, length), one row from each in turn
     assert ids == ["ruler-niah_single_1-4096-1", "ruler-niah_single_1-8192-1",
-                   "ruler-qa_1-4096-1", "ruler-niah_single_1-4096-2", "ruler-qa_1-4096-2"]
+                   "ruler-qa_1-4096-1", "ruler-vt-4096-1", "ruler-niah_single_1-4096-2",
+                   "ruler-qa_1-4096-2"]
     first = wl.requests[0]
     assert first.prompt == "haystack 0 question? Answer:"  # answer_prefix appended
     assert first.meta["task"] == "niah_single_1" and first.meta["length"] == 4096
     assert first.meta["outputs"] == ["v0"] and first.meta["row_length"] == 4000
-    assert wl.requests[3].prompt == "haystack 1 question?"  # no prefix on that row
-    assert wl.requests[4].prompt == "C\n\nQ?"  # HELMET-style row
+    assert wl.requests[3].prompt == "pretty row"  # a .json holding one indented row
+    assert wl.requests[4].prompt == "haystack 1 question?"  # no prefix on that row
+    assert wl.requests[5].prompt == "C\n\nQ?"  # HELMET-style row
     assert dict(wl.skipped) == {"invalid_json": 1, "wrong_type": 1, "missing_field": 1,
-                                "empty_input": 1}
+                                "empty_input": 1, "not_a_row_file": 1}
     assert (out / "ruler" / "data_debug" / "data" / "ruler" / "qa_1").is_dir()
     assert wl.source["file"] == str(tgz) and len(wl.source["sha256"]) == 64
     # second load reuses the extraction; a directory holding the tarball works too
     again = load_ruler(tmp_path, data_dir=out, limit=2)
     assert [r.request_id for r in again.requests] == ids[:2]
     assert [r.request_id for r in load_ruler(out / "ruler" / "data_debug",
-                                             tasks=["qa_1"]).requests] == ids[2::2]
+                                             tasks=["qa_1"]).requests] == [ids[2], ids[5]]
     assert len(load_ruler(tgz, data_dir=out, lengths=[8192]).requests) == 1
 
 
@@ -84,8 +89,8 @@ def test_unsafe_members_are_not_extracted(tmp_path):
     assert wl.skipped["unsafe_tar_member"] == 3
     assert not (out / "escaped.jsonl").exists() and not (tmp_path / "deep" / "escaped.jsonl")\
         .exists() and not Path("/abs/escaped.jsonl").exists()
-    assert not (out / "ruler" / "data_debug" / "data" / "ruler" / "vt").exists()
-    assert len(wl.requests) == 5
+    assert not (out / "ruler" / "data_debug" / "data" / "ruler" / "cwe").exists()
+    assert len(wl.requests) == 6
 
 
 @pytest.mark.parametrize(("rel", "expected"), [

@@ -21,6 +21,7 @@ Rows are taken round-robin over the files (sorted by task, then length), so a sm
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ _LEN_SUFFIX = re.compile(r"(?:^|[_\-.])(\d{3,})$")
 
 SKIP_UNSAFE_MEMBER = "unsafe_tar_member"
 SKIP_EMPTY_INPUT = "empty_input"
+SKIP_NOT_ROWS = "not_a_row_file"
+_WHOLE_JSON_MAX = 64 << 20
 
 
 def load_ruler(
@@ -215,10 +218,27 @@ def _data_files(root: Path, split: str | None) -> list[tuple[Path, str, int | No
     return out
 
 
+def _iter_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """Rows of one task file. A ``.json`` holding one pretty-printed object (a config or
+    metadata file shipped next to the data) is one row if it looks like one, else it is
+    skipped as a whole (``Bad("not_a_row_file")``) instead of as many invalid lines."""
+    if path.suffix == ".json" and path.stat().st_size < _WHOLE_JSON_MAX:
+        raw = path.read_bytes()
+        if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                obj = None  # several objects (JSON Lines) or broken: read line by line
+            if isinstance(obj, dict):
+                yield 1, obj if ("input" in obj or "context" in obj) else Bad(SKIP_NOT_ROWS)
+                return
+    yield from iter_json_records(path)
+
+
 def _round_robin(files: list[tuple[Path, str, int | None]]
                  ) -> Iterator[tuple[Path, str, int | None, int, object]]:
     """One row from each file in turn until all are exhausted."""
-    iters = [(f, t, n, iter_json_records(f)) for f, t, n in files]
+    iters = [(f, t, n, _iter_rows(f)) for f, t, n in files]
     while iters:
         alive = []
         for f, t, n, it in iters:
