@@ -134,7 +134,9 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
     first[row_starts[:-1]] = True
     bidx = np.flatnonzero(first)
     block_ids = blocks[bidx]
-    block_counts = np.diff(np.append(bidx, n))
+    block_counts = np.empty(len(bidx), dtype=np.int64)
+    np.subtract(bidx[1:], bidx[:-1], out=block_counts[:-1])
+    block_counts[-1] = n - bidx[-1]
     block_starts = np.searchsorted(bidx, row_starts).astype(np.int64)
     unique = np.diff(block_starts)
     n_tok = np.diff(row_starts)
