@@ -420,8 +420,7 @@ class MLA(nn.Module):
                 -1, topk, 0
             )
             scores = scores + (index_mask + mask).unsqueeze(2).to(scores.dtype)
-            probs = scores.softmax(dim=-1).to(v.dtype if not self.v1 else cdt)
-            out = torch.einsum("bsht,bthd->bshd", probs, v.to(probs.dtype)).to(x.dtype)
+            out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v.to(cdt)).to(x.dtype)
         else:  # absorbed MQA decode
             if tracer is not None:
                 tracer.on_topk(self.layer_id, topk[:, 0, :], topk_scores[:, 0, :])

@@ -401,3 +401,21 @@ def test_fp8_path_vs_exact_mode_topk_overlap_and_logits(fp32, overrides, min_ove
     )
     assert mean_overlap >= min_overlap
     assert 0 < rel < max_rel
+
+
+def test_v1_flag_switches_indexer_rope_layout(fp32):
+    """v1 differs from v2 (exact mode, fp32) only by the indexer's interleaved RoPE here."""
+    tokens = torch.randint(0, 1024, (1, 50), generator=torch.Generator().manual_seed(13))
+    runs = {}
+    for name, v1, interleaved in [("v2", False, None), ("v1", True, None), ("v2+il", False, True)]:
+        model = build(seed=14, dtype="fp32", indexer_exact=True, v1=v1)
+        if interleaved is not None:  # v2 with the indexer switched to v1's interleaved RoPE
+            for layer in model.layers:
+                layer.attn.indexer.interleaved = interleaved
+        rec = Recorder()
+        model.tracer = rec
+        logits = _decode_logits(model, tokens, 30, 10)
+        runs[name] = (logits, [c[1] for c in rec.calls])
+    assert any(not torch.equal(a, b) for a, b in zip(runs["v1"][1], runs["v2"][1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(runs["v1"][1], runs["v2+il"][1], strict=True))
+    torch.testing.assert_close(runs["v1"][0], runs["v2+il"][0], rtol=1e-5, atol=1e-5)
