@@ -368,6 +368,7 @@ class Tracer:
         self._pos_scratch, self._blk_scratch = pos_buf.base if pos_buf.base is not None else pos_buf, \
             blk_buf.base if blk_buf.base is not None else blk_buf
         pos_mv, blk_mv = memoryview(pos_buf), memoryview(blk_buf)
+        pos_lo, pos_hi, blk_lo, blk_hi = pos_lo.tolist(), pos_hi.tolist(), blk_lo.tolist(), blk_hi.tolist()
         # summary (only what is written, so `kvtier summarize` sees the same records)
         rec_ids = [ids[i % n_rows] for i in sel]
         prefix_rows, prefix_blocks = sub.prefix_touches()
