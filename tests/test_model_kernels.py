@@ -7,6 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from kvtier.model import kernels  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -41,6 +43,25 @@ def test_act_quant_shapes_scales_and_roundtrip(scale_fmt):
     err = (_dequant_act(y, s) - x.float()).abs()
     bound = x.float().abs() * 2**-4 + s.repeat_interleave(128, -1) * 2**-9
     assert torch.all(err <= bound)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    log_mag=st.floats(-6, 4),
+    groups=st.integers(1, 3),
+    fmt=st.sampled_from([None, "ue8m0"]),
+)
+def test_act_quant_property(seed, log_mag, groups, fmt):
+    g = _gen(seed)
+    x = torch.randn(4, 128 * groups, generator=g) * 10.0**log_mag
+    x[0, 0] = 0.0
+    y, s = kernels.act_quant(x, 128, fmt)
+    back = _dequant_act(y, s)
+    assert torch.isfinite(back).all() and y.float().abs().max() <= 448
+    assert torch.all((back - x).abs() <= x.abs() * 2**-4 + s.repeat_interleave(128, -1) * 2**-9)
+    if fmt == "ue8m0":
+        assert torch.equal(torch.log2(s), torch.log2(s).round())
 
 
 def test_act_quant_tiny_and_zero_groups():
