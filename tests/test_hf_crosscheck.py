@@ -15,6 +15,8 @@ A semantic difference (RoPE layout, scale, mask, routing) moves logits by >= 1e-
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from hf_utils import converted, hf_model, model_args
@@ -56,14 +58,17 @@ def run_hf(hf, tokens: torch.Tensor):
             picked.append(out[:, 0].long().clone())
 
     handles = [layer.self_attn.indexer.register_forward_hook(hook) for layer in hf.model.layers]
+    # the cache argument is ``cache`` from transformers 5.2x, ``past_key_values`` before
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     cache = DynamicCache(config=hf.config)
     logits = []
     try:
         with torch.no_grad():
             chunks = [(0, PROMPT)] + [(p, p + 1) for p in range(PROMPT, tokens.shape[1])]
             for start, end in chunks:
-                out = hf(input_ids=tokens[:, start:end], cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
+                kw = {key: cache}
+                out = hf(input_ids=tokens[:, start:end], use_cache=True, logits_to_keep=1, **kw)
+                cache = getattr(out, key)
                 logits.append(out.logits[:, -1].float())
     finally:
         for h in handles:

@@ -37,6 +37,7 @@ def test_encode_decode_round_trip_without_bos():
     text = "Hello world, 你好! DeepSeek Sparse Attention\n  indents\tand tabs."
     ids = tok.encode(text)
     assert ids[:2] == [19923, 2058] and 0 not in ids
+    assert tok.encode("Hello world, 你好") == [19923, 2058, 14, 223, 30594]
     assert tok.decode(ids) == text
 
 
