@@ -9,6 +9,9 @@ batches:
   count must equal the emulator's (checked before printing).
 - ``HBMOnlyBackend``: the seed backend, no emulation at all (an upper bound for the driver).
 
+With ``--replay`` the stream is also written as a JSONL trace and ``kvtier replay`` is timed
+end to end (both reads, fetches, the JSONL output and the summary).
+
     python benchmarks/bench_replay.py [--requests 8 --layers 8 --steps 24 --topk 2048 ...]
 """
 
@@ -16,16 +19,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import simpy
 
 from kvtier.access import rebucket
-from kvtier.accessgen import SynthConfig, synth_stream
+from kvtier.accessgen import SynthConfig, synth_stream, write_trace
 from kvtier.backend import HBMOnlyBackend
-from kvtier.replay import drive_stream, iter_batches
+from kvtier.replay import ReplaySettings, drive_stream, iter_batches, replay
 from kvtier.tiers.backend import TieredBackend
 from kvtier.tiers.config import load_tier_config
 
@@ -78,6 +83,9 @@ def main() -> None:
     ap.add_argument("--tiers", default="memfabric", help="tier preset or config file")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive simpy baseline")
+    ap.add_argument("--replay", action="store_true",
+                    help="also time kvtier replay end to end (JSONL read, fetch, JSONL write, "
+                         "summary) on the same stream written as a trace")
     args = ap.parse_args()
 
     scfg = SynthConfig(requests=args.requests, layers=args.layers, steps=args.steps,
@@ -99,6 +107,10 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         return min(times), out
 
+    trace_dir = None
+    if args.replay:
+        trace_dir = Path(tempfile.mkdtemp()) / "trace"
+        write_trace(stream, trace_dir)
     rows = []
     t_hbm, _ = best(lambda: drive_stream(HBMOnlyBackend(656), stream, args.block_size))
     rows.append(("HBMOnlyBackend (no emulation)", "-", n_acc / t_hbm, None))
@@ -125,6 +137,14 @@ def main() -> None:
             rows.append((f"naive simpy, cap {frac:g} WS", f"{hit:.3f}", naive_rate, None))
         rows.append((f"TieredBackend LRU, cap {frac:g} WS", f"{hit:.3f}", n_acc / t_emu,
                      (n_acc / t_emu) / naive_rate if naive_rate else None))
+        if trace_dir is not None:
+            settings = ReplaySettings(tiers=args.tiers, hbm_blocks=cap, on_release="keep")
+            t_rep, res = best(lambda settings=settings: replay(
+                trace_dir, trace_dir.parent / "out", settings, force=True))
+            if res.summary["tiers"]["hbm"]["hit_blocks"] != b.tiers["hbm"].hits:
+                raise SystemExit("kvtier replay and the emulator disagree on HBM hits")
+            rows.append((f"kvtier replay end to end, {frac:g} WS", f"{hit:.3f}", n_acc / t_rep,
+                         (n_acc / t_rep) / naive_rate if naive_rate else None))
     print(f"| {'backend':<34} | {'HBM hit':>7} | {'accesses/s':>12} | {'vs naive':>8} |")
     print(f"|{'-' * 36}|{'-' * 9}|{'-' * 14}|{'-' * 10}|")
     for name, hit, rate, ratio in rows:

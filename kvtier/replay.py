@@ -179,6 +179,9 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
 
     admitted: set[str] = set()
     seen = 0
+    names, req, layer = stream.request_ids, stream.req.tolist(), stream.layer.tolist()
+    blocked = rebucket(stream, bs)
+    pos, poff, blk, boff = stream.pos, stream.offsets, blocked.blocks, blocked.offsets
     t_start = time.perf_counter()
     bar = None
     if progress:
@@ -193,15 +196,17 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
             if not batch:
                 return
             ids, tps, bls = [], [], []
-            for rec in batch:
+            for i, rec in enumerate(batch, start=seen):
                 rid = rec.request_id
-                pos = np.asarray(rec.selected_token_pos, dtype=np.int64)
+                if i >= n or rid != names[req[i]] or rec.layer_id != layer[i]:
+                    raise ReplayError(f"{trace}: record {i + 1} differs between the two reads "
+                                      "(was the trace modified during the replay?)")
                 if rid not in admitted:
                     admitted.add(rid)
                     backend.admit(rid, max(int(rec.seq_len_current) - 1, 0))
                 ids.append(rid)
-                tps.append(pos)
-                bls.append(np.unique(pos // bs))
+                tps.append(pos[poff[i]:poff[i + 1]])  # sorted, unique (kvtier.access)
+                bls.append(blk[boff[i]:boff[i + 1]])
             wall = batch[0].kv_fetch.hbm.latency_us if use_wall else None
             access = LayerAccess(step_idx=batch[0].step_idx, layer_id=batch[0].layer_id,
                                  request_ids=ids, token_pos=tps, block_ids=bls, block_size=bs,

@@ -109,10 +109,14 @@ def fetch_us(tier: TierSpec, cfg: TierConfig, n_layers: int, prefix_tokens: np.n
 def break_even_tokens(m: ModelDims, cfg: TierConfig, tier: TierSpec, block_size: int) -> int | None:
     """Shortest prefix (tokens) from which fetching is no slower than recomputing, searched up
     to ``recompute.max_prefix_tokens``; None if recompute stays cheaper over the whole range."""
-    grid = np.arange(1, cfg.recompute.max_prefix_tokens + 1, dtype=np.int64)
-    ok = fetch_us(tier, cfg, m.n_layers, grid, block_size) <= recompute_us(m, cfg.recompute, grid)
-    idx = np.flatnonzero(ok)
-    return int(grid[idx[0]]) if idx.size else None
+    top = cfg.recompute.max_prefix_tokens
+    for lo in range(1, top + 1, 65536):  # exact scan, in chunks: usually ends in the first
+        grid = np.arange(lo, min(lo + 65536, top + 1), dtype=np.int64)
+        ok = fetch_us(tier, cfg, m.n_layers, grid, block_size) <= recompute_us(m, cfg.recompute, grid)
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            return int(grid[idx[0]])
+    return None
 
 
 def fetch_vs_recompute(m: ModelDims, cfg: TierConfig, prompt_lens: dict[str, int],
