@@ -4,7 +4,8 @@ real architecture without a checkpoint.
 Each tensor is drawn at its *global* (unsharded) shape from a generator seeded by the seed
 and the parameter name, then the local TP shard is cut out, so MP=1 and MP=N ranks agree on
 the full weights. fp8 weights are drawn in fp32 and block-quantised (128x128 scales) like the
-DeepSeek checkpoints.
+DeepSeek checkpoints; the local shard is quantised on its own, which equals quantising the
+global tensor only when shard sizes are multiples of 128 (bf16/fp32 shards always agree).
 """
 
 from __future__ import annotations
