@@ -348,3 +348,27 @@ def test_docs_worked_example(tmp_path):
                  "20", "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert rows[1]["policy"].endswith("my_clock.py:ClockPolicy") and int(rows[1]["accesses"]) > 0
+
+
+def test_registry_entry_point(monkeypatch):
+    from kvtier.policies import registry
+
+    class FakeEP:
+        name = "my_ep_policy"
+
+        def load(self):
+            from kvtier.policies.fifo import FIFOPolicy
+
+            return FIFOPolicy
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEP()]
+                        if group == registry.ENTRY_POINT_GROUP else [])
+    assert "my_ep_policy" in known_policies()
+    assert load_policy("my_ep_policy").name == "fifo"
+
+
+def test_registry_other_kinds_and_bad_kind():
+    with pytest.raises(ValueError, match="unknown policy kind"):
+        load_policy("lru", kind="nonsense")
+    with pytest.raises(PolicyNotFound, match="not a subclass of PlacementPolicy"):
+        load_policy("kvtier.policies.lru:LRUPolicy", kind="placement")
