@@ -15,7 +15,6 @@ import numpy as np
 
 _COMMA = ord(",")
 _SPACE = ord(" ")
-_OPEN = ord("[")
 _CLOSE = ord("]")
 
 #: largest int the table path handles (tables stay <= 10**6 entries); larger rows fall back
@@ -55,66 +54,57 @@ def _pieces(width: int, size: int) -> list[tuple[int, np.ndarray]]:
 
 def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None,
                     scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode rows of non-negative ints as JSON arrays.
+    """Encode rows of non-negative ints as JSON arrays *without their opening bracket*.
 
     ``values`` is either a 2-D array (every row the same length) or a flat array split into
     rows by ``row_starts`` (length rows + 1, ascending). Rows must be non-empty. Returns
-    ``(buffer, lo, hi)``: row i's JSON text is ``buffer[lo[i]:hi[i]]`` (a uint8 array). A large
+    ``(buffer, lo, hi)``: ``b"[" + buffer[lo[i]:hi[i]]`` is row i's JSON text (the caller
+    writes the ``[`` as part of its template, so the rows can sit back to back). A large
     enough uint8 ``scratch`` array is reused for the buffer (pass the previous result's
     ``.base`` to avoid fresh allocations on every call).
     """
     values = np.asarray(values)
     if values.ndim == 2:
         n_rows, k = values.shape
-        counts = None
+        if n_rows and k == 0:
+            raise ValueError("cannot encode an empty row")
+        ends = np.arange(1, n_rows + 1, dtype=np.int64) * k
+        flat = values.reshape(-1)
     else:
         if row_starts is None:
             raise ValueError("row_starts is required for flat values")
-        counts = np.diff(row_starts)
-        n_rows = len(counts)
+        starts = np.asarray(row_starts, dtype=np.int64)
+        n_rows = len(starts) - 1
+        if n_rows and (np.diff(starts) <= 0).any():
+            raise ValueError("cannot encode an empty row")
+        ends = starts[1:] - starts[0]
+        flat = values[starts[0]: starts[-1]]
     if n_rows == 0:
         return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if values.size == 0 or (counts is not None and counts.min() <= 0) or (counts is None and k == 0):
-        raise ValueError("cannot encode an empty row")
-    vmax = int(values.max())
-    vmin = int(values.min())
+    vmax = int(flat.max())
+    vmin = int(flat.min())
     if vmin < 0:
         raise ValueError(f"values must be >= 0, got {vmin}")
     if vmax > MAX_VALUE:
         return _encode_fallback(values, row_starts)
     width = _ndigits(vmax) + 1
     pieces = _pieces(width, vmax + 1)
-    # Layout: a gap slot before every row, then its elements, each ``width`` bytes (digits,
-    # then a comma). The gap's last byte becomes '[' and the row's last comma becomes ']'.
-    if counts is None:
-        n_slots = n_rows * (k + 1)
-        first_slot = np.arange(n_rows, dtype=np.int64) * (k + 1) + 1
-        last_slot = first_slot + (k - 1)
-        src = values
-    else:
-        n_slots = len(values) + n_rows
-        first_slot = np.asarray(row_starts[:-1], dtype=np.int64) + np.arange(n_rows, dtype=np.int64) + 1
-        last_slot = first_slot + counts - 1
-        src = np.zeros(n_slots, dtype=values.dtype)
-        keep = np.ones(n_slots, dtype=bool)
-        keep[first_slot - 1] = False
-        src[keep] = values
-    need = n_slots * width + 8
+    # Every element takes ``width`` bytes: right-aligned digits, then a comma; the last comma
+    # of each row becomes ']'. Rows are back to back (the '[' is the caller's).
+    n = len(flat)
+    need = n * width + 8
     if scratch is not None and scratch.dtype == np.uint8 and scratch.ndim == 1 and len(scratch) >= need:
         buf = scratch[:need]
     else:
         buf = np.empty(max(need, int(need * 1.25)), dtype=np.uint8)[:need]
     for off, table in pieces:
-        if counts is None:
-            dst = np.ndarray((n_rows, k), dtype=table.dtype, buffer=buf, offset=width + off,
-                             strides=((k + 1) * width, width))
-        else:
-            dst = np.ndarray((n_slots,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
-        dst[...] = np.take(table, src)
-    np.ndarray((n_slots,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
-    lo = first_slot * width - 1
-    hi = (last_slot + 1) * width
-    buf[lo] = _OPEN
+        dst = np.ndarray((n,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
+        dst[...] = np.take(table, flat)
+    np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
+    hi = ends * width
+    lo = np.empty(n_rows, dtype=np.int64)
+    lo[0] = 0
+    lo[1:] = hi[:-1]
     buf[hi - 1] = _CLOSE
     return buf, lo, hi
 
@@ -125,7 +115,7 @@ def _encode_fallback(values: np.ndarray, row_starts: np.ndarray | None) -> tuple
 
     rows = values.tolist() if values.ndim == 2 else [
         values[a:b].tolist() for a, b in zip(row_starts[:-1], row_starts[1:], strict=True)]
-    texts = [msgspec.json.encode(r) for r in rows]
+    texts = [msgspec.json.encode(r)[1:] for r in rows]
     hi = np.cumsum([len(t) for t in texts])
     lo = hi - [len(t) for t in texts]
     return np.frombuffer(b"".join(texts), dtype=np.uint8), lo, hi

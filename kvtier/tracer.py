@@ -78,16 +78,17 @@ def sample_uniform(keys: np.ndarray, step: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-# The JSON text of a record around its two big int lists, in schema field order. Floats are
+# The JSON text of a record around its two big int lists (whose '[' is here; see
+# kvtier.fastjson), in schema field order. Floats are
 # written with repr (the shortest round-trip form, as msgspec does); tests decode every line
 # with the msgspec schema and compare with msgspec's own encoding.
 _MID1 = (b',"layer_id":%d,"step_idx":%d,"seq_len_current":%d,"unique_token_pos_count":%d,'
          b'"offset_min":%d,"offset_p50":%r,"offset_max":%d,"block_size_tokens":%d,'
-         b'"selected_block_ids":')
+         b'"selected_block_ids":[')
 _MID2 = (b',"unique_blocks":%d,"tokens_per_touched_block":{"mean":%r,"p50":%r,"p95":%r},'
          b'"kv_fetch":%s,"prefix":{"prefix_cache_hit":%s,"prefix_cached_blocks":%d,'
          b'"prefix_key":%s,"intersection_ratio":%r,"intersection_blocks":%d},'
-         b'"selected_token_pos":')
+         b'"selected_token_pos":[')
 
 
 class _Layer:

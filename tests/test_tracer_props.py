@@ -79,16 +79,16 @@ def test_int_rows_encode_as_json(rows, as_2d):
         starts = np.concatenate(([0], np.cumsum([len(r) for r in rows])))
         buf, lo, hi = encode_int_rows(np.concatenate([np.array(r) for r in rows]), starts)
     for r, a, b in zip(rows, lo, hi, strict=True):
-        assert json.loads(bytes(buf[a:b])) == r
+        assert json.loads(b"[" + bytes(buf[a:b])) == r
 
 
 def test_int_rows_widest_values():
     for rows in ([[0, 999_999, 5], [10, 100, 99_999]], [[0, 2**40, 5], [10, 100, 1_000_000]]):
         buf, lo, hi = encode_int_rows(np.array(rows))
-        assert [json.loads(bytes(buf[a:b])) for a, b in zip(lo, hi, strict=True)] == rows
+        assert [json.loads(b"[" + bytes(buf[a:b])) for a, b in zip(lo, hi, strict=True)] == rows
         starts = np.array([0, 3, 6])
         buf, lo, hi = encode_int_rows(np.array(rows).ravel(), starts)
-        assert [json.loads(bytes(buf[a:b])) for a, b in zip(lo, hi, strict=True)] == rows
+        assert [json.loads(b"[" + bytes(buf[a:b])) for a, b in zip(lo, hi, strict=True)] == rows
     for bad in (np.array([[-1]]), np.zeros((1, 0), np.int64)):
         try:
             encode_int_rows(bad)
