@@ -212,3 +212,22 @@ def test_cli_convert(tmp_path, capsys):
                str(out), "--n-experts", "8", "--model-parallel", "2"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not a directory" in err[0]
+
+
+def test_fp8_block_quantisation_matches_a_per_tile_loop():
+    from kvtier.model.hf_reference import quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * torch.linspace(0.01, 3, 200)
+    q, s = quantize_fp8_blocks(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
+    for r in range(3):
+        for c in range(2):
+            tile = w[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128]
+            scale = tile.abs().max() / 448.0
+            assert torch.equal(s[r, c], scale)
+            want = (tile / scale).to(torch.float8_e4m3fn)
+            assert torch.equal(q[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128].float(), want.float())
+    deq = dequantize_fp8_blocks(q, s)
+    # e4m3 keeps 3 mantissa bits: error <= 2^-4 of the value, plus subnormals near zero
+    assert ((deq - w).abs() <= w.abs() / 16 + s.max() * 2**-9).all()

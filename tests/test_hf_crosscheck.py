@@ -141,3 +141,18 @@ def test_crosscheck_detects_a_wrong_indexer_rope():
         for r in range(idx.shape[0])
     )
     assert differing > 0
+
+
+@pytest.mark.parametrize("yarn", [False, True])
+def test_config_mapping_round_trips(yarn):
+    from kvtier.model.hf_reference import args_dict_from_hf_config, hf_config_dict
+    from transformers import DeepseekV32Config
+
+    args = model_args("exact", **({"original_seq_len": 16, "rope_factor": 4.0} if yarn else {}))
+    cfg = DeepseekV32Config(**hf_config_dict(args)).to_dict()
+    assert cfg["rope_parameters"]["rope_type"] == ("yarn" if yarn else "default")
+    back = args_dict_from_hf_config(cfg)
+    mine = args.to_dict()
+    assert back["dtype"] == "bf16" and back.pop("score_func") == "sigmoid"
+    back.pop("dtype")
+    assert {k: mine[k] for k in back} == back
