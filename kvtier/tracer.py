@@ -245,7 +245,7 @@ class Tracer:
         if arr.ndim != 2 or arr.shape[0] != n_batch or arr.shape[1] == 0:
             raise ValueError(f"layer {layer_id}: indices must have shape [{n_batch}, K] with K > 0, "
                              f"got {list(arr.shape)}")
-        if not np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype.kind not in "iu":
             raise ValueError(f"layer {layer_id}: indices must be integers, got {arr.dtype}")
 
     def _store_indices(self, slot: int, layer_id: int, arr: np.ndarray) -> None:
