@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from run_helpers import check_run, demo_bundle, run_cli
+import pytest
+from run_helpers import SHARED_DATA, check_run, demo_bundle, run_cli
 
 DATASET_ID = "anon8231489123/ShareGPT_Vicuna_unfiltered"
 
@@ -79,3 +80,19 @@ def test_sharegpt_full_mode_batched(tmp_path):
     assert summary.requests == 2 and meta["requests_run"] == 2
     # one conversation per request, batched together: each decoded once in every layer
     assert {r["request_id"] for r in records} == {"aaa_0", "ddd_0"}
+
+
+def test_sharegpt_real_sample(tmp_path):
+    sample = SHARED_DATA / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.head5.json"
+    if not sample.is_file():
+        pytest.skip("shared ShareGPT sample not present")
+    out = tmp_path / "out"
+    rc = run_cli(["sharegpt", "--sharegpt-json", str(sample), "--trace-out", str(out),
+                  "--sharegpt-turn-mode", "per_user_turn", "--max-new-tokens", "2",
+                  "--max-prompt-tokens", "100"])  # fmt: skip
+    assert rc == 0
+    summary, meta, records = check_run(out, "sharegpt", DATASET_ID)
+    # 17 user turns in the 5 entries; only the first turns fit in 100 tokens
+    assert summary.requests + summary.skipped["prompt_too_long"] == 17
+    assert {r["request_id"].split("/")[1] for r in records} == {"t0"}
+    assert meta["dataset"]["sha256"].startswith("982ff87c4666add7")
