@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import compress, islice, repeat
+from itertools import compress, islice
 from operator import not_
 
 import msgspec
@@ -59,11 +59,10 @@ def _dict_batch(d, refresh: bool, cap: int, keys: list[int]) -> tuple[list[int],
     if excess > len(oldest) or (oldest and not set(keys).isdisjoint(oldest)):
         return None
     miss = list(compress(keys, map(not_, present))) if n_miss else []
-    if refresh:  # every key ends at the MRU end, in batch order
-        _consume(map(d.pop, keys, repeat(None)))
-        d.update(dict.fromkeys(keys))
-    elif n_miss:
+    if n_miss:
         d.update(dict.fromkeys(miss))
+    if refresh:  # every key ends at the MRU end, in batch order
+        _consume(map(d.move_to_end, keys))
     if oldest:
         _consume(map(d.pop, oldest))
     return miss, oldest
