@@ -83,6 +83,8 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
     if args.dataset != "burstgpt" and (args.model_free or args.arrivals != "burstgpt"):
         raise RunError("--model-free and --arrivals apply to the burstgpt serving replay only")
     settings = _trace_settings(args)
+    if not args.model_free:
+        check_backend_flags(args)
     try:
         workload = load_workload(args)
     except (DatasetNotFound, DatasetFormatError) as exc:
@@ -101,9 +103,30 @@ def _cli_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if not callable(v)}
 
 
+def check_backend_flags(args: argparse.Namespace) -> None:
+    """Fail before the model loads on a bad --tiers/--policy (one line naming the flag)."""
+    if args.backend != "sim":
+        return
+    from kvtier.policies.registry import PolicyNotFound, load_policy
+
+    from kvtier.tiers.config import load_tier_config
+    from kvtier.tiers.specs import eviction_factory, parse_spec
+
+    try:
+        load_tier_config(args.tiers)
+        eviction_factory(args.policy)
+        offline = getattr(load_policy(parse_spec(args.policy)[0]), "offline", False)
+    except (ValueError, PolicyNotFound) as exc:
+        raise RunError(f"--tiers/--policy: {exc}") from None
+    if offline:
+        raise RunError(f"--policy {args.policy}: an offline policy needs the future access "
+                       "stream; record with --backend hbm, then kvtier replay the trace")  # fmt: skip
+
+
 def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, settings: Any,
           bundle: Any = None) -> int:  # fmt: skip
     from kvtier.model.args import ConfigError
+    from kvtier.model.tokenizer import TokenizerError
     from kvtier.runners.model_setup import load_model
     from kvtier.runners.run import RunOptions, execute
 
@@ -120,7 +143,7 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         if bundle is None:
             bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=args.seed,
                                 max_batch_size=args.batch_size, max_seq_len=args.max_seq_len)  # fmt: skip
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, TokenizerError) as exc:
         raise RunError(str(exc)) from None
     if args.batch_size > bundle.args.max_batch_size:
         raise RunError(f"--batch-size {args.batch_size} exceeds the model's max_batch_size")

@@ -82,3 +82,19 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
         run_cli(["sharegpt", "--sharegpt-json", str(tmp_path / "nope.json"),
                  "--trace-out", str(tmp_path / "o")])  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--backend", "sim", "--policy", "nope"], "unknown eviction policy 'nope'"),
+    (["--backend", "sim", "--policy", "belady"], "offline policy"),
+    (["--backend", "sim", "--tiers", "nope"], "unknown tier preset"),
+    (["--kv-block-size", "0"], "--kv-block-size"),
+    (["--model-free"], "burstgpt serving replay only"),
+])  # fmt: skip
+def test_bad_flags_fail_before_anything_runs(tmp_path, flags, match):
+    data = tmp_path / "sg.json"
+    data.write_text("[]")
+    with pytest.raises(RunError, match=match):
+        run_cli(["sharegpt", "--sharegpt-json", str(data), "--trace-out", str(tmp_path / "o"),
+                 *flags])  # fmt: skip
+    assert not (tmp_path / "o").exists()
