@@ -208,3 +208,38 @@ def test_real_tracer_shards_and_parquet(tmp_path):
             ri = order.setdefault(r["request_id"], len(order))
             expect += [block_key(ri, r["layer_id"], x) for x in r["selected_block_ids"]]
     assert key_stream(b).tolist() == expect  # recorded blocks == re-bucketed at the same size
+
+
+def test_fast_and_strict_jsonl_paths_agree(tmp_path):
+    """Positions parsed in bulk (fast path) equal the typed decoder's, whatever the spacing;
+    non-integer positions fall back to the strict path and name the line."""
+    from kvtier.access import (
+        _AccessFields,
+        _AccessFieldsRaw,
+        _columns_fast,
+        _columns_from_records,
+        _read_jsonl,
+    )
+
+    rows = [
+        '{"request_id":"a","layer_id":0,"step_idx":0,"seq_len_current":9,'
+        '"block_size_tokens":4,"selected_token_pos":[0, 3,\\t7 ]}',
+        '{"request_id":"b","layer_id":1,"step_idx":0,"seq_len_current":9,'
+        '"block_size_tokens":4,"selected_token_pos":[ ]}',
+        '{"request_id":"a","layer_id":0,"step_idx":1,"seq_len_current":10,'
+        '"block_size_tokens":4,"selected_token_pos":[8]}',
+    ]
+    f = tmp_path / "trace_steps.jsonl"
+    f.write_text("\n".join(r.replace("\\t", "\t") for r in rows) + "\n")
+    fast = _columns_fast(msgspec.json.Decoder(_AccessFieldsRaw).decode_lines(f.read_bytes()))
+    assert fast is not None  # the bulk path took it
+    assert _read_jsonl(f)["pos"].tolist() == fast["pos"].tolist()
+    strict = _columns_from_records(
+        msgspec.json.Decoder(_AccessFields).decode_lines(f.read_bytes()))
+    assert fast["pos"].tolist() == strict["pos"].tolist() == [0, 3, 7, 8]
+    assert fast["lens"].tolist() == strict["lens"].tolist() == [3, 0, 1]
+    f.write_text(f.read_text().replace("[8]", "[8.5]"))
+    assert _columns_fast(msgspec.json.Decoder(_AccessFieldsRaw).decode_lines(f.read_bytes())
+                         ) is None
+    with pytest.raises(TraceReadError, match=r"trace_steps.jsonl:3: .*selected_token_pos"):
+        _read_jsonl(f)
