@@ -155,3 +155,21 @@ def test_mrc_points(trace, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert 3 <= len(rows) <= 12
     assert rows[0]["capacity_blocks"] == "0" and float(rows[-1]["capacity_fraction"]) == 1.0
+
+
+def test_sweep_failing_cell_keeps_other_rows(trace, tmp_path, capsys):
+    f = tmp_path / "flaky.py"
+    f.write_text("from kvtier.policies.lru import LRUPolicy\n\n"
+                 "class Flaky(LRUPolicy):\n"
+                 "    def access_many(self, keys):\n"
+                 "        if self.capacity == 7:\n"
+                 "            raise RuntimeError('boom at 7')\n"
+                 "        return super().access_many(keys)\n")
+    out = tmp_path / "t.csv"
+    rc = main(["sweep", str(trace), "--policies", f"{f}:Flaky", "--capacities", "5,7,9",
+               "--out", str(out), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "capacity=7: RuntimeError: boom at 7" in err and "1 of 3 cells failed" in err
+    rows = list(csv.DictReader(out.open()))
+    assert [r["capacity_blocks"] for r in rows] == ["5", "9"]
