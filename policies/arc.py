@@ -8,7 +8,7 @@ Why here: DSA mixes blocks read once (volatile top-k tail) with blocks read at e
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from kvtier.policies.base import EvictionPolicy
 
@@ -105,6 +105,26 @@ class ARCPolicy(EvictionPolicy):
         while len(t1) + len(t2) > c:
             victims.append((t1 if t1 else t2).popitem(last=False)[0])
         return victims
+
+    def access_many(self, keys: Iterable[int]) -> int:
+        keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+        if self.capacity == 0:
+            return 0
+        t1, t2 = self._t1, self._t2
+        move2 = t2.move_to_end
+        insert = self.insert
+        hits = 0
+        for k in keys:
+            if k in t2:
+                move2(k)
+                hits += 1
+            elif k in t1:
+                del t1[k]
+                t2[k] = None
+                hits += 1
+            else:
+                insert(k)
+        return hits
 
     def remove(self, key: int) -> bool:
         if self._t1.pop(key, 0) is None or self._t2.pop(key, 0) is None:
