@@ -95,6 +95,53 @@ def ref_lfu(keys: list[int], cap: int) -> int:
     return hits
 
 
+def ref_arc(keys: list[int], c: int) -> int:
+    """ARC as printed in Megiddo & Modha (FAST'03, Fig. 4), on plain lists (LRU end first)."""
+    t1: list[int] = []
+    t2: list[int] = []
+    b1: list[int] = []
+    b2: list[int] = []
+    p = 0.0
+    hits = 0
+
+    def replace(x: int) -> None:
+        if t1 and (len(t1) > p or (x in b2 and len(t1) == p)):
+            b1.append(t1.pop(0))
+        else:
+            b2.append(t2.pop(0))
+
+    for x in keys:
+        if c == 0:
+            continue
+        if x in t1 or x in t2:
+            hits += 1
+            (t1 if x in t1 else t2).remove(x)
+            t2.append(x)
+        elif x in b1:
+            p = min(c, p + max(len(b2) / len(b1), 1))
+            replace(x)
+            b1.remove(x)
+            t2.append(x)
+        elif x in b2:
+            p = max(0, p - max(len(b1) / len(b2), 1))
+            replace(x)
+            b2.remove(x)
+            t2.append(x)
+        else:
+            if len(t1) + len(b1) == c:
+                if len(t1) < c:
+                    b1.pop(0)
+                    replace(x)
+                else:
+                    t1.pop(0)
+            elif len(t1) + len(t2) + len(b1) + len(b2) >= c:
+                if len(t1) + len(t2) + len(b1) + len(b2) == 2 * c:
+                    b2.pop(0)
+                replace(x)
+            t1.append(x)
+    return hits
+
+
 def make(name: str, cap: int) -> EvictionPolicy:
     return load_policy(name)(cap)
 
@@ -119,6 +166,7 @@ def test_lru_fifo_lfu_match_reference(keys, cap):
     assert run_keys("lru", arr, cap) == ref_lru(keys, cap)
     assert run_keys("fifo", arr, cap) == ref_fifo(keys, cap)
     assert run_keys("lfu", arr, cap) == ref_lfu(keys, cap)
+    assert run_keys("arc", arr, cap) == ref_arc(keys, cap)
 
 
 @settings(max_examples=150, deadline=None)
@@ -138,6 +186,7 @@ def test_references_agree_on_realistic_stream():
         assert run_keys("lru", keys, cap) == ref_lru(kl, cap)
         assert run_keys("fifo", keys, cap) == ref_fifo(kl, cap)
         assert run_keys("belady", keys, cap) == ref_opt(kl, cap)
+        assert run_keys("arc", keys, cap) == ref_arc(kl, cap)
         # OPT bounds every online policy
         for name in ("lru", "fifo", "lfu", "arc", "s3fifo"):
             assert run_keys(name, keys, cap) <= run_keys("belady_bypass", keys, cap)
