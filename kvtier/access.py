@@ -278,19 +278,11 @@ def read_access_stream(trace: str | Path) -> AccessStream:
     cat = {k: np.concatenate([c[k] for _, c in parts]) if parts else np.zeros(0, np.int64)
            for k in ("layer", "step", "seq", "bsz", "lens", "pos")}
     n = len(rid_all)
-    names, req = np.unique(np.array(rid_all, dtype=object), return_inverse=True) if n else (
-        np.zeros(0, dtype=object), np.zeros(0, np.int64))
-    # number requests by first appearance, not alphabetically
-    if n:
-        first = np.full(len(names), n, dtype=np.int64)
-        np.minimum.at(first, req, np.arange(n))
-        order = np.argsort(first, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        req = rank[req].astype(np.int64)
-        request_ids = [str(x) for x in names[order]]
-    else:
-        request_ids = []
+    # number requests by first appearance (a dict keeps insertion order)
+    index: dict[str, int] = {}
+    setdefault = index.setdefault
+    req = np.fromiter((setdefault(r, len(index)) for r in rid_all), dtype=np.int64, count=n)
+    request_ids = list(index)
     bsz = cat["bsz"]
     block_size = int(bsz[0]) if n else 1
     if n and (bsz != block_size).any():
