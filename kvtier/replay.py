@@ -78,13 +78,14 @@ def _read_meta(trace: Path) -> dict:
 
 
 def build_backend(s: ReplaySettings, stream: AccessStream, block_size: int,
-                  future: np.ndarray | None = None) -> KVBackend:
-    """The backend named by ``s`` (errors name the flag or config field)."""
+                  future: np.ndarray | None = None, meta: dict | None = None) -> KVBackend:
+    """The backend named by ``s`` (errors name the flag or config field). The HBM backend
+    defaults to the trace's own ``kv_bytes_per_token``; the tier emulator to its config's."""
     from kvtier.tiers.config import ConfigError, load_tier_config
 
     if s.backend == "hbm":
-        kvb = s.kv_bytes_per_token or 656
-        return HBMOnlyBackend(kvb)
+        recorded = ((meta or {}).get("config") or {}).get("kv_bytes_per_token")
+        return HBMOnlyBackend(int(s.kv_bytes_per_token or recorded or 656))
     if s.backend != "sim":
         raise ReplayError(f"--backend must be 'hbm' or 'sim', got {s.backend!r}")
     from kvtier.tiers.backend import TieredBackend
@@ -152,8 +153,8 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         raise ReplayError(str(exc)) from None
     bs = settings.block_size or stream.block_size
     future = rebucket(stream, bs).keys() if _needs_future(settings) else None
-    backend = build_backend(settings, stream, bs, future)
     meta_in = _read_meta(trace)
+    backend = build_backend(settings, stream, bs, future, meta_in)
 
     n = len(stream)
     last_rec = np.full(len(stream.request_ids), -1, dtype=np.int64)
