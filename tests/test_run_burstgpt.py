@@ -81,3 +81,24 @@ def test_burstgpt_model_free_on_the_real_sample(tmp_path):
     assert summary["records"] == 0
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["model_free"] is True and meta["dataset"]["sha256"]
+
+
+@pytest.mark.parametrize(("arrivals", "rel", "rows"), [
+    ("mooncake", "mooncake/synthetic_trace.jsonl", 3993),
+    ("azure", "azure_llm/AzureLLMInferenceTrace_code.csv", 8819),
+])  # fmt: skip
+def test_model_free_other_arrival_processes(tmp_path, arrivals, rel, rows):
+    trace = SHARED_DATA / rel
+    if not trace.is_file():
+        pytest.skip(f"shared {arrivals} sample not present")
+    out = tmp_path / arrivals
+    rc = run_cli(["burstgpt", "--arrivals", arrivals, "--arrivals-file", str(trace),
+                  "--trace-out", str(out), "--limit", "0", "--model-free", "--batch-size", "8",
+                  "--decode-base-s", "0.01", "--time-scale", "0.5"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == arrivals
+    assert summary["serving"]["requests"] + sum(summary["skipped"].values()) == rows
+    assert summary["serving"]["batch_size"] == 8
+    lat = summary["serving"]["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
