@@ -184,3 +184,28 @@ def test_parquet_input_gives_the_same_replay(trace, tmp_path):
     assert _replay(str(pq_dir), "--out", str(b), "--hbm-blocks", "30") == 0
     assert _records(a) == _records(b)
     assert _summary(a).tiers == _summary(b).tiers
+
+
+def test_summary_equals_the_record_path(trace, tmp_path):
+    """replay's columnar summary == SummaryBuilder.add_records over its output records, with
+    non-trivial prefix fields and after re-bucketing."""
+    from kvtier.summary import SummaryBuilder
+
+    src = tmp_path / "pre"
+    src.mkdir()
+    recs = _records(trace)
+    for i, r in enumerate(recs):
+        k = i % 4
+        r.prefix = msgspec.structs.replace(r.prefix, intersection_blocks=k, prefix_cached_blocks=k,
+                                           intersection_ratio=k / max(r.unique_blocks, 1))
+    (src / "trace_steps.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in recs))
+    for extra in ([], ["--block-size", "32"]):
+        out = tmp_path / f"o{len(extra)}"
+        assert _replay(str(src), "--out", str(out), "--hbm-blocks", "50", *extra) == 0
+        got = _summary(out)
+        ref = SummaryBuilder(got.run_name, got.dataset, got.config)
+        ref.add_records(_records(out))
+        want = ref.build()
+        for field in ("records", "requests", "unique_blocks", "tokens_per_touched_block",
+                      "offsets", "prefix_intersection_ratio", "prefix_hot_blocks"):
+            assert getattr(got, field) == getattr(want, field), field
