@@ -20,7 +20,12 @@ _LOW = (1 << _REQ_SHIFT) - 1  # layer and block bits of a key
 
 
 class DistancePolicy(EvictionPolicy):
-    """Evict max(current position of the block's request - end of the block); ties: lowest key."""
+    """Evict max(current position of the block's request - end of the block); ties: lowest key.
+
+    Per request, a min-heap of its resident blocks (the farthest is the smallest block id);
+    across requests, a lazy max-heap of each request's farthest block with its offset, re-pushed
+    whenever that request's position or farthest block changes. O(log n) per access.
+    """
 
     name = "distance"
     needs_context = True
@@ -28,7 +33,8 @@ class DistancePolicy(EvictionPolicy):
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
         self._res: set[int] = set()
-        self._heaps: dict[int, list[int]] = {}  # request -> min-heap of keys (block id order)
+        self._heaps: dict[int, list[int]] = {}  # request -> min-heap of (block, layer) codes
+        self._top: list[tuple[int, int]] = []  # (-offset, key) of each request's farthest
         self._cur: dict[int, int] = {}
 
     def begin_record(self, step_idx: int, layer_id: int, request_idx: int, seq_len: int,
@@ -36,6 +42,7 @@ class DistancePolicy(EvictionPolicy):
         super().begin_record(step_idx, layer_id, request_idx, seq_len, block_size)
         if seq_len > self._cur.get(request_idx, -1):
             self._cur[request_idx] = seq_len
+            self._push_top(request_idx)
 
     def __contains__(self, key: int) -> bool:
         return key in self._res
@@ -49,27 +56,51 @@ class DistancePolicy(EvictionPolicy):
     def touch(self, key: int) -> None:
         pass
 
-    def _heap_key(self, key: int) -> int:
-        # order within a request: block id first (farthest = smallest), then key
+    @staticmethod
+    def _code(key: int) -> int:
+        # order within a request: block id first (farthest = smallest), then the key's low bits
         return ((key & _BLOCK_MASK) << _REQ_SHIFT) | (key & _LOW)
 
+    def _offset(self, r: int, key: int) -> int:
+        return self._cur.get(r, 0) - ((key & _BLOCK_MASK) + 1) * self.ctx.block_size
+
+    def _farthest(self, r: int) -> int | None:
+        """Request r's resident block with the smallest id (stale heap entries dropped)."""
+        h = self._heaps.get(r)
+        if not h:
+            return None
+        base = r << _REQ_SHIFT
+        while h and ((h[0] & _LOW) | base) not in self._res:
+            heapq.heappop(h)
+        if not h:
+            del self._heaps[r]
+            return None
+        return (h[0] & _LOW) | base
+
+    def _push_top(self, r: int) -> None:
+        key = self._farthest(r)
+        if key is not None:
+            heapq.heappush(self._top, (-self._offset(r, key), key))
+            if len(self._top) > 4 * len(self._heaps) + 1024:
+                self._top = []
+                for q in list(self._heaps):
+                    k = self._farthest(q)
+                    if k is not None:
+                        self._top.append((-self._offset(q, k), k))
+                heapq.heapify(self._top)
+
     def _victim(self) -> int:
-        bs = self.ctx.block_size
-        best = None
-        best_off = 0
-        for r, h in list(self._heaps.items()):
-            while h and (h[0] & _LOW) | (r << _REQ_SHIFT) not in self._res:
-                heapq.heappop(h)
-            if not h:
-                del self._heaps[r]
-                continue
-            key = (h[0] & _LOW) | (r << _REQ_SHIFT)
-            off = self._cur.get(r, 0) - ((key & _BLOCK_MASK) + 1) * bs
-            if best is None or off > best_off or (off == best_off and key < best):
-                best, best_off = key, off
-        assert best is not None
-        heapq.heappop(self._heaps[best >> _REQ_SHIFT])
-        return best
+        top = self._top
+        while top:
+            noff, key = heapq.heappop(top)
+            r = key >> _REQ_SHIFT
+            if key == self._farthest(r) and -noff == self._offset(r, key):
+                heapq.heappop(self._heaps[r])
+                self._res.discard(key)
+                self._push_top(r)
+                return key
+            self._push_top(r)  # stale: make sure r's current farthest block is queued
+        raise RuntimeError("distance: no resident block to evict")
 
     def insert(self, key: int) -> list[int]:
         if key in self._res:
@@ -78,19 +109,21 @@ class DistancePolicy(EvictionPolicy):
             return [key]
         victims = []
         while len(self._res) >= self.capacity:
-            v = self._victim()
-            self._res.discard(v)
-            victims.append(v)
+            victims.append(self._victim())
         self._res.add(key)
         r = key >> _REQ_SHIFT
         h = self._heaps.get(r)
         if h is None:
             h = self._heaps[r] = []
-        heapq.heappush(h, self._heap_key(key))
+        code = self._code(key)
+        heapq.heappush(h, code)
+        if h[0] == code:
+            self._push_top(r)
         return victims
 
     def remove(self, key: int) -> bool:
         if key in self._res:
-            self._res.discard(key)  # heap entry is dropped lazily
+            self._res.discard(key)  # heap entries are dropped lazily
+            self._push_top(key >> _REQ_SHIFT)
             return True
         return False

@@ -142,6 +142,30 @@ def ref_arc(keys: list[int], c: int) -> int:
     return hits
 
 
+def ref_distance(bs, cap: int) -> int:
+    """Evict the resident block farthest behind its request's latest position (ties: lowest
+    key), found by scanning every resident block."""
+    s = bs.stream
+    keys = bs.keys().tolist()
+    cur: dict[int, int] = {}
+    res: set[int] = set()
+    hits = 0
+    for i in range(len(s)):
+        r = int(s.req[i])
+        cur[r] = max(cur.get(r, 0), int(s.seq_len[i]))
+        for k in keys[bs.offsets[i]:bs.offsets[i + 1]]:
+            if k in res:
+                hits += 1
+                continue
+            if cap == 0:
+                continue
+            if len(res) == cap:
+                res.remove(max(res, key=lambda x: (
+                    cur.get(split_key(x)[0], 0) - (split_key(x)[2] + 1) * bs.block_size, -x)))
+            res.add(k)
+    return hits
+
+
 def make(name: str, cap: int) -> EvictionPolicy:
     return load_policy(name)(cap)
 
@@ -223,6 +247,20 @@ def _stream_for(keys: list[int]):
         step=np.arange(n, dtype=np.int64), seq_len=np.arange(n, dtype=np.int64) + 64,
         offsets=np.arange(n + 1, dtype=np.int64),
         pos=np.array([(k // 6) * 4 for k in keys], dtype=np.int64), block_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(st.integers(0, 60), max_size=150), cap=st.integers(0, 9))
+def test_distance_matches_reference(keys, cap):
+    bs = rebucket(_stream_for(keys), 4)
+    assert simulate(make("distance", cap), bs).hits == ref_distance(bs, cap)
+
+
+def test_distance_matches_reference_realistic():
+    bs = rebucket(synth_stream(SynthConfig(requests=4, layers=2, steps=10, prompt_len=300,
+                                           prompt_jitter=100, topk=48, stagger=2)), 16)
+    for cap in (5, 30, 90):
+        assert simulate(make("distance", cap), bs).hits == ref_distance(bs, cap)
 
 
 @pytest.mark.parametrize("name", ALL)
