@@ -151,8 +151,9 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         res = execute(opts, workload, bundle, settings)
     except FileExistsError as exc:
         raise RunError(str(exc)) from None
-    _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped, res.wall_s,
-            bundle.random_weights)  # fmt: skip
+    if bundle.rank == 0:
+        _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped,
+                res.wall_s, bundle.random_weights)  # fmt: skip
     return 0
 
 

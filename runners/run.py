@@ -201,6 +201,8 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
         service = time.perf_counter() - t0
         if timer is not None:
             service += timer.take_us() * 1e-6
+        if bundle.world_size > 1:  # every TP rank must form the same next batch
+            service = _broadcast_from_rank0(service, bundle.device)
         state["done"] += len(batch)
         state["tokens"] += sum(min(len(o), c) for o, c in zip(outs, caps, strict=True))
         elapsed = time.perf_counter() - t_start
@@ -259,6 +261,16 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
         if bundle.rank == 0:
             write_meta(out_dir, meta)
     return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall)
+
+
+def _broadcast_from_rank0(value: float, device: str) -> float:
+    """Rank 0's measurement on every rank (the serving clock decides batch composition)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def make_backend(opts: RunOptions, bundle: ModelBundle, settings: Any) -> Any:
