@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -244,6 +245,45 @@ def _checked_extra(extra_step_time: ExtraStepTime, act: list[str], k: int) -> fl
     return x
 
 
+def _closed_per_request(cost: StepCostModel, p: list[int], g: list[int]) -> list[float]:
+    """``per_request`` finish offsets without a hook, in closed form: between two
+    consecutive finishing steps the active set is fixed, so its steps sum to
+    ``count x (base + per_seq x active) + per_ctx x (count x sum(P) + active x sum(s + 1))``.
+    """
+    m = len(p)
+    t = cost.prefill_base_s + cost.prefill_s_per_token * sum(p)
+    d = [max(x - 1, 0) for x in g]
+    active, sum_p, prev = m, sum(p), 0
+    out = [0.0] * m
+    for j in sorted(range(m), key=d.__getitem__):
+        if d[j] > prev:
+            cnt, b = d[j] - prev, d[j]
+            t += (cnt * (cost.decode_base_s + cost.decode_s_per_seq * active)
+                  + cost.decode_s_per_ctx_token
+                  * (cnt * sum_p + active * ((b * (b + 1) - prev * (prev + 1)) // 2)))
+            prev = b
+        out[j] = t
+        active -= 1
+        sum_p -= p[j]
+    return out
+
+
+def _closed_reference(cost: StepCostModel, p: list[int], g: list[int],
+                      max_seq_len: int | None) -> list[float]:
+    """``reference`` finish offsets without a hook: ``n`` forwards over all rows at
+    positions ``P_min + k`` sum to ``n x (base + per_seq x rows) + per_ctx x rows x
+    (n x (P_min + 1) + n (n - 1) / 2)``."""
+    rows, p_min = len(p), min(p)
+    total_len = max(p) + max(g)
+    if max_seq_len is not None:
+        total_len = min(total_len, max_seq_len)
+    n = max(total_len - p_min - 1, 0)
+    t = (cost.prefill_base_s + cost.prefill_s_per_token * rows * p_min
+         + n * (cost.decode_base_s + cost.decode_s_per_seq * rows)
+         + cost.decode_s_per_ctx_token * rows * (n * (p_min + 1) + n * (n - 1) // 2))
+    return [t] * rows
+
+
 def _offsets_per_request(
     cost: StepCostModel,
     prompt: np.ndarray,
@@ -360,54 +400,66 @@ def simulate(
     ids = [requests[i].request_id for i in order]
     if n:
         arrival = (arrival - arrival[0]) * time_scale
-    start = np.zeros(n)
-    finish = np.zeros(n)
-    batch_of = np.zeros(n, dtype=np.int64)
-
     env = simpy.Environment()
-    queue: simpy.Store = simpy.Store(env)
+    queue: deque[int] = deque()  # FIFO of request indices (O(1) at both ends)
+    state = {"arrived": 0, "wake": None}  # wake: the event an idle server waits on
     bar = tqdm(total=n, desc="serving-sim", unit="req", disable=not progress)
+    arr_list = arrival.tolist()
 
     def arrivals():
         due = 0.0  # compare with the last target, not env.now (float sums drift by an ulp)
         for i in range(n):
-            if arrival[i] > due:
-                due = arrival[i]
+            if arr_list[i] > due:
+                due = arr_list[i]
                 yield env.timeout(max(due - env.now, 0.0))
-            queue.put(i)
+            queue.append(i)
+            state["arrived"] = i + 1
+            wake = state["wake"]
+            if wake is not None and not wake.triggered:
+                wake.succeed()  # resumes the server after this instant's arrivals are in
+
+    p_list, g_list = prompt.tolist(), gen.tolist()
+    start_l, finish_l, batch_l = [0.0] * n, [0.0] * n, [0] * n
 
     def server():
         for b in itertools.count():
-            batch = [(yield queue.get())]
-            while len(batch) < batch_size and queue.items:
-                batch.append((yield queue.get()))
-            idx = np.asarray(batch)
+            if not queue:
+                if state["arrived"] == n:
+                    return
+                state["wake"] = env.event()
+                yield state["wake"]
+                state["wake"] = None
+            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
             t0 = env.now
-            batch_ids = [ids[i] for i in batch]
-            if engine == "reference":
-                offsets = _offsets_reference(cost, prompt[idx], gen[idx], batch_ids,
-                                             extra_step_time, max_seq_len)
+            p, g = [p_list[i] for i in batch], [g_list[i] for i in batch]
+            if extra_step_time is None:  # closed forms: no per-step work at all
+                offsets = (_closed_reference(cost, p, g, max_seq_len) if engine == "reference"
+                           else _closed_per_request(cost, p, g))
             else:
-                offsets = _offsets_per_request(cost, prompt[idx], gen[idx], batch_ids,
-                                               extra_step_time)
-            start[idx] = t0
-            finish[idx] = t0 + offsets
-            batch_of[idx] = b
+                args = (cost, np.asarray(p, dtype=np.int64), np.asarray(g, dtype=np.int64),
+                        [ids[i] for i in batch], extra_step_time)
+                offsets = (_offsets_reference(*args, max_seq_len) if engine == "reference"
+                           else _offsets_per_request(*args)).tolist()
+            for i, off in zip(batch, offsets, strict=True):
+                start_l[i], finish_l[i], batch_l[i] = t0, t0 + off, b
             if on_finish is not None:
-                for j in np.argsort(offsets, kind="stable"):
+                for j in sorted(range(len(batch)), key=offsets.__getitem__):
                     on_finish(ids[batch[j]])
             bar.update(len(batch))
-            yield env.timeout(float(offsets.max()))
-            # let arrivals due at this very instant join the queue before the next batch
-            # forms: the arrival process's pending timeout for them was scheduled earlier
-            yield env.timeout(0)
+            yield env.timeout(max(offsets))
+            nxt = state["arrived"]
+            if nxt < n and arr_list[nxt] <= env.now:
+                # arrivals due at this very instant join the queue before the next batch
+                # forms: their pending timeout was scheduled before this one
+                yield env.timeout(0)
 
     env.process(arrivals())
     env.process(server())
     env.run()
     bar.close()
-    return SimResult(request_ids=ids, arrival_s=arrival, start_s=start, finish_s=finish,
-                     prompt_len=prompt, gen_tokens=gen, batch_index=batch_of,
+    return SimResult(request_ids=ids, arrival_s=arrival, start_s=np.array(start_l),
+                     finish_s=np.array(finish_l), prompt_len=prompt, gen_tokens=gen,
+                     batch_index=np.array(batch_l, dtype=np.int64),
                      batch_size=batch_size, max_new_tokens_cap=max_new_tokens)
 
 

@@ -137,10 +137,11 @@ def test_reference_engine_hand_computed():
         capped.service_s.tolist())
 
 
+@pytest.mark.parametrize("hook", [True, False])  # per-step numpy path / closed forms
 @pytest.mark.parametrize("engine", ["reference", "per_request"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_matches_reference_on_random_traces(seed, batch_size, engine):
+def test_matches_reference_on_random_traces(seed, batch_size, engine, hook):
     rng = np.random.default_rng(seed)
     n = 60
     arrivals = np.sort(rng.integers(0, 40, n)).astype(float)  # integer seconds: many ties
@@ -152,6 +153,8 @@ def test_matches_reference_on_random_traces(seed, batch_size, engine):
 
     def extra(ids, step):
         return 1e-3 * len(ids) + 1e-4 * step
+
+    extra = extra if hook else None
 
     for time_scale in (1.0, 0.25):
         res = simulate(reqs, cost, batch_size=batch_size, max_new_tokens=32,
