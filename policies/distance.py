@@ -35,6 +35,7 @@ class DistancePolicy(EvictionPolicy):
         self._res: set[int] = set()
         self._heaps: dict[int, list[int]] = {}  # request -> min-heap of (block, layer) codes
         self._top: list[tuple[int, int]] = []  # (-offset, key) of each request's farthest
+        self._queued: dict[int, tuple[int, int]] = {}  # request -> its current entry in _top
         self._cur: dict[int, int] = {}
 
     def begin_record(self, step_idx: int, layer_id: int, request_idx: int, seq_len: int,
@@ -78,28 +79,34 @@ class DistancePolicy(EvictionPolicy):
         return (h[0] & _LOW) | base
 
     def _push_top(self, r: int) -> None:
+        """Queue r's current farthest block unless exactly that entry is already queued."""
         key = self._farthest(r)
-        if key is not None:
-            heapq.heappush(self._top, (-self._offset(r, key), key))
-            if len(self._top) > 4 * len(self._heaps) + 1024:
-                self._top = []
-                for q in list(self._heaps):
-                    k = self._farthest(q)
-                    if k is not None:
-                        self._top.append((-self._offset(q, k), k))
-                heapq.heapify(self._top)
+        if key is None:
+            self._queued.pop(r, None)
+            return
+        entry = (-self._offset(r, key), key)
+        if self._queued.get(r) == entry:
+            return
+        self._queued[r] = entry
+        heapq.heappush(self._top, entry)
+        if len(self._top) > 4 * len(self._heaps) + 1024:  # drop superseded entries
+            self._top = list(self._queued.values())
+            heapq.heapify(self._top)
 
     def _victim(self) -> int:
-        top = self._top
-        while top:
-            noff, key = heapq.heappop(top)
+        while self._top:  # not aliased: _push_top may rebuild the list
+            entry = heapq.heappop(self._top)
+            key = entry[1]
             r = key >> _REQ_SHIFT
-            if key == self._farthest(r) and -noff == self._offset(r, key):
+            if self._queued.get(r) != entry:
+                continue  # superseded by a later entry for r
+            del self._queued[r]
+            if key == self._farthest(r) and -entry[0] == self._offset(r, key):
                 heapq.heappop(self._heaps[r])
                 self._res.discard(key)
                 self._push_top(r)
                 return key
-            self._push_top(r)  # stale: make sure r's current farthest block is queued
+            self._push_top(r)  # defensive: re-queue r's current state
         raise RuntimeError("distance: no resident block to evict")
 
     def insert(self, key: int) -> list[int]:
