@@ -284,7 +284,7 @@ def read_access_stream(trace: str | Path) -> AccessStream:
     req = np.fromiter((setdefault(r, len(index)) for r in rid_all), dtype=np.int64, count=n)
     request_ids = list(index)
     bsz = cat["bsz"]
-    block_size = int(bsz[0]) if n else 1
+    block_size = int(bsz[0]) if n else _meta_block_size(trace)
     if n and (bsz != block_size).any():
         i = int(np.flatnonzero(bsz != block_size)[0])
         raise TraceReadError(
@@ -299,6 +299,17 @@ def read_access_stream(trace: str | Path) -> AccessStream:
         block_size=block_size)
     _check_stream(stream, trace)
     return _normalise_positions(stream)
+
+
+def _meta_block_size(trace: str | Path) -> int:
+    """Block size of a trace without records: ``config.trace.kv_block_size`` in the meta file,
+    else 1."""
+    meta_path = Path(trace) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        return max(1, int(meta["config"]["trace"]["kv_block_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
 
 
 def _check_stream(s: AccessStream, where: str | Path) -> None:

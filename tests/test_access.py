@@ -243,3 +243,15 @@ def test_fast_and_strict_jsonl_paths_agree(tmp_path):
                          ) is None
     with pytest.raises(TraceReadError, match=r"trace_steps.jsonl:3: .*selected_token_pos"):
         _read_jsonl(f)
+
+
+def test_empty_trace_takes_block_size_from_meta(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    (d / "trace_steps.jsonl").write_text("")
+    assert len(read_access_stream(d)) == 0 and read_access_stream(d).block_size == 1
+    meta = {"schema_version": 1, "run_name": "x", "dataset": "d", "format": "jsonl",
+            "config": {"trace": {"kv_block_size": 64}}}
+    (d / "trace_meta.json").write_text(json.dumps(meta))
+    s = read_access_stream(d)
+    assert s.block_size == 64 and rebucket(s, 64).keys().shape == (0,)
