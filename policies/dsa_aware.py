@@ -11,21 +11,20 @@ Design (kvtier's own; measured against LRU/ARC/S3-FIFO/OPT in docs/POLICIES.md):
 2. **Decayed frequency (LRFU-style).** Blocks are ranked by
    ``score = sum over its reads of 2 ** (-(now - t_read) / half_life)`` with ``now`` counted in
    decode steps (the clock ticks when a (request, layer) pair recurs, i.e. once per round of
-   the batch); the lowest score is evicted. Recurring spans
-   survive bursts of one-off reads, which plain LRU cannot do; the decay forgets spans the
-   indexer stopped choosing. ``half_life`` is in decode steps (default 4). Without
-   ``begin_record`` calls the clock stands still (plain LFU with history).
+   the batch); the lowest score is evicted. Recurring spans survive bursts of one-off reads,
+   which plain LRU cannot do; the decay forgets spans the indexer stopped choosing.
+   ``half_life`` is in decode steps (default 4). Without ``begin_record`` calls the clock
+   stands still (plain LFU with history).
 3. **History and admission (TinyLFU-like).** Scores of evicted blocks stay in a bounded ghost
    table (``ghost_factor`` x capacity entries), so a block the indexer keeps returning to
    regains its rank. A missed block is admitted only if its history (score before this read)
    beats the eviction candidate's score, or it is protected and the candidate is not; else
    ``insert`` returns ``[key]`` and the read is remembered in the ghost. History counts as at
    least ``admit_floor`` (0.25: a block last read two half-lives ago), so a cold victim gives
-   way at once, while a block no more popular than a warm resident never displaces it (in a
-   loop bigger than the cache this keeps a stable subset, as OPT does, instead of churning). With the
-   trace's step -> layer -> request order one decode step touches more blocks than a small HBM
-   holds, and admitting everything flushes the recurring core every step (LRU's failure mode).
-
+   way at once, while a block no more popular than a warm resident never displaces it. With
+   the trace's step -> layer -> request order one decode step touches more blocks than a small
+   HBM holds; admitting everything flushes the recurring core every step (LRU's failure mode),
+   while gated admission keeps a stable subset, as OPT does.
 4. **Finished requests first.** A decoding request reads all its layers at every step, so a
    request not seen for ``idle_steps`` decode steps has finished (or been preempted); its
    blocks are evicted before any block of a live request, whatever their scores. Frequency
