@@ -19,8 +19,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 from kvtier.runners.requests import Request, Workload
+
+from kvtier.schema import TRACE_FILE, PrefixInfo
 
 PROMPTS_FILE = "demo_prompts.jsonl"
 DEMO_CONFIG = "demo"
@@ -102,18 +105,28 @@ def run_demo(
     }
 
 
+class _PrefixOnly(msgspec.Struct):
+    prefix: PrefixInfo
+
+
 def _sparsity(trace_dir: Path) -> dict[str, float]:
-    """Selected tokens / context length over the records, and how many records are sparse."""
+    """Selected tokens / context length over the records, how many records are sparse, and
+    how many reuse an earlier request's prompt prefix."""
     from kvtier.access import read_access_stream
 
     stream = read_access_stream(trace_dir)
     counts = np.diff(stream.offsets)
     frac = counts / np.maximum(stream.seq_len, 1)
+    dec = msgspec.json.Decoder(_PrefixOnly)
+    with open(Path(trace_dir) / TRACE_FILE, "rb") as fh:
+        prefixes = [dec.decode(line).prefix for line in fh if line.strip()]
     return {
         "records": len(stream),
         "mean_fraction": float(frac.mean()) if len(frac) else 0.0,
         "sparse_records": int((counts < stream.seq_len).sum()),
         "max_context": int(stream.seq_len.max()) if len(stream) else 0,
+        "prefix_hit_records": sum(p.prefix_cache_hit for p in prefixes),
+        "max_cached_blocks": max((p.prefix_cached_blocks for p in prefixes), default=0),
     }
 
 
@@ -140,6 +153,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"  offsets (current pos - selected pos): {_dist(s.offsets)}",
         f"  prefix overlap (touched blocks inside the shared prompt prefix): "
         f"{_dist(s.prefix_intersection_ratio)}",
+        f"  prefix reuse: {sp['prefix_hit_records']}/{sp['records']} records belong to a request "
+        f"whose prompt prefix an earlier request already wrote (up to "
+        f"{sp['max_cached_blocks']} cached blocks)",
     ]
     tiers = (r["sim_summary"] or {}).get("tiers") or {}
     if tiers:
