@@ -224,8 +224,8 @@ class DSAAwarePolicy(EvictionPolicy):
                     and (vprot or not self._protected(key))):
                 self._to_ghost(key, lp_new)
                 return [key]
+            self._to_ghost(v, self._lp[v])  # its real score (vlp is -inf for idle requests)
             self.remove(v)
-            self._to_ghost(v, vlp if vlp != float("-inf") else lp_new)
             victims.append(v)
         self._store(key, lp_new)
         return victims
