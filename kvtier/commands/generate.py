@@ -126,15 +126,13 @@ def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
 
     settings = _check(args)
-    from kvtier.model.args import ConfigError
-    from kvtier.model.loading import CheckpointError
     from kvtier.model.tokenizer import TokenizerError
     from kvtier.runners.model_setup import load_model
 
     try:
         bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=SEED,
                             max_seq_len=args.max_seq_len, quiet=True)
-    except (ConfigError, CheckpointError, TokenizerError) as exc:
+    except (ValueError, TokenizerError) as exc:  # config, checkpoint, TP-size mismatches
         raise CLIError(str(exc)) from None
     tracer = _make_tracer(args, settings, bundle)
     try:
