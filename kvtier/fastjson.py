@@ -97,9 +97,10 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None,
         buf = scratch[:need]
     else:
         buf = np.empty(max(need, int(need * 1.25)), dtype=np.uint8)[:need]
+    idx = flat.astype(np.intp, copy=False)  # intp indices gather fastest
     for off, table in pieces:
         dst = np.ndarray((n,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
-        dst[...] = np.take(table, flat)
+        dst[...] = table[idx]
     np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
     hi = ends * width
     lo = np.empty(n_rows, dtype=np.int64)
