@@ -4,6 +4,7 @@ serving replay, with every expected failure turned into one ``RunError`` line.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections import Counter
 from pathlib import Path
@@ -83,8 +84,7 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
     if args.dataset != "burstgpt" and (args.model_free or args.arrivals != "burstgpt"):
         raise RunError("--model-free and --arrivals apply to the burstgpt serving replay only")
     settings = _trace_settings(args)
-    if not args.model_free:
-        check_backend_flags(args)
+    check_backend_flags(args)
     try:
         workload = load_workload(args)
     except (DatasetNotFound, DatasetFormatError) as exc:
@@ -177,12 +177,9 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace, simulate
 
-    from kvtier.summary import SummaryBuilder
+    from kvtier.summary import SummaryBuilder, backend_sections
     from kvtier.writer import write_json_atomic
 
-    if args.backend == "sim":
-        raise RunError("--model-free replays service times only; --backend sim needs the "
-                       "model's selections (run with the model, or kvtier replay a trace)")
     try:
         cost = StepCostModel(
             prefill_base_s=args.prefill_base_s, prefill_s_per_token=args.prefill_s_per_token,
@@ -209,15 +206,23 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace}  # fmt: skip
+    hook, sections = None, {}
+    if args.backend == "sim":
+        hook = _synthetic_kv(args, requests, config)
     try:
         res = simulate(requests, cost, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, time_scale=args.time_scale,
+                       extra_step_time=hook, on_finish=hook.release if hook else None,
                        progress=True)  # fmt: skip
     except ValueError as exc:
         raise RunError(str(exc)) from None
+    if hook is not None:
+        sections = backend_sections(hook.backend.summary())
+        config["kv_fetch_s_total"] = hook.total_us * 1e-6
     run_name = args.run_name or out_dir.name
     summary = SummaryBuilder(run_name, dataset, config).build(
-        serving=res.serving(), skipped={k: int(v) for k, v in sorted(skipped.items())}
+        serving=res.serving(), skipped={k: int(v) for k, v in sorted(skipped.items())},
+        **sections,
     )
     write_json_atomic(out_dir / "summary.json", summary)
     with open(out_dir / "serving_requests.jsonl", "wb") as fh:
@@ -234,3 +239,40 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         print(f"latency ms: p50 {lat.p50:.1f}  p95 {lat.p95:.1f}  p99 {lat.p99:.1f}  "
               f"max {lat.max:.1f}")  # fmt: skip
     return 0
+
+
+def _synthetic_kv(args: argparse.Namespace, requests: list, config: dict) -> Any:
+    """The ``--backend sim`` hook of the model-free replay: synthetic DSA-like selections of
+    the ``--config`` model's shape, fetched through the tiered backend (runners/synthetic_kv)."""
+    from kvtier.model.args import ConfigError, ModelArgs
+    from kvtier.runners.model_setup import resolve_config
+    from kvtier.runners.synthetic_kv import SelectionShape, SyntheticFetchTime
+
+    from kvtier.settings import TraceSettings
+    from kvtier.tiers.backend import TieredBackend
+    from kvtier.tiers.config import load_tier_config
+    from kvtier.tiers.recompute import load_model_dims
+
+    try:
+        path = resolve_config(args.config, args.ckpt_path)
+        margs = ModelArgs.from_json(path)
+    except ConfigError as exc:
+        raise RunError(str(exc)) from None
+    block = TraceSettings.from_args(args).kv_block_size
+    over: dict[str, Any] = {"block_size": block}
+    if args.kv_bytes_per_token:
+        over["kv_bytes_per_token"] = args.kv_bytes_per_token
+    cfg = load_tier_config(args.tiers, over)
+    if args.hbm_blocks is not None:
+        over["hbm"] = {"capacity_bytes": args.hbm_blocks * block * cfg.kv_bytes_per_token}
+        cfg = load_tier_config(args.tiers, over)
+    backend = TieredBackend(cfg, num_layers=margs.n_layers, eviction=args.policy,
+                            model=load_model_dims(str(path)))  # fmt: skip
+    caps = {r.request_id: min(r.max_new_tokens or args.max_new_tokens, args.max_new_tokens)
+            for r in requests}  # fmt: skip
+    shape = SelectionShape(topk=margs.index_topk)
+    config.update(kv_selections="synthetic", model_config_file=str(path), backend="sim",
+                  tiers=args.tiers, policy=args.policy, hbm_blocks=args.hbm_blocks,
+                  kv_block_size=block, selection_shape=dataclasses.asdict(shape))  # fmt: skip
+    return SyntheticFetchTime(backend, {r.request_id: r.prompt_len for r in requests}, caps,
+                              margs.n_layers, block, shape, seed=args.seed)  # fmt: skip

@@ -102,3 +102,32 @@ def test_model_free_other_arrival_processes(tmp_path, arrivals, rel, rows):
     assert summary["serving"]["batch_size"] == 8
     lat = summary["serving"]["latency_ms"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+
+
+def test_model_free_sim_adds_fetch_time_to_service(tmp_path):
+    sample = SHARED_DATA / "burstgpt" / "BurstGPT_1.head400.csv"
+    if not sample.is_file():
+        pytest.skip("shared BurstGPT sample not present")
+    common = ["burstgpt", "--burstgpt-csv", str(sample), "--limit", "30", "--model-free",
+              "--batch-size", "4", "--decode-base-s", "0.01", "--max-new-tokens", "16"]  # fmt: skip
+    assert run_cli([*common, "--trace-out", str(tmp_path / "hbm")]) == 0
+    assert run_cli([*common, "--trace-out", str(tmp_path / "sim"), "--backend", "sim",
+                    "--hbm-blocks", "256"]) == 0  # fmt: skip
+    rows = {}
+    for name in ("hbm", "sim"):
+        lines = (tmp_path / name / "serving_requests.jsonl").read_text().splitlines()
+        rows[name] = {r["request_id"]: r for r in map(json.loads, lines)}
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["config"]["kv_selections"] == "synthetic"
+    tiers = summary["tiers"]
+    assert tiers["local_pool"]["hit_blocks"] > 0
+    # arrivals are seconds apart and a batch takes < 1 s, so nothing queues: each batch's
+    # service grows by exactly the pool fetch time of its decode steps
+    per_batch = {}
+    for rid, r in rows["sim"].items():
+        h = rows["hbm"][rid]
+        assert r["batch"] == h["batch"] and r["wait_s"] == pytest.approx(h["wait_s"])
+        assert r["service_s"] >= h["service_s"]
+        per_batch[r["batch"]] = r["service_s"] - h["service_s"]
+    assert sum(per_batch.values()) == pytest.approx(summary["config"]["kv_fetch_s_total"])
+    assert summary["config"]["kv_fetch_s_total"] > 0

@@ -148,3 +148,47 @@ def test_fetch_timer_adds_the_slowest_row_of_pool_reads():
     timer.fetch(None)
     assert timer.take_us() == pytest.approx(2 * 5.0)  # HBM latency is not added
     assert timer.take_us() == 0.0
+
+
+class _AccessLog:
+    name = "log"
+
+    def __init__(self):
+        self.accesses, self.events = [], []
+
+    def admit(self, rid, prompt_len, prefix_hashes=()):
+        self.events.append(("admit", rid, prompt_len))
+
+    def append(self, rid, n=1):
+        self.events.append(("append", rid, n))
+
+    def release(self, rid):
+        self.events.append(("release", rid))
+
+    def fetch(self, access):
+        self.accesses.append(access)
+        t = TierFetch(hit_blocks=0, bytes_read=0, read_ops=0, latency_us=2.0, batch_size=1)
+        return [KVFetch(hbm=empty_tier(), local_pool=t, remote_pool=empty_tier())
+                for _ in access.request_ids]  # fmt: skip
+
+
+def test_synthetic_selections_are_dsa_shaped():
+    from kvtier.runners.synthetic_kv import SelectionShape, SyntheticFetchTime
+
+    log = _AccessLog()
+    shape = SelectionShape(topk=40, sink=4, window=8)
+    hook = SyntheticFetchTime(log, {"a": 100, "b": 20}, {"a": 5, "b": 5}, n_layers=3,
+                              block_size=16, shape=shape, seed=1)  # fmt: skip
+    assert hook(["a", "b"], 0) == pytest.approx(3 * 2e-6)  # slowest row per layer
+    hook(["a"], 1)
+    hook.release("a")
+    assert [e[0] for e in log.events] == ["admit", "admit", "append", "append", "append", "release"]
+    first, later = log.accesses[:3], log.accesses[3:]
+    for acc in first:
+        a_pos, b_pos = acc.token_pos
+        assert len(a_pos) == 40 and np.all(np.diff(a_pos) > 0)  # top-k of 101 tokens
+        assert set(range(4)) <= set(a_pos.tolist()) and set(range(93, 101)) <= set(a_pos.tolist())
+        assert b_pos.tolist() == list(range(21))  # context <= topk: dense
+        assert acc.block_ids[0].tolist() == np.unique(a_pos // 16).tolist()
+    assert [acc.layer_id for acc in log.accesses] == [0, 1, 2, 0, 1, 2]
+    assert all(acc.token_pos[0].max() == 101 for acc in later)  # context grew by one
