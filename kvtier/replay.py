@@ -21,7 +21,7 @@ import numpy as np
 
 from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
-from kvtier.reader import TraceError, find_trace, iter_records
+from kvtier.reader import TraceError, find_trace, iter_jsonl_lines, iter_records, location_of
 from kvtier.schema import (
     META_FILE,
     SUMMARY_FILE,
@@ -123,7 +123,7 @@ def _needs_future(s: ReplaySettings) -> bool:
         raise ReplayError(f"--policy {s.policy!r}: {exc}") from None
 
 
-def _summarize_batch(builder: SummaryBuilder, batch: list[TopkRecord], a: int,
+def _summarize_batch(builder: SummaryBuilder, batch: list, a: int,
                      stream: AccessStream, blocked, bs: int) -> None:
     """``builder.add_records(batch)`` from the access-stream columns of records a.. (the same
     numbers for a valid trace, without per-record array building; tested against it)."""
@@ -148,9 +148,44 @@ def _summarize_batch(builder: SummaryBuilder, batch: list[TopkRecord], a: int,
                 np.repeat(np.arange(len(batch), dtype=np.int64), k), blocked.blocks[take])
 
 
-def _rebucket_record(rec: TopkRecord, blocks: np.ndarray, bs: int) -> None:
+def _pass_record_type() -> type:
+    """``TopkRecord`` with ``selected_token_pos`` kept as raw JSON bytes: the replay rewrites
+    ``kv_fetch`` only, and the positions were already validated by the access-stream read,
+    so the longest field is neither parsed nor re-encoded."""
+    spec = []
+    for f in msgspec.structs.fields(TopkRecord):
+        typ = msgspec.Raw if f.name == "selected_token_pos" else f.type
+        spec.append((f.name, typ) if f.default is msgspec.NODEFAULT else (f.name, typ, f.default))
+    return msgspec.defstruct("PassRecord", spec, forbid_unknown_fields=True, omit_defaults=True)
+
+
+_PassRecord = _pass_record_type()
+
+
+def _iter_pass_records(tf) -> Iterator:
+    """Records in trace order: JSONL lines decoded as ``_PassRecord`` (errors name file, line
+    and field), Parquet rows through ``kvtier.reader``."""
+    if tf.format != "jsonl":
+        yield from iter_records(tf)
+        return
+    dec = msgspec.json.Decoder(_PassRecord)
+    for path in tf.files:
+        for lineno, line, complete in iter_jsonl_lines(path):
+            if not line.strip():
+                continue
+            if not complete:
+                raise TraceError(f"{path}:{lineno}: truncated final line (no newline)")
+            try:
+                yield dec.decode(line)
+            except msgspec.ValidationError as exc:
+                field, msg = location_of(exc)
+                raise TraceError(f"{path}:{lineno}: {field}: {msg}") from None
+            except msgspec.DecodeError as exc:
+                raise TraceError(f"{path}:{lineno}: malformed JSON: {exc}") from None
+
+
+def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int) -> None:
     """Rewrite a record's block fields for another block size (point B at ``bs``)."""
-    pos = np.asarray(rec.selected_token_pos, dtype=np.int64)
     per = np.unique(pos // bs, return_counts=True)[1] if pos.size else np.zeros(1, np.int64)
     rec.block_size_tokens = bs
     rec.selected_block_ids = blocks.tolist()
@@ -215,7 +250,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
 
         bar = tqdm(total=n, unit="rec", desc="replay")
     with open(out / TRACE_FILE, "wb") as fh:
-        batch: list[TopkRecord] = []
+        batch: list = []
 
         def flush() -> None:
             nonlocal seen
@@ -239,9 +274,9 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                                  step_wall_us=wall)
             got = backend.fetch(access)
             buf = bytearray()
-            for rec, kv, blocks in zip(batch, got, bls, strict=True):
+            for rec, kv, p, blocks in zip(batch, got, tps, bls, strict=True):
                 if bs != rec.block_size_tokens:
-                    _rebucket_record(rec, blocks, bs)
+                    _rebucket_record(rec, p, blocks, bs)
                 rec.kv_fetch = kv
                 buf += enc.encode(rec)
                 buf += b"\n"
@@ -256,7 +291,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
             batch.clear()
 
         try:
-            for rec in iter_records(tf):
+            for rec in _iter_pass_records(tf):
                 if batch and (rec.step_idx != batch[0].step_idx
                               or rec.layer_id != batch[0].layer_id):
                     flush()

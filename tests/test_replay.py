@@ -209,3 +209,21 @@ def test_summary_equals_the_record_path(trace, tmp_path):
         for field in ("records", "requests", "unique_blocks", "tokens_per_touched_block",
                       "offsets", "prefix_intersection_ratio", "prefix_hot_blocks"):
             assert getattr(got, field) == getattr(want, field), field
+
+
+def test_bad_field_late_in_the_trace_keeps_earlier_output(trace, tmp_path, capsys):
+    """A field only the full decode checks: the error names file, line and field, and the
+    records replayed before it stay in OUT_DIR as complete lines."""
+    bad = tmp_path / "bad2"
+    bad.mkdir()
+    lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
+    assert b'"scores_stats":null' in lines[40]
+    lines[40] = lines[40].replace(b'"scores_stats":null', b'"scores_stats":5')
+    (bad / "trace_steps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "o"
+    assert _replay(str(bad), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "trace_steps.jsonl:41" in err and "scores_stats" in err and err.count("\n") == 1
+    kept = _records(out)
+    assert 0 < len(kept) <= 40
+    assert [r.request_id for r in kept] == [r.request_id for r in _records(trace)[:len(kept)]]
