@@ -54,14 +54,17 @@ def _dict_batch(d, refresh: bool, cap: int, keys: list[int]) -> tuple[list[int],
     residents its own misses evict, where only the per-key loop is exact."""
     present = list(map(d.__contains__, keys))
     n_miss = present.count(False)
+    n_hit = len(keys) - n_miss
     excess = len(d) + n_miss - cap
     oldest = list(islice(d, excess)) if excess > 0 else []
-    if excess > len(oldest) or (oldest and not set(keys).isdisjoint(oldest)):
+    if excess > len(oldest):
         return None
+    if oldest and n_hit and not set(compress(keys, present)).isdisjoint(oldest):
+        return None  # only resident keys of the batch can be among the oldest
     miss = list(compress(keys, map(not_, present))) if n_miss else []
     if n_miss:
         d.update(dict.fromkeys(miss))
-    if refresh:  # every key ends at the MRU end, in batch order
+    if refresh and n_hit:  # every key ends at the MRU end, in batch order
         _consume(map(d.move_to_end, keys))
     if oldest:
         _consume(map(d.pop, oldest))
@@ -777,7 +780,8 @@ class TieredBackend:
                 continue
             got = list(compress(todo, found))
             _consume(map(touch, got))
-            served[tier_no].extend(got)
+            if self._observe is not None:
+                served[tier_no].extend(got)
             counts[tier_no] = n
             if w is not None:
                 wsum[tier_no] = sum(compress(w, found))
