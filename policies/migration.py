@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+
 from kvtier.policies.base import EvictionPolicy, MigrationPolicy
 
 

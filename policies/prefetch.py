@@ -9,6 +9,7 @@ keys into HBM in the background while the layer computes.
 from __future__ import annotations
 
 import numpy as np
+
 from kvtier.policies.base import _BLOCK_BITS, _LAYER_MASK, AccessContext, PrefetchPolicy
 
 _LAYER_FIELD = np.int64(_LAYER_MASK << _BLOCK_BITS)
