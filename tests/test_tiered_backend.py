@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvtier.policies.placement import LocalFirst
 
 from kvtier.access import AccessStream, rebucket
 from kvtier.accessgen import SynthConfig, synth_stream
 from kvtier.backend import LayerAccess
+from kvtier.policies.placement import LocalFirst
 from kvtier.replay import drive_stream
 from kvtier.tiers.backend import TieredBackend
 from kvtier.tiers.config import ConfigError, config_from_dict, load_tier_config
