@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
     from kvtier.model.args import ModelArgs
 
 BLOCK = 128

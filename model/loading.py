@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
     from kvtier.model.args import ModelArgs
     from kvtier.model.model import Transformer
 
@@ -125,6 +126,7 @@ def build_model(
     ``overrides`` replace config fields (e.g. ``max_seq_len``, ``indexer_exact``).
     """
     import torch
+
     from kvtier.model.args import ModelArgs
     from kvtier.model.model import Transformer
 

@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
 from kvtier.model.args import ModelArgs
 
 # one intra-op thread: on the 2 shared CI cores, torch's default pool oversubscribes and tiny

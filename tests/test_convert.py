@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 from hf_utils import CONFIGS, converted, copy_checkpoint, hf_checkpoint, rewrite_hf
+from safetensors.torch import load_file
+
+from kvtier.cli import main
 from kvtier.model.convert import (
     MAPPING,
     ConversionError,
@@ -17,9 +20,6 @@ from kvtier.model.convert import (
     to_hf_name,
 )
 from kvtier.model.hf_reference import dequantize_fp8_blocks
-from safetensors.torch import load_file
-
-from kvtier.cli import main
 
 
 def _hf_tensors(ckpt) -> dict[str, torch.Tensor]:

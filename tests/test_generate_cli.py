@@ -9,11 +9,11 @@ import msgspec
 import pytest
 import torch
 from hf_utils import CLI, converted
+
+from kvtier.cli import main
 from kvtier.model import generate as gen_mod
 from kvtier.model.loading import build_model
 from kvtier.model.tokenizer import Tokenizer
-
-from kvtier.cli import main
 from kvtier.schema import SUMMARY_FILE, TRACE_FILE, TopkRecord
 
 

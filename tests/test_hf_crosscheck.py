@@ -20,6 +20,7 @@ import inspect
 import pytest
 import torch
 from hf_utils import converted, hf_model, model_args
+
 from kvtier.model.convert import convert
 from kvtier.model.hf_reference import write_hf_checkpoint
 from kvtier.model.loading import build_model
@@ -145,8 +146,9 @@ def test_crosscheck_detects_a_wrong_indexer_rope():
 
 @pytest.mark.parametrize("yarn", [False, True])
 def test_config_mapping_round_trips(yarn):
-    from kvtier.model.hf_reference import args_dict_from_hf_config, hf_config_dict
     from transformers import DeepseekV32Config
+
+    from kvtier.model.hf_reference import args_dict_from_hf_config, hf_config_dict
 
     args = model_args("exact", **({"original_seq_len": 16, "rope_factor": 4.0} if yarn else {}))
     cfg = DeepseekV32Config(**hf_config_dict(args)).to_dict()

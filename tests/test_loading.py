@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_utils import converted, model_args
+from safetensors.torch import load_file, save_file
+
 from kvtier.model.convert import to_hf_name
 from kvtier.model.generate import generate
 from kvtier.model.loading import CheckpointError, build_model, check_shard, shard_path
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(autouse=True)

