@@ -64,4 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the imported module so commands raise the same CLIError class we catch
+    from kvtier.cli import main as _main
+
+    sys.exit(_main())

@@ -46,9 +46,10 @@ def resolve_config(config: str | os.PathLike | None, ckpt_path: str | None) -> P
 
 
 def kv_bytes_per_token(args: Any) -> int:
-    """Per layer per token KV bytes of the reference caches (dsa_model.md §11): bf16 MLA
-    latent + bf16 rope key + fp8 indexer key + its fp32 scale (1284 B for the 671B config)."""
-    return 2 * args.kv_lora_rank + 2 * args.qk_rope_head_dim + args.index_head_dim + 4
+    """KV bytes per token per layer of the model's reference caches (1284 B for 671B)."""
+    from kvtier.tracer import kv_bytes_per_token as _formula
+
+    return _formula(args.kv_lora_rank, args.qk_rope_head_dim, args.index_head_dim)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -59,11 +60,16 @@ def init_distributed() -> tuple[int, int]:
         import torch
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(
+                    f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
+                    "start at most one process per GPU (torchrun --nproc-per-node)")
+            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     return rank, world
 
 
