@@ -227,3 +227,20 @@ def test_bad_field_late_in_the_trace_keeps_earlier_output(trace, tmp_path, capsy
     kept = _records(out)
     assert 0 < len(kept) <= 40
     assert [r.request_id for r in kept] == [r.request_id for r in _records(trace)[:len(kept)]]
+
+
+def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
+    """The real tracer's output (``kvtier sanity``: shards, meta with step wall times) replays
+    through the emulator, and the replayed trace passes ``kvtier validate``."""
+    src, out = tmp_path / "san", tmp_path / "out"
+    assert main(["sanity", "--out", str(src), "--requests", "4", "--batch-size", "2",
+                 "--layers", "3", "--trace-shard-records", "40"]) == 0
+    assert _replay(str(src), "--out", str(out), "--tiers", "mooncake", "--hbm-blocks", "30",
+                   "--prefetch", "this_step_prev_layer") == 0
+    assert main(["validate", str(out)]) == 0
+    summ = _summary(out)
+    assert summ.records == _summary(src).records
+    # sanity records 1000 us per step: each (step, layer) adds 1000/3 us of compute
+    wall = _records(src)[0].kv_fetch.hbm.latency_us
+    fetches = summ.stall["per_fetch_us"]["count"]
+    assert summ.tiers["_totals"]["virtual_time_us"] >= fetches * wall / 3
