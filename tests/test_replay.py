@@ -241,6 +241,9 @@ def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
     summ = _summary(out)
     assert summ.records == _summary(src).records
     # sanity records 1000 us per step: each (step, layer) adds 1000/3 us of compute
-    wall = _records(src)[0].kv_fetch.hbm.latency_us
+    from kvtier.reader import find_trace, iter_records
+
+    wall = next(iter_records(find_trace(src))).kv_fetch.hbm.latency_us
+    assert wall
     fetches = summ.stall["per_fetch_us"]["count"]
     assert summ.tiers["_totals"]["virtual_time_us"] >= fetches * wall / 3
