@@ -148,6 +148,58 @@ def _summarize_batch(builder: SummaryBuilder, batch: list, a: int,
                 np.repeat(np.arange(len(batch), dtype=np.int64), k), blocked.blocks[take])
 
 
+def prefix_hashes(prefix_key: str | None, prompt_len: int, prefix_tokens: int, bs: int
+                  ) -> list[int]:
+    """Per-block hashes standing in for the tracer's chained prefix hashes, which records do
+    not carry: equal ``prefix_key`` means equal first ``n`` blocks (n = full blocks in the
+    first ``prefix_tokens`` tokens), so requests with one key share those blocks. Partial
+    matches (``prefix_cached_blocks`` < n) are not reconstructed."""
+    if not prefix_key:
+        return []
+    n = min(prompt_len, prefix_tokens) // bs
+    base = int(prefix_key, 16)
+    return [(base ^ (i * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF for i in range(n)]
+
+
+class _FirstPrefix(msgspec.Struct):
+    request_id: str
+    prefix: dict
+
+
+def _iter_first_prefix(tf) -> Iterator[tuple[str, str | None]]:
+    """(request id, prefix_key) of every record; only read for offline policies."""
+    if tf.format != "jsonl":
+        for rec in iter_records(tf):
+            yield rec.request_id, rec.prefix.prefix_key
+        return
+    dec = msgspec.json.Decoder(_FirstPrefix)
+    for path in tf.files:
+        for _lineno, line, _ in iter_jsonl_lines(path):
+            if line.strip():
+                r = dec.decode(line)
+                yield r.request_id, r.prefix.get("prefix_key")
+
+
+def aliased_key_stream(stream: AccessStream, bs: int, hashes: list[list[int]]) -> np.ndarray:
+    """The HBM key stream the tiered backend will see: ``key_stream`` with shared prefix
+    blocks read under their first owner's keys (``hashes`` per request, admission order)."""
+    from kvtier.tiers.keyspace import KeySpace
+
+    blocked = rebucket(stream, bs)
+    keys = blocked.keys()
+    ks = KeySpace()
+    for name, h in zip(stream.request_ids, hashes, strict=True):
+        ks.admit(name, h)
+    if not any(ks.shared_blocks(i) for i in range(len(hashes))):
+        return keys
+    off = blocked.offsets
+    for i in range(len(stream)):
+        r = int(stream.req[i])
+        if ks.shared_blocks(r):
+            keys[off[i]:off[i + 1]] = ks.keys(r, int(stream.layer[i]), blocked.blocks[off[i]:off[i + 1]])
+    return keys
+
+
 def _pass_record_type() -> type:
     """``TopkRecord`` with ``selected_token_pos`` kept as raw JSON bytes: the replay rewrites
     ``kv_fetch`` only, and the positions were already validated by the access-stream read,
@@ -212,8 +264,23 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     except (TraceReadError, TraceError) as exc:
         raise ReplayError(str(exc)) from None
     bs = settings.block_size or stream.block_size
-    future = rebucket(stream, bs).keys() if _needs_future(settings) else None
     meta_in = _read_meta(trace)
+    trace_cfg = (meta_in.get("config") or {}).get("trace") or {}
+    prefix_tokens = int(trace_cfg.get("prefix_key_tokens", 256))
+    share = settings.backend == "sim" and bs == stream.block_size
+
+    def hashes_for(prompt_len: int, key: str | None) -> list[int]:
+        return prefix_hashes(key, prompt_len, prefix_tokens, bs) if share else []
+
+    future = None
+    if _needs_future(settings):
+        keys_of = {}
+        for rec in _iter_first_prefix(tf):
+            keys_of.setdefault(rec[0], rec[1])
+        prompt = {r: max(int(stream.seq_len[i]) - 1, 0) for i, r in
+                  reversed(list(enumerate(stream.req.tolist())))}
+        future = aliased_key_stream(stream, bs, [
+            hashes_for(prompt[i], keys_of.get(name)) for i, name in enumerate(stream.request_ids)])
     backend = build_backend(settings, stream, bs, future, meta_in)
 
     n = len(stream)
@@ -264,7 +331,8 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                                       "(was the trace modified during the replay?)")
                 if rid not in admitted:
                     admitted.add(rid)
-                    backend.admit(rid, max(int(rec.seq_len_current) - 1, 0))
+                    plen = max(int(rec.seq_len_current) - 1, 0)
+                    backend.admit(rid, plen, hashes_for(plen, rec.prefix.prefix_key))
                 ids.append(rid)
                 tps.append(pos[poff[i]:poff[i + 1]])  # sorted, unique (kvtier.access)
                 bls.append(blk[boff[i]:boff[i + 1]])

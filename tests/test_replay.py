@@ -247,3 +247,36 @@ def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
     assert wall
     fetches = summ.stall["per_fetch_us"]["count"]
     assert summ.tiers["_totals"]["virtual_time_us"] >= fetches * wall / 3
+
+
+def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
+    """Requests with one ``prefix_key`` share their first prefix blocks (256 tokens / 16 = 16
+    blocks): HBM hits follow the aliased key stream, for LRU and for Belady's future."""
+    from kvtier.access import read_access_stream
+    from kvtier.cachesim import simulate
+    from kvtier.policies.belady import BeladyPolicy
+    from kvtier.replay import aliased_key_stream, prefix_hashes
+
+    src = tmp_path / "shared"
+    src.mkdir()
+    recs = _records(trace)
+    for r in recs:
+        r.prefix = msgspec.structs.replace(r.prefix, prefix_key="00000000000000aa")
+    (src / "trace_steps.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in recs))
+    stream = read_access_stream(src)
+    first = {}
+    for i, r in enumerate(stream.req.tolist()):
+        first.setdefault(r, int(stream.seq_len[i]) - 1)
+    hashes = [prefix_hashes("00000000000000aa", first[i], 256, BS) for i in range(len(first))]
+    keys = aliased_key_stream(stream, BS, hashes)
+    assert len(np.unique(keys)) < len(np.unique(key_stream(src)))  # blocks really merged
+    cfg = msgspec.to_builtins(load_tier_config("memfabric"))
+    del cfg["local_pool"], cfg["remote_pool"]
+    path = tmp_path / "hbm_only.json"
+    path.write_text(json.dumps(cfg))
+    for policy, ref in (("lru", _ref_lru(keys.tolist(), 60)),
+                        ("belady", simulate(BeladyPolicy(60), keys).hits)):
+        out = tmp_path / policy
+        assert _replay(str(src), "--out", str(out), "--tiers", str(path), "--hbm-blocks", "60",
+                       "--on-release", "keep", "--policy", policy) == 0
+        assert _summary(out).tiers["hbm"]["hit_blocks"] == ref, policy
