@@ -153,6 +153,9 @@ def test_generic_policy_path_matches_fast_path():
 def test_offline_policy_needs_future():
     with pytest.raises(ConfigError, match="future"):
         TieredBackend(_config(10), num_layers=1, eviction="belady")
+    with pytest.raises(ConfigError, match="write_through"):
+        TieredBackend(_config(10, write_policy="write_back"), num_layers=1, eviction="belady",
+                      future_keys=np.zeros(0, np.int64))
 
 
 # ---------------------------------------------------------------- cost model

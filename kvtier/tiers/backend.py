@@ -198,6 +198,9 @@ class TieredBackend:
             if self._prefetch_on:
                 raise ConfigError(f"eviction {eviction!r} is offline and cannot see prefetches: "
                                   "use --prefetch none")
+            if config.write_policy == "write_back":
+                raise ConfigError(f"eviction {eviction!r} is offline and cannot see write-back "
+                                  "inserts: use write_policy = 'write_through'")
             self.hbm.policy.set_future(np.asarray(future_keys, dtype=np.int64))
         self._needs_ctx = bool(getattr(self.hbm.policy, "needs_context", False))
 
