@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(the same selections replayed through the memfabric tiers with LRU), validates "
         "both traces and prints what they show.",
     )
-    p.add_argument("--out", default="outputs/demo", metavar="DIR",
-                   help="output directory (default: outputs/demo)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: a new outputs/demo_<timestamp>, so reruns "
+                   "never collide)")
     p.add_argument("--force", action="store_true",
                    help="overwrite the traces of an earlier demo in --out")
     p.add_argument("--max-new-tokens", type=int, default=8, metavar="N",
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.out is None:
+        import time
+
+        args.out = f"outputs/demo_{time.strftime('%Y%m%d_%H%M%S')}"
     try:
         result = run_demo(Path(args.out), force=args.force, max_new_tokens=args.max_new_tokens)
     except DemoError as exc:
