@@ -568,3 +568,19 @@ def test_dict_batch_equals_the_per_key_loop(cap, resident, keys, refresh):
     else:
         assert got == (miss, victims)
         assert list(d) == list(ref)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "arc", "s3fifo", "belady", "distance",
+                                    "dsa_aware"])
+def test_hbm_hits_equal_the_single_tier_simulator(policy):
+    """Only an HBM tier, nothing released: every registered eviction policy (context-aware
+    ones through ``begin_record``) gives the hits of ``kvtier.cachesim.simulate``."""
+    from kvtier.cachesim import simulate
+    from kvtier.policies.registry import load_policy
+
+    s = _stream(requests=3, steps=10)
+    bs = rebucket(s, BS)
+    cap = 60
+    ref = simulate(load_policy(policy)(cap), bs).hits
+    b = TieredBackend(_config(cap), num_layers=3, eviction=policy, future_keys=bs.keys())
+    assert _hbm_hits(drive_stream(b, s)) == ref
