@@ -1,6 +1,7 @@
 """Points A and B for a whole decode step at once: every (layer, row) as one 2-D problem.
 
-Rows are sorted once (``np.sort`` along the row), then everything else is a pass over flat
+Rows are sorted once (``np.sort`` along the row, or a per-row bitmap in the numba kernel of
+``kvtier.fastkern`` when it is available: same results), then everything else is a pass over flat
 arrays: block ids are ``pos // block_size`` (a shift for powers of two), a block starts where
 the id changes, per-block token counts are gaps between block starts, and per-row percentiles
 come from sorted rows (offsets) or per-row histograms (tokens per block), with the arithmetic of
@@ -11,9 +12,11 @@ dropped, as are duplicates; only then do rows differ in length (the slower gener
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from kvtier import fastkern
 from kvtier.stats import percentile_hist_rows, percentile_sorted_rows
 
 
@@ -77,10 +80,14 @@ def _take_rows(flat: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> tuple[
 
 def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_prefix: np.ndarray,
                        scores: np.ndarray | None = None, keep_scores: bool = False,
-                       in_place: bool = False) -> StepStats:
+                       in_place: bool = False, fast: bool | None = None,
+                       scratch: dict | None = None) -> StepStats:
     """Points A and B for rows of top-k indices [R, K] of one decode step (``seq_len`` =
     ``step_idx + 1``); ``n_prefix[r]`` is the number of prefix blocks of row r's request.
-    ``in_place`` lets the sort reuse ``positions`` (a scratch buffer of the caller)."""
+    ``in_place`` lets the sort reuse ``positions`` (a scratch buffer of the caller). ``fast``:
+    None uses the numba kernels when available (rows without scores), False forces numpy.
+    ``scratch``: a dict the numba path keeps its output buffers in between calls (the caller's;
+    results then stay valid only until its next call), sparing fresh pages every step."""
     p = np.asarray(positions)
     if p.ndim != 2 or p.shape[1] == 0:
         raise ValueError(f"top-k indices must be a non-empty [rows, K] array, got shape {list(p.shape)}")
@@ -92,6 +99,52 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
         raise ValueError(f"selected position {pmax} >= seq_len_current {seq_len} "
                          f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
     dtype = np.int32 if seq_len < 2**31 else np.int64
+    n_prefix = np.asarray(n_prefix, dtype=np.int64)
+    kern = fastkern.load() if fast is None or fast else None
+    if fast and kern is None:
+        raise RuntimeError("fast=True needs numba (extra 'fast'; unset KVTIER_NO_NUMBA)")
+    if scores is None and kern is not None:
+        (flat, row_starts, pos2d, block_ids, block_starts, block_counts, hist,
+         intersection) = _blocks_numba(kern, p.astype(dtype, copy=False), seq_len, block_size, n_prefix,
+                            {} if scratch is None else scratch)
+        sflat = None
+    else:
+        (flat, row_starts, pos2d, sflat, block_ids, block_starts, block_counts, hist,
+         intersection) = _blocks_numpy(p, dtype, scores, in_place, block_size, n_prefix)
+    if sflat is not None and not np.isfinite(sflat).all():
+        raise ValueError("indexer scores of selected positions must be finite")
+    n_tok = np.diff(row_starts)
+    unique = np.diff(block_starts)
+    tpb_mean = n_tok / unique
+    tpb_p50 = percentile_hist_rows(hist, 50.0)
+    tpb_p95 = percentile_hist_rows(hist, 95.0)
+    # point A: offsets (end - 1) - pos; reflected, so min/max swap ends of the sorted row
+    last = seq_len - 1
+    offset_min = last - flat[row_starts[1:] - 1].astype(np.int64)
+    offset_max = last - flat[row_starts[:-1]].astype(np.int64)
+    offset_p50 = last - percentile_sorted_rows(flat, row_starts, 50.0)
+    ratio = intersection / unique
+    if sflat is not None:
+        smin = np.minimum.reduceat(sflat, row_starts[:-1])
+        smax = np.maximum.reduceat(sflat, row_starts[:-1])
+        smean = np.add.reduceat(sflat, row_starts[:-1]) / n_tok
+    else:
+        smin = smax = smean = None
+    return StepStats(
+        positions=flat, row_starts=row_starts, positions_2d=pos2d, block_ids=block_ids,
+        block_starts=block_starts, block_counts=block_counts, unique_blocks=unique,
+        tpb_mean=tpb_mean, tpb_p50=tpb_p50, tpb_p95=tpb_p95, offset_min=offset_min,
+        offset_p50=offset_p50, offset_max=offset_max, n_prefix=n_prefix,
+        intersection=intersection, ratio=ratio,
+        scores=sflat if keep_scores else None, scores_min=smin, scores_mean=smean, scores_max=smax,
+    )
+
+
+def _blocks_numpy(p: np.ndarray, dtype: type, scores: np.ndarray | None, in_place: bool,
+                  block_size: int, n_prefix: np.ndarray) -> tuple:
+    """Sorted unique rows, blocks, per-row count histograms and prefix overlap with numpy:
+    one sort of the whole step, then shifted-compare masks and gaps between block starts."""
+    n_rows, k = p.shape
     if scores is None:
         if in_place and p.dtype == dtype and p.flags.c_contiguous and p.flags.writeable:
             p.sort(axis=1)
@@ -120,8 +173,6 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
         np.cumsum(counts, out=row_starts[1:])
         pos2d = None
         sflat = None if sc is None else sc[valid]
-    if sflat is not None and not np.isfinite(sflat).all():
-        raise ValueError("indexer scores of selected positions must be finite")
     n = len(flat)
     # point B: blocks
     if block_size & (block_size - 1) == 0:
@@ -139,34 +190,44 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
     block_counts[-1] = n - bidx[-1]
     block_starts = np.searchsorted(bidx, row_starts).astype(np.int64)
     unique = np.diff(block_starts)
-    n_tok = np.diff(row_starts)
-    tpb_mean = n_tok / unique
     row_of_block = np.repeat(np.arange(n_rows), unique)
     width = int(block_counts.max()) + 1
     hist = np.bincount(row_of_block * width + block_counts, minlength=n_rows * width).reshape(n_rows, width)
-    tpb_p50 = percentile_hist_rows(hist, 50.0)
-    tpb_p95 = percentile_hist_rows(hist, 95.0)
-    # point A: offsets (end - 1) - pos; reflected, so min/max swap ends of the sorted row
-    last = seq_len - 1
-    offset_min = last - flat[row_starts[1:] - 1].astype(np.int64)
-    offset_max = last - flat[row_starts[:-1]].astype(np.int64)
-    offset_p50 = last - percentile_sorted_rows(flat, row_starts, 50.0)
     # point D: touched blocks inside the prefix (block ids 0..n_prefix-1: a prefix of each row)
-    n_prefix = np.asarray(n_prefix, dtype=np.int64)
     inside = block_ids < n_prefix[row_of_block]
     intersection = np.add.reduceat(inside, block_starts[:-1], dtype=np.int64)
-    ratio = intersection / unique
-    if sflat is not None:
-        smin = np.minimum.reduceat(sflat, row_starts[:-1])
-        smax = np.maximum.reduceat(sflat, row_starts[:-1])
-        smean = np.add.reduceat(sflat, row_starts[:-1]) / n_tok
-    else:
-        smin = smax = smean = None
-    return StepStats(
-        positions=flat, row_starts=row_starts, positions_2d=pos2d, block_ids=block_ids,
-        block_starts=block_starts, block_counts=block_counts, unique_blocks=unique,
-        tpb_mean=tpb_mean, tpb_p50=tpb_p50, tpb_p95=tpb_p95, offset_min=offset_min,
-        offset_p50=offset_p50, offset_max=offset_max, n_prefix=n_prefix,
-        intersection=intersection, ratio=ratio,
-        scores=sflat if keep_scores else None, scores_min=smin, scores_mean=smean, scores_max=smax,
-    )
+    return flat, row_starts, pos2d, sflat, block_ids, block_starts, block_counts, hist, intersection
+
+
+def _buffer(scratch: dict, name: str, n: int, dtype: type) -> np.ndarray:
+    buf = scratch.get(name)
+    if buf is None or buf.dtype != dtype or len(buf) < n:
+        buf = scratch[name] = np.empty(max(n, 1), dtype)
+    return buf[:n]
+
+
+def _blocks_numba(kern: Any, p: np.ndarray, seq_len: int, block_size: int,
+                  n_prefix: np.ndarray, scratch: dict) -> tuple:
+    """The same with one compiled pass per row (bitmap sort, see ``kvtier.fastkern``)."""
+    n_rows, k = p.shape
+    n = n_rows * k
+    n_words = (seq_len + 63) >> 6 if seq_len <= fastkern.BITMAP_MAX_SEQ else 0
+    bitmap = scratch.get("bitmap")
+    if bitmap is None or len(bitmap) < n_words:  # the kernel leaves it all zero
+        bitmap = scratch["bitmap"] = np.zeros(n_words, np.uint64)
+    bitmap = bitmap[:n_words]
+    flat = _buffer(scratch, "flat", n, p.dtype)
+    blk = _buffer(scratch, "blk", n, p.dtype)
+    cnt = _buffer(scratch, "cnt", n, np.int64)
+    row_starts = np.empty(n_rows + 1, np.int64)
+    block_starts = np.empty(n_rows + 1, np.int64)
+    hist = np.zeros((n_rows, min(block_size, k) + 1), np.int64)
+    inter = np.empty(n_rows, np.int64)
+    ok = kern.step_rows(np.ascontiguousarray(p), seq_len, block_size, n_prefix, bitmap, flat,
+                        row_starts, blk, cnt, block_starts, hist, inter)
+    if not ok:
+        row = int(np.argmax((p < 0).all(axis=1)))
+        raise ValueError(f"row {row} has no selected position (all padding)")
+    m, nb = int(row_starts[-1]), int(block_starts[-1])
+    pos2d = flat.reshape(n_rows, k) if m == n else None
+    return flat[:m], row_starts, pos2d, blk[:nb], block_starts, cnt[:nb], hist, inter

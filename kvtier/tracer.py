@@ -20,8 +20,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from kvtier import fastkern
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
-from kvtier.fastjson import encode_int_rows
+from kvtier.fastjson import MAX_VALUE, encode_int_rows
 from kvtier.prefix import PrefixAnalyzer, PrefixState
 from kvtier.schema import (
     EVENT_DSA_TOPK,
@@ -89,6 +90,40 @@ _MID2 = (b',"unique_blocks":%d,"tokens_per_touched_block":{"mean":%r,"p50":%r,"p
          b'"kv_fetch":%s,"prefix":{"prefix_cache_hit":%s,"prefix_cached_blocks":%d,'
          b'"prefix_key":%s,"intersection_ratio":%r,"intersection_blocks":%d},'
          b'"selected_token_pos":[')
+
+
+def _fast_program() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The record layout for ``fastkern.emit_records``: the same text as the templates above,
+    as (literal bytes, literal starts, field kinds)."""
+    k = fastkern
+    fields = [(b"", k.TEXT), (b',"layer_id":', k.INT), (b',"step_idx":', k.INT),
+              (b',"seq_len_current":', k.INT), (b',"unique_token_pos_count":', k.INT),
+              (b',"offset_min":', k.INT), (b',"offset_p50":', k.HALF), (b',"offset_max":', k.INT),
+              (b',"block_size_tokens":', k.INT), (b',"selected_block_ids":[', k.BLK),
+              (b',"unique_blocks":', k.INT), (b',"tokens_per_touched_block":{"mean":', k.TEXT),
+              (b',"p50":', k.HALF), (b',"p95":', k.TEXT), (b'},"kv_fetch":', k.TEXT),
+              (b',"prefix":{"prefix_cache_hit":', k.TEXT), (b',"prefix_cached_blocks":', k.INT),
+              (b',"prefix_key":', k.TEXT), (b',"intersection_ratio":', k.TEXT),
+              (b',"intersection_blocks":', k.INT), (b'},"selected_token_pos":[', k.POS)]
+    lits = [f[0] for f in fields] + [b',"scores_stats":null}\n']
+    starts = np.zeros(len(lits) + 1, np.int64)
+    np.cumsum([len(x) for x in lits], out=starts[1:])
+    return (np.frombuffer(b"".join(lits) + bytes(8), np.uint8), starts,
+            np.array([f[1] for f in fields], np.int64))
+
+
+_FAST_LITS, _FAST_LIT_STARTS, _FAST_KINDS = _fast_program()
+
+
+def _list_width(flat: np.ndarray, starts: np.ndarray) -> int:
+    """Element width ``kvtier.fastjson`` uses for these sorted rows (0: compact)."""
+    vmax = int(flat[starts[1:] - 1].max())
+    return 0 if vmax > MAX_VALUE else len(str(vmax)) + 1
+
+
+def _table(width: int) -> np.ndarray:
+    """Digit table for list width ``width`` (a dummy for compact lists)."""
+    return fastkern.digit_table(width, 10 ** (width - 1)) if width else np.zeros(1, np.uint64)
 
 
 class _Layer:
@@ -163,6 +198,8 @@ class Tracer:
         self._ibuf: np.ndarray | None = None
         self._pos_scratch = np.zeros(0, np.uint8)
         self._blk_scratch = np.zeros(0, np.uint8)
+        self._kern = fastkern.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
+        self._stats_scratch: dict = {}
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -253,7 +290,9 @@ class Tracer:
         checking the range first so the narrowing copy cannot wrap a bad index."""
         assert self._step is not None
         seq_len = self._step + 1
-        amax = int(arr.max())
+        amax = None if self._kern is None else self._copy_checked(slot, arr)
+        if amax is None:
+            amax = int(arr.max())
         if amax >= seq_len:
             raise ValueError(f"layer {layer_id}: selected position {amax} >= seq_len_current {seq_len} "
                              f"(a decode step at start_pos {self._step} sees positions 0..{self._step})")
@@ -268,7 +307,22 @@ class Tracer:
             if slot and buf is not None:
                 grown[:slot] = buf[:slot]
             self._ibuf = buf = grown
-        np.copyto(buf[slot], arr, casting="unsafe")
+        if self._kern is None or self._copied != slot:
+            np.copyto(buf[slot], arr, casting="unsafe")
+
+    _copied = -1
+
+    def _copy_checked(self, slot: int, arr: np.ndarray) -> int | None:
+        """numba path: copy into the step buffer and take the max in one pass (the max of the
+        source, so an out-of-range index is still caught). None when the buffer must grow."""
+        assert self._step is not None and self._kern is not None
+        buf = self._ibuf
+        dtype = np.int32 if self._step + 1 < 2**31 else np.int64
+        self._copied = -1
+        if buf is None or buf.dtype != dtype or buf.shape[1:] != arr.shape or buf.shape[0] <= slot:
+            return None
+        self._copied = slot
+        return int(self._kern.copy_max(np.ascontiguousarray(arr), buf[slot]))
 
     def _to_pinned(self, slot: int, kind: str, x: Any) -> tuple[Any, Any]:
         import torch  # only reached with a CUDA tensor, so torch is already imported
@@ -328,7 +382,8 @@ class Tracer:
         req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
         stats = compute_step_stats(positions, step + 1, self.settings.kv_block_size,
                                    self._n_prefix[req_rows], scores2,
-                                   keep_scores=self.settings.store_scores, in_place=True)
+                                   keep_scores=self.settings.store_scores, in_place=True,
+                                   scratch=self._stats_scratch)
         # sampling: per (request, step), identical for every layer
         if self.settings.sample_rate < 1.0:
             keep_row = sample_uniform(self._sample_keys[rows], step) < self.settings.sample_rate
@@ -354,7 +409,10 @@ class Tracer:
             self.backend.append(rid, 1)
         keep = np.tile(keep_row, n_layers)
         if keep.any():
-            self._emit(step, layers, rows, ids, stats, fetches, keep)
+            if self._kern is not None and stats.scores_min is None:
+                self._emit_fast(step, layers, rows, ids, stats, fetches, keep)
+            else:
+                self._emit(step, layers, rows, ids, stats, fetches, keep)
 
     def _emit(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[str],
               st: StepStats, fetches: list, keep: np.ndarray) -> None:
@@ -426,6 +484,88 @@ class Tracer:
                 tail,
             ))
         self.writer.write(b"".join(pieces), len(sel))
+
+    def _emit_fast(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[str],
+                   st: StepStats, fetches: list, keep: np.ndarray) -> None:
+        """``_emit`` for records without scores via one numba kernel that writes every record
+        of the step into one buffer (same bytes; only float reprs and kv_fetch JSON come
+        from Python, a few per record)."""
+        assert self._kern is not None
+        n_rows = len(rows)
+        sel = np.flatnonzero(keep)
+        n_sel = len(sel)
+        sub = st if n_sel == len(keep) else st.subset(sel)
+        end = step + 1
+        enc = self._encoder
+        # text spans: per batch row (head, cache hit, key), then per record (kv_fetch, floats)
+        row_list = rows.tolist()
+        texts: list[bytes] = [self._head + enc.encode(self._request_ids[r]) for r in row_list]
+        for r in row_list:
+            texts.append(b"true" if self._prefix_states[r].cache_hit else b"false")
+        for r in row_list:
+            key = self._prefix_states[r].key
+            texts.append(b"null" if key is None else b'"%s"' % key.encode())
+        texts.extend(map(enc.encode, [fetches[i] for i in sel.tolist()] if n_sel < len(keep) else fetches))
+        lens = [len(t) for t in texts]
+        floats = []
+        for arr in (sub.tpb_mean, sub.tpb_p95, sub.ratio):
+            strs = list(map(repr, arr.tolist()))
+            floats.append("".join(strs))
+            lens.extend(map(len, strs))
+        text_buf = np.frombuffer(b"".join(texts) + "".join(floats).encode() + bytes(8), np.uint8)
+        text_starts = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=text_starts[1:])
+        fetch0 = 3 * n_rows
+        mean0 = fetch0 + n_sel
+        j = np.arange(n_sel, dtype=np.int64)
+        li, r = np.divmod(sel, n_rows)
+        kinds = _FAST_KINDS.copy()
+        vals = np.empty((n_sel, len(kinds)), np.int64)
+        vals[:, 0] = r
+        vals[:, 1] = np.array([lay.layer_id for lay in layers], np.int64)[li]
+        vals[:, 2] = step
+        vals[:, 3] = end
+        vals[:, 4] = np.diff(sub.row_starts)
+        vals[:, 5] = sub.offset_min
+        vals[:, 7] = sub.offset_max
+        vals[:, 8] = self.settings.kv_block_size
+        vals[:, 9] = j
+        vals[:, 10] = sub.unique_blocks
+        vals[:, 11] = mean0 + j
+        vals[:, 13] = mean0 + n_sel + j
+        vals[:, 14] = fetch0 + j
+        vals[:, 15] = n_rows + r
+        vals[:, 16] = np.array([self._prefix_states[x].cached_blocks for x in row_list], np.int64)[r]
+        vals[:, 17] = 2 * n_rows + r
+        vals[:, 18] = mean0 + 2 * n_sel + j
+        vals[:, 19] = sub.intersection
+        vals[:, 20] = j
+        for col, arr in ((6, sub.offset_p50), (12, sub.tpb_p50)):
+            twice = arr * 2.0
+            if (twice >= 0).all() and (twice < 2.0**52).all() and (twice == np.floor(twice)).all():
+                vals[:, col] = twice.astype(np.int64)
+            else:  # not x.0 / x.5: Python's repr
+                strs = [repr(x).encode() for x in arr.tolist()]
+                base = len(text_starts) - 1
+                text_buf = np.concatenate([text_buf[:-8], np.frombuffer(b"".join(strs) + bytes(8), np.uint8)])
+                text_starts = np.concatenate([text_starts, text_starts[-1] + np.cumsum([len(x) for x in strs])])
+                kinds[col] = fastkern.TEXT
+                vals[:, col] = base + j
+        pos_w = _list_width(sub.positions, sub.row_starts)
+        blk_w = _list_width(sub.block_ids, sub.block_starts)
+        row_max = max(map(len, texts[:3 * n_rows]))
+        bound = (n_sel * (len(_FAST_LITS) + 24 * len(kinds) + 3 * row_max) + len(text_buf)
+                 + len(sub.positions) * (pos_w or 21) + len(sub.block_ids) * (blk_w or 21) + 16)
+        out = np.empty(bound, np.uint8)
+        ohist = np.zeros(end, np.int64)
+        n_bytes = self._kern.emit_records(
+            out, _FAST_LITS, _FAST_LIT_STARTS, kinds, vals, text_buf, text_starts,
+            sub.positions, sub.row_starts, pos_w, _table(pos_w), sub.block_ids,
+            sub.block_starts, blk_w, _table(blk_w), ohist, step)
+        prefix_rows, prefix_blocks = sub.prefix_touches()
+        self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, sub.block_counts, None,
+                         sub.ratio, prefix_rows, prefix_blocks, offset_hist=ohist)
+        self.writer.write(memoryview(out)[:n_bytes], n_sel)
 
     def end_batch(self) -> None:
         """The batch's requests finished: ``backend.release`` each."""
