@@ -103,9 +103,11 @@ class CappedTracer:
 class FetchTimer:
     """Wraps a KV backend and adds up the time the pool tiers take to serve fetches.
 
-    Per (step, layer) the batch's rows are fetched together, so the step pays the slowest
-    row: ``max_row(local_pool.latency_us + remote_pool.latency_us)``. HBM latency is the
-    measured forward itself and is not added again.
+    Per (step, layer) the batch's rows are fetched together and the pool tiers are read
+    concurrently (they contend only where they share a link, which the emulator already
+    models), so the step waits for the slowest pool read: the backend's own stall when it
+    reports one (``TieredBackend.stall_total``), else ``max`` over rows and pool tiers of
+    ``latency_us``. HBM latency is the measured forward itself and is not added again.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -126,11 +128,14 @@ class FetchTimer:
         return self.inner.summary()
 
     def fetch(self, access):
+        before = getattr(self.inner, "stall_total", None)
         out = self.inner.fetch(access)
+        if before is not None:
+            self.total_us += self.inner.stall_total - before
+            return out
         worst = 0.0
         for f in out:
-            row = (f.local_pool.latency_us or 0.0) + (f.remote_pool.latency_us or 0.0)
-            worst = max(worst, row)
+            worst = max(worst, f.local_pool.latency_us or 0.0, f.remote_pool.latency_us or 0.0)
         self.total_us += worst
         return out
 

@@ -142,12 +142,26 @@ class _FixedBackend:
                 for a, b in self.rows]  # fmt: skip
 
 
-def test_fetch_timer_adds_the_slowest_row_of_pool_reads():
+def test_fetch_timer_adds_the_slowest_pool_read():
+    # pools are read concurrently: the step waits for the slowest one, not their sum
     timer = FetchTimer(_FixedBackend([(3.0, None), (1.0, 4.0), (None, None)]))
     timer.fetch(None)
     timer.fetch(None)
-    assert timer.take_us() == pytest.approx(2 * 5.0)  # HBM latency is not added
+    assert timer.take_us() == pytest.approx(2 * 4.0)  # HBM latency is not added
     assert timer.take_us() == 0.0
+
+
+def test_fetch_timer_prefers_the_backends_own_stall():
+    class _Stalling(_FixedBackend):
+        stall_total = 0.0
+
+        def fetch(self, access):
+            self.stall_total += 7.0
+            return super().fetch(access)
+
+    timer = FetchTimer(_Stalling([(3.0, 100.0)]))
+    timer.fetch(None)
+    assert timer.take_us() == pytest.approx(7.0)
 
 
 class _AccessLog:
