@@ -228,15 +228,14 @@ class TieredBackend:
     @staticmethod
     def _fast(policy: EvictionPolicy) -> tuple | None:
         """(OrderedDict, refresh on hit, capacity) for exactly LRUPolicy / FIFOPolicy, whose
-        resident set is that dict; the hot loop then runs without method calls."""
+        resident set is that dict; the hot loop then runs without method calls. (Subclasses
+        may override methods, so they take the generic path.)"""
         from kvtier.policies.fifo import FIFOPolicy
         from kvtier.policies.lru import LRUPolicy
 
         d = getattr(policy, "_d", None)
-        if type(policy) is LRUPolicy and d is not None:
-            return d, True, policy.capacity
-        if type(policy) is FIFOPolicy and d is not None:
-            return d, False, policy.capacity
+        if type(policy) in (LRUPolicy, FIFOPolicy) and d is not None:
+            return d, type(policy).refresh, policy.capacity
         return None
 
     # ------------------------------------------------------------------ lifecycle
