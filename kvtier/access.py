@@ -18,9 +18,8 @@ import msgspec
 import numpy as np
 
 from kvtier.policies.base import MAX_BLOCK_ID, MAX_LAYER, block_keys_columns
-from kvtier.schema import META_FILE, TRACE_FILE
-
-PARQUET_FILE = "trace_steps.parquet"
+from kvtier.reader import TraceError, find_trace
+from kvtier.schema import META_FILE
 
 
 class TraceReadError(ValueError):
@@ -109,35 +108,13 @@ class BlockStream:
 
 
 def trace_files(trace: str | Path) -> tuple[str, list[Path]]:
-    """``(format, files)`` for a trace directory (or a single trace file), in record order."""
-    path = Path(trace)
-    if path.is_file():
-        fmt = "parquet" if path.suffix == ".parquet" else "jsonl"
-        return fmt, [path]
-    if not path.is_dir():
-        raise TraceReadError(f"{path}: no such trace directory or file")
-    meta_path = path / META_FILE
-    shards: list[str] = []
-    fmt = ""
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_bytes())
-        except ValueError as exc:
-            raise TraceReadError(f"{meta_path}: not valid JSON: {exc}") from None
-        shards = list(meta.get("shards") or [])
-        fmt = str(meta.get("format") or "")
-    if shards:
-        files = [path / s for s in shards]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise TraceReadError(f"{meta_path}: field `shards` names missing file(s): {missing}")
-        fmt = fmt or ("parquet" if files[0].suffix == ".parquet" else "jsonl")
-        return fmt, files
-    if fmt != "jsonl" and (path / PARQUET_FILE).is_file():
-        return "parquet", [path / PARQUET_FILE]
-    if (path / TRACE_FILE).is_file():
-        return "jsonl", [path / TRACE_FILE]
-    raise TraceReadError(f"{path}: no {TRACE_FILE} or {PARQUET_FILE} (and no shards in {META_FILE})")
+    """``(format, files)`` for a trace directory (or a single trace file), in record order:
+    ``kvtier.reader.find_trace`` (one rule for every reader), its errors as TraceReadError."""
+    try:
+        tf = find_trace(trace)
+    except TraceError as exc:
+        raise TraceReadError(str(exc)) from None
+    return tf.format, tf.files
 
 
 def _locate_error(path: Path, data: bytes, dec: msgspec.json.Decoder) -> TraceReadError:

@@ -60,7 +60,7 @@ def find_trace(path: str | Path, require_meta: bool = False) -> TraceFiles:
         files = [p / name for name in meta.shards]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            raise TraceError(f"{missing[0]}: listed in {META_FILE} but missing")
+            raise TraceError(f"{missing[0]}: listed in {META_FILE} field `shards` but missing")
         return TraceFiles(p, meta, files, meta.format)
     if (p / PARQUET_FILE).is_file():
         return TraceFiles(p, meta, [p / PARQUET_FILE], "parquet")
@@ -91,8 +91,20 @@ def location_of(exc: msgspec.ValidationError) -> tuple[str, str]:
     return "$", text
 
 
-def iter_records(tf: TraceFiles) -> Iterator[TopkRecord]:
-    """Every record of the trace, in order; raises TraceError at the first bad one."""
+def iter_records(tf: TraceFiles, record_type: type = TopkRecord) -> Iterator:
+    """Every record of the trace, in order; raises TraceError at the first bad one.
+
+    ``record_type`` is the msgspec struct JSONL lines decode into (a subset of the record's
+    fields, or ``TopkRecord`` with some fields as ``msgspec.Raw``, to skip work); Parquet rows
+    are always full ``TopkRecord``s, which have every attribute such a type names."""
+    for rec, _line in iter_records_with_lines(tf, record_type):
+        yield rec
+
+
+def iter_records_with_lines(tf: TraceFiles, record_type: type = TopkRecord
+                            ) -> Iterator[tuple[object, bytes | None]]:
+    """``iter_records`` that also yields each JSONL record's line (without the newline), so a
+    rewriter can copy unchanged bytes; ``None`` for Parquet rows."""
     if tf.format == "parquet":
         from kvtier.binary import iter_parquet_records
 
@@ -100,9 +112,9 @@ def iter_records(tf: TraceFiles) -> Iterator[TopkRecord]:
             for row, rec in iter_parquet_records(path):
                 if isinstance(rec, Exception):
                     raise TraceError(f"{path}:row {row}: {rec}")
-                yield rec
+                yield rec, None
         return
-    dec = msgspec.json.Decoder(TopkRecord)
+    dec = msgspec.json.Decoder(record_type)
     for path in tf.files:
         for lineno, line, complete in iter_jsonl_lines(path):
             if not line.strip():
@@ -111,7 +123,7 @@ def iter_records(tf: TraceFiles) -> Iterator[TopkRecord]:
                 raise TraceError(f"{path}:{lineno}: truncated final line (no newline); "
                                  "the records before it are intact")
             try:
-                yield dec.decode(line)
+                yield dec.decode(line), line
             except msgspec.ValidationError as exc:
                 field, msg = location_of(exc)
                 raise TraceError(f"{path}:{lineno}: {field}: {msg}") from None
