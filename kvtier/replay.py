@@ -11,6 +11,7 @@ is written again with ``kv_fetch`` replaced. Requests are admitted at their firs
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 
 from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
-from kvtier.reader import TraceError, find_trace, iter_jsonl_lines, iter_records, location_of
+from kvtier.reader import TraceError, find_trace, iter_records, iter_records_with_lines
 from kvtier.schema import (
     META_FILE,
     SUMMARY_FILE,
@@ -161,23 +162,21 @@ def prefix_hashes(prefix_key: str | None, prompt_len: int, prefix_tokens: int, b
     return [(base ^ (i * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF for i in range(n)]
 
 
+class _PrefixKey(msgspec.Struct):
+    prefix_key: str | None = None
+
+
 class _FirstPrefix(msgspec.Struct):
+    """The two fields the offline pre-pass needs (msgspec skips the rest of each line)."""
+
     request_id: str
-    prefix: dict
+    prefix: _PrefixKey
 
 
 def _iter_first_prefix(tf) -> Iterator[tuple[str, str | None]]:
     """(request id, prefix_key) of every record; only read for offline policies."""
-    if tf.format != "jsonl":
-        for rec in iter_records(tf):
-            yield rec.request_id, rec.prefix.prefix_key
-        return
-    dec = msgspec.json.Decoder(_FirstPrefix)
-    for path in tf.files:
-        for _lineno, line, _ in iter_jsonl_lines(path):
-            if line.strip():
-                r = dec.decode(line)
-                yield r.request_id, r.prefix.get("prefix_key")
+    for rec in iter_records(tf, _FirstPrefix):
+        yield rec.request_id, rec.prefix.prefix_key
 
 
 def aliased_key_stream(stream: AccessStream, bs: int, hashes: list[list[int]]) -> np.ndarray:
@@ -214,26 +213,23 @@ def _pass_record_type() -> type:
 _PassRecord = _pass_record_type()
 
 
-def _iter_pass_records(tf) -> Iterator:
-    """Records in trace order: JSONL lines decoded as ``_PassRecord`` (errors name file, line
-    and field), Parquet rows through ``kvtier.reader``."""
-    if tf.format != "jsonl":
-        yield from iter_records(tf)
-        return
-    dec = msgspec.json.Decoder(_PassRecord)
-    for path in tf.files:
-        for lineno, line, complete in iter_jsonl_lines(path):
-            if not line.strip():
-                continue
-            if not complete:
-                raise TraceError(f"{path}:{lineno}: truncated final line (no newline)")
-            try:
-                yield dec.decode(line)
-            except msgspec.ValidationError as exc:
-                field, msg = location_of(exc)
-                raise TraceError(f"{path}:{lineno}: {field}: {msg}") from None
-            except msgspec.DecodeError as exc:
-                raise TraceError(f"{path}:{lineno}: malformed JSON: {exc}") from None
+# ``"kv_fetch": {...}`` with its value: an object of objects of scalars (KVFetch of TierFetch)
+_KV_FETCH = re.compile(rb'"kv_fetch"\s*:\s*\{(?:[^{}]|\{[^{}]*\})*\}')
+_KV_KEY = b'"kv_fetch"'
+
+
+def splice_kv_fetch(line: bytes, kv_json: bytes) -> bytes | None:
+    """``line`` with its top-level ``kv_fetch`` value replaced by ``kv_json``, every other byte
+    kept; None if the span cannot be located (the caller re-encodes the record then). Only for
+    lines that decoded as a valid record: nested objects of a record have no ``kv_fetch`` key
+    and a string value cannot be followed by ``:``, so the first match is the field."""
+    start = line.find(_KV_KEY)
+    while start >= 0:
+        m = _KV_FETCH.match(line, start)
+        if m is not None:
+            return b"".join((line[:start], b'"kv_fetch":', kv_json, line[m.end():]))
+        start = line.find(_KV_KEY, start + 1)
+    return None
 
 
 def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int) -> None:
@@ -318,6 +314,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         bar = tqdm(total=n, unit="rec", desc="replay")
     with open(out / TRACE_FILE, "wb") as fh:
         batch: list = []
+        lines: list[bytes | None] = []
 
         def flush() -> None:
             nonlocal seen
@@ -341,14 +338,19 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                                  request_ids=ids, token_pos=tps, block_ids=bls, block_size=bs,
                                  step_wall_us=wall)
             got = backend.fetch(access)
-            buf = bytearray()
-            for rec, kv, p, blocks in zip(batch, got, tps, bls, strict=True):
-                if bs != rec.block_size_tokens:
-                    _rebucket_record(rec, p, blocks, bs)
-                rec.kv_fetch = kv
-                buf += enc.encode(rec)
-                buf += b"\n"
-            fh.write(buf)
+            out_lines = []
+            for rec, line, kv, p, blocks in zip(batch, lines, got, tps, bls, strict=True):
+                new = None
+                if line is not None and bs == rec.block_size_tokens:
+                    new = splice_kv_fetch(line, enc.encode(kv))
+                if new is None:  # Parquet input, another block size, or no span found
+                    if bs != rec.block_size_tokens:
+                        _rebucket_record(rec, p, blocks, bs)
+                    rec.kv_fetch = kv
+                    new = enc.encode(rec)
+                out_lines.append(new)
+            out_lines.append(b"")
+            fh.write(b"\n".join(out_lines))
             _summarize_batch(builder, batch, seen, stream, blocked, bs)
             for i in range(seen, seen + len(batch)):
                 for rid in ends_at.get(i, ()):
@@ -357,13 +359,15 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
             if bar is not None:
                 bar.update(len(batch))
             batch.clear()
+            lines.clear()
 
         try:
-            for rec in _iter_pass_records(tf):
+            for rec, line in iter_records_with_lines(tf, _PassRecord):
                 if batch and (rec.step_idx != batch[0].step_idx
                               or rec.layer_id != batch[0].layer_id):
                     flush()
                 batch.append(rec)
+                lines.append(line)
         except TraceError as exc:
             raise ReplayError(f"{exc} (records before it were written to {out})") from None
         flush()
