@@ -296,5 +296,15 @@ def _build() -> SimpleNamespace:
                     o += 2
         return o
 
+    @njit
+    def prefix_hist(block_ids, block_starts, inter, code, out):
+        """out[code[r], b] += 1 for the touched prefix blocks b of every row r (the first
+        inter[r] block ids of the row)."""
+        for r in range(inter.size):
+            c = code[r]
+            b0 = block_starts[r]
+            for i in range(b0, b0 + inter[r]):
+                out[c, block_ids[i]] += 1
+
     return SimpleNamespace(copy_max=copy_max, step_rows=step_rows, emit_records=emit_records,
-                           put_int=put_int)
+                           put_int=put_int, prefix_hist=prefix_hist)

@@ -30,6 +30,7 @@ class StepStats:
     block_ids: np.ndarray  # flat, each row sorted unique
     block_starts: np.ndarray  # [R + 1] into block_ids
     block_counts: np.ndarray  # selected tokens per touched block, aligned with block_ids
+    count_hist: np.ndarray  # [R, W]: per row, how many blocks hold 0..W-1 selected tokens
     unique_blocks: np.ndarray
     tpb_mean: np.ndarray
     tpb_p50: np.ndarray
@@ -59,7 +60,8 @@ class StepStats:
         }
         p2d = None if self.positions_2d is None else self.positions_2d[rows]
         return replace(self, positions=pos, row_starts=pstarts, positions_2d=p2d, block_ids=blk,
-                       block_starts=bstarts, block_counts=cnt, scores=sc, **per_row)
+                       block_starts=bstarts, block_counts=cnt, count_hist=self.count_hist[rows],
+                       scores=sc, **per_row)
 
     def prefix_touches(self) -> tuple[np.ndarray, np.ndarray]:
         """(row, block id) of every touched block inside its request's prefix. These are the
@@ -132,7 +134,7 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
         smin = smax = smean = None
     return StepStats(
         positions=flat, row_starts=row_starts, positions_2d=pos2d, block_ids=block_ids,
-        block_starts=block_starts, block_counts=block_counts, unique_blocks=unique,
+        block_starts=block_starts, block_counts=block_counts, count_hist=hist, unique_blocks=unique,
         tpb_mean=tpb_mean, tpb_p50=tpb_p50, tpb_p95=tpb_p95, offset_min=offset_min,
         offset_p50=offset_p50, offset_max=offset_max, n_prefix=n_prefix,
         intersection=intersection, ratio=ratio,

@@ -35,28 +35,37 @@ class SummaryBuilder:
         self._hot: dict[str, np.ndarray] = {}
 
     def add(self, request_ids: Sequence[str], unique_blocks: np.ndarray, block_counts: np.ndarray,
-            offsets: np.ndarray | None, ratios: np.ndarray, prefix_rows: np.ndarray,
-            prefix_blocks: np.ndarray, offset_hist: np.ndarray | None = None) -> None:
+            offsets: np.ndarray | None, ratios: np.ndarray, prefix_rows: np.ndarray | None,
+            prefix_blocks: np.ndarray | None, offset_hist: np.ndarray | None = None,
+            tpb_hist: np.ndarray | None = None,
+            hot_counts: tuple[Sequence[str], np.ndarray] | None = None) -> None:
         """Add records, one per entry of ``request_ids``.
 
-        ``block_counts``: selected tokens of every touched block of these records (flat);
+        ``block_counts``: selected tokens of every touched block of these records (flat), or
+        their histogram as ``tpb_hist`` (then ``block_counts`` may be None);
         ``offsets``: every unique offset (flat), or their histogram as ``offset_hist``;
         ``prefix_rows``/``prefix_blocks``: one entry
-        per touched prefix block, the record's index into ``request_ids`` and the block id.
+        per touched prefix block, the record's index into ``request_ids`` and the block id; or
+        already counted as ``hot_counts`` = (request ids, touches[request, block id]).
+        The histogram forms are what the tracer's numba path computes on the way.
         """
         n = len(request_ids)
         if n == 0:
             return
         self.records += n
         self._unique = add_hist(self._unique, np.bincount(unique_blocks))
-        self._tpb = add_hist(self._tpb, np.bincount(block_counts))
+        self._tpb = add_hist(self._tpb, np.bincount(block_counts) if tpb_hist is None else tpb_hist)
         if offset_hist is None:
             offset_hist = np.bincount(offsets)
         self._offsets = add_hist(self._offsets, offset_hist)
         self._ratios.append(np.asarray(ratios, dtype=np.float64))
         for rid in dict.fromkeys(request_ids):
             self._hot.setdefault(rid, np.zeros(0, np.int64))
-        if len(prefix_rows):
+        if hot_counts is not None:
+            rids, counts = hot_counts
+            for i in np.flatnonzero(counts.any(axis=1)):
+                self._hot[rids[i]] = add_hist(self._hot[rids[i]], counts[i])
+        elif prefix_rows is not None and prefix_blocks is not None and len(prefix_rows):
             width = int(prefix_blocks.max()) + 1
             req_codes, req_index = np.unique(np.asarray(request_ids, dtype=object), return_inverse=True)
             keys = req_index[prefix_rows] * width + prefix_blocks

@@ -507,16 +507,19 @@ class Tracer:
             texts.append(b"null" if key is None else b'"%s"' % key.encode())
         texts.extend(map(enc.encode, [fetches[i] for i in sel.tolist()] if n_sel < len(keep) else fetches))
         lens = [len(t) for t in texts]
-        floats = []
+        # floats: repr of each distinct value once (all are >= 0, so no -0.0 to tell apart)
+        float_cols = []
+        float_texts = []
         for arr in (sub.tpb_mean, sub.tpb_p95, sub.ratio):
-            strs = list(map(repr, arr.tolist()))
-            floats.append("".join(strs))
+            uniq, inv = np.unique(arr, return_inverse=True)
+            strs = list(map(repr, uniq.tolist()))
+            float_cols.append(len(lens) + inv)
+            float_texts.append("".join(strs))
             lens.extend(map(len, strs))
-        text_buf = np.frombuffer(b"".join(texts) + "".join(floats).encode() + bytes(8), np.uint8)
+        text_buf = np.frombuffer(b"".join(texts) + "".join(float_texts).encode() + bytes(8), np.uint8)
         text_starts = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=text_starts[1:])
         fetch0 = 3 * n_rows
-        mean0 = fetch0 + n_sel
         j = np.arange(n_sel, dtype=np.int64)
         li, r = np.divmod(sel, n_rows)
         kinds = _FAST_KINDS.copy()
@@ -531,13 +534,13 @@ class Tracer:
         vals[:, 8] = self.settings.kv_block_size
         vals[:, 9] = j
         vals[:, 10] = sub.unique_blocks
-        vals[:, 11] = mean0 + j
-        vals[:, 13] = mean0 + n_sel + j
+        vals[:, 11] = float_cols[0]
+        vals[:, 13] = float_cols[1]
         vals[:, 14] = fetch0 + j
         vals[:, 15] = n_rows + r
         vals[:, 16] = np.array([self._prefix_states[x].cached_blocks for x in row_list], np.int64)[r]
         vals[:, 17] = 2 * n_rows + r
-        vals[:, 18] = mean0 + 2 * n_sel + j
+        vals[:, 18] = float_cols[2]
         vals[:, 19] = sub.intersection
         vals[:, 20] = j
         for col, arr in ((6, sub.offset_p50), (12, sub.tpb_p50)):
@@ -562,9 +565,11 @@ class Tracer:
             out, _FAST_LITS, _FAST_LIT_STARTS, kinds, vals, text_buf, text_starts,
             sub.positions, sub.row_starts, pos_w, _table(pos_w), sub.block_ids,
             sub.block_starts, blk_w, _table(blk_w), ohist, step)
-        prefix_rows, prefix_blocks = sub.prefix_touches()
-        self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, sub.block_counts, None,
-                         sub.ratio, prefix_rows, prefix_blocks, offset_hist=ohist)
+        hot = np.zeros((n_rows, int(self._n_prefix.max(initial=0))), np.int64)
+        self._kern.prefix_hist(sub.block_ids, sub.block_starts, sub.intersection, r, hot)
+        self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, None, None, sub.ratio,
+                         None, None, offset_hist=ohist, tpb_hist=sub.count_hist.sum(axis=0),
+                         hot_counts=(ids, hot))
         self.writer.write(memoryview(out)[:n_bytes], n_sel)
 
     def end_batch(self) -> None:

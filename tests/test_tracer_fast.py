@@ -1,0 +1,189 @@
+"""The numba path of the tracer (kvtier.fastkern) against the numpy path: same statistics,
+byte-identical trace files and summaries. Skipped only where numba is not installed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trace_ref import ref_fields
+
+from kvtier import fastkern
+from kvtier.fastjson import encode_int_rows
+from kvtier.reader import find_trace, iter_records
+from kvtier.settings import TraceSettings
+from kvtier.stepstats import compute_step_stats
+from kvtier.tracer import Tracer
+
+pytest.importorskip("numba")  # the optional extra 'fast'
+
+STAT_FIELDS = ("positions", "row_starts", "block_ids", "block_starts", "block_counts",
+               "unique_blocks", "tpb_mean", "tpb_p50", "tpb_p95", "offset_min", "offset_p50",
+               "offset_max", "n_prefix", "intersection", "ratio")
+
+
+def assert_same_stats(a, b) -> None:
+    for name in STAT_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        assert np.array_equal(x, y), name
+    assert (a.positions_2d is None) == (b.positions_2d is None)
+    for name in ("tpb_p50", "tpb_p95"):  # the count histograms may differ only in zero columns
+        assert getattr(a, name).tolist() == getattr(b, name).tolist()
+    w = min(a.count_hist.shape[1], b.count_hist.shape[1])
+    assert np.array_equal(a.count_hist[:, :w], b.count_hist[:, :w])
+    assert not a.count_hist[:, w:].any() and not b.count_hist[:, w:].any()
+
+
+@st.composite
+def step_rows(draw):
+    seq_len = draw(st.integers(1, 700))
+    n_rows = draw(st.integers(1, 6))
+    k = draw(st.integers(1, 50))
+    rows = [draw(st.lists(st.integers(-3, seq_len - 1), min_size=k, max_size=k)) for _ in range(n_rows)]
+    for r in rows:
+        if max(r) < 0:
+            r[0] = draw(st.integers(0, seq_len - 1))
+    bs = draw(st.sampled_from([1, 2, 3, 7, 16, 32, 64, 128, 256, 100]))
+    n_prefix = draw(st.lists(st.integers(0, 30), min_size=n_rows, max_size=n_rows))
+    return seq_len, np.array(rows, dtype=np.int64), bs, np.array(n_prefix)
+
+
+@settings(max_examples=200, deadline=None)
+@given(step_rows(), st.booleans())
+def test_kernel_stats_equal_numpy_and_reference(case, bitmap):
+    seq_len, idx, bs, n_prefix = case
+    old = fastkern.BITMAP_MAX_SEQ
+    fastkern.BITMAP_MAX_SEQ = old if bitmap else 0  # 0: the in-kernel sort path
+    try:
+        fast = compute_step_stats(idx, seq_len, bs, n_prefix, fast=True, scratch={})
+    finally:
+        fastkern.BITMAP_MAX_SEQ = old
+    slow = compute_step_stats(idx.copy(), seq_len, bs, n_prefix, fast=False)
+    assert_same_stats(fast, slow)
+    for r in range(len(idx)):  # and the straightforward reference, independently
+        ref = ref_fields(idx[r].tolist(), seq_len - 1, bs, int(n_prefix[r]))
+        b0, b1 = fast.block_starts[r], fast.block_starts[r + 1]
+        assert fast.block_ids[b0:b1].tolist() == ref["selected_block_ids"]
+        assert fast.block_counts[b0:b1].tolist() == ref["block_counts"]
+        assert fast.intersection[r] == ref["intersection_blocks"]
+
+
+def test_kernel_errors_match_numpy():
+    for bad, msg in ((np.array([[0, 5]]), "selected position 5 >= seq_len_current 5"),
+                     (np.array([[1, 2], [-1, -1]]), "row 1 has no selected position")):
+        for fast in (True, False):
+            with pytest.raises(ValueError, match=msg):
+                compute_step_stats(bad, 5, 16, np.zeros(len(bad)), fast=fast)
+
+
+@pytest.mark.parametrize("width", range(2, 8))  # 8 would exceed fastjson.MAX_VALUE
+def test_digit_table_is_fastjson_format(width):
+    values = np.unique(np.concatenate([np.arange(min(10 ** (width - 1), 3000)),
+                                       [10 ** (width - 1) - 1]]))
+    table = fastkern.digit_table(width, int(values.max()) + 1)
+    got = table[values].view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
+    buf, lo, hi = encode_int_rows(values[None, :])
+    want = bytes(buf[lo[0]:hi[0] - 1]) + b","
+    assert got == want
+    assert json.loads(b"[" + got[:-1] + b"]") == values.tolist()
+
+
+def _trace(tmp_path, name, steps, *, bs=16, sample_rate=1.0, shard=0):
+    """Run the tracer over ``steps`` = [(batch ids, prompts, [(start_pos, active, [layer
+    arrays])])]; returns (trace bytes, summary text)."""
+    out = tmp_path / name
+    settings_ = TraceSettings(kv_block_size=bs, sample_rate=sample_rate, prefix_key_tokens=32,
+                              shard_records=shard)
+    with Tracer(settings_, out, run_name="r\u00e9", dataset="d", kv_bytes_per_token=7) as tr:
+        for ids, prompts, decode in steps:
+            tr.begin_batch(ids, prompts)
+            for start, active, layers in decode:
+                tr.start_step(start, active)
+                for li, arr in enumerate(layers):
+                    tr.on_topk(li * 3, arr)
+                tr.end_step(None if start % 2 else 1.5e-3)
+            tr.end_batch()
+    data = b"".join(p.read_bytes() for p in sorted(out.glob("trace_steps*.jsonl")))
+    return data, (out / "summary.json").read_text()
+
+
+@st.composite
+def runs(draw):
+    shared = draw(st.lists(st.integers(0, 50), min_size=0, max_size=80))
+    batches = []
+    n_req = 0
+    big = draw(st.booleans())  # positions past fastjson.MAX_VALUE: the compact encoding
+    for _ in range(draw(st.integers(1, 2))):
+        n = draw(st.integers(1, 3))
+        ids = [f"q{n_req + i}" for i in range(n)]
+        n_req += n
+        prompts = [shared + draw(st.lists(st.integers(0, 50), max_size=30)) for _ in range(n)]
+        decode = []
+        start = max(map(len, prompts)) + (1_000_000 if big else 0)
+        k = min(draw(st.integers(1, 40)), start + 1)
+        n_layers = draw(st.integers(1, 3))
+        for s in range(draw(st.integers(1, 3))):
+            seq = start + s + 1
+            layers = []
+            for _ in range(n_layers):
+                if draw(st.booleans()):  # duplicates and padding
+                    arr = np.array([draw(st.lists(st.integers(-1, min(seq - 1, 400)), min_size=k,
+                                                  max_size=k)) for _ in range(n)])
+                    arr[:, 0] = draw(st.integers(0, seq - 1))
+                else:
+                    arr = np.array([np.random.default_rng(draw(st.integers(0, 99))).choice(
+                        seq, size=k, replace=False) for _ in range(n)])
+                layers.append(arr.astype(draw(st.sampled_from([np.int64, np.int32]))))
+            active = [draw(st.booleans()) for _ in range(n)] if n > 1 else None
+            decode.append((start + s, active, layers))
+        batches.append((ids, prompts, decode))
+    bs = draw(st.sampled_from([1, 3, 16, 64, 128]))
+    rate = draw(st.sampled_from([1.0, 0.5]))
+    return batches, bs, rate
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs())
+def test_trace_files_are_byte_identical(tmp_path_factory, monkeypatch, case):
+    batches, bs, rate = case
+    tmp = tmp_path_factory.mktemp("t")
+    monkeypatch.delenv("KVTIER_NO_NUMBA", raising=False)
+    fast = _trace(tmp, "fast", batches, bs=bs, sample_rate=rate)
+    monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
+    slow = _trace(tmp, "slow", batches, bs=bs, sample_rate=rate)
+    assert fast[0] == slow[0]
+    assert fast[1] == slow[1]
+
+
+def test_bench_sized_step_is_identical_and_valid(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    prompts = [[7] * 3000, [7] * 2000 + [8] * 1000, [9] * 2500]
+    decode = []
+    for s in range(2):
+        seq = 3001 + s
+        layers = [np.argpartition(rng.random((3, seq)), 511, axis=1)[:, :512] for _ in range(4)]
+        decode.append((3000 + s, None, layers))
+    runs_ = [(["a", "b", "c"], prompts, decode)]
+    fast = _trace(tmp_path, "fast", runs_)
+    monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
+    slow = _trace(tmp_path, "slow", runs_)
+    assert fast == slow
+    recs = list(iter_records(find_trace(tmp_path / "fast")))
+    assert len(recs) == 24 and all(len(r.selected_token_pos) == 512 for r in recs)
+    assert any(r.prefix.prefix_cache_hit for r in recs)
+    # x.5 medians and non-trivial floats went through the kernel's HALF / text fields
+    line = fast[0].split(b"\n")[0]
+    assert json.loads(line)["offset_p50"] == recs[0].offset_p50
+
+
+def test_env_var_forces_numpy(monkeypatch):
+    monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
+    assert fastkern.load() is None
+    with pytest.raises(RuntimeError, match="needs numba"):
+        compute_step_stats(np.array([[0]]), 1, 16, np.zeros(1), fast=True)
+    monkeypatch.setenv("KVTIER_NO_NUMBA", "0")
+    assert fastkern.load() is not None
