@@ -584,3 +584,53 @@ def test_hbm_hits_equal_the_single_tier_simulator(policy):
     ref = simulate(load_policy(policy)(cap), bs).hits
     b = TieredBackend(_config(cap), num_layers=3, eviction=policy, future_keys=bs.keys())
     assert _hbm_hits(drive_stream(b, s)) == ref
+
+
+class _AlwaysCheckLost(TieredBackend):
+    """The backend before the ``_lost_possible`` shortcut: HBM victims always looked up in
+    every pool (the straightforward reference for that shortcut)."""
+
+    @property
+    def _lost_possible(self) -> bool:
+        return True
+
+    @_lost_possible.setter
+    def _lost_possible(self, value: bool) -> None:
+        pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=_streams(), hbm=st.integers(0, 12), local=st.integers(0, 30),
+       remote=st.integers(0, 30), release=st.sampled_from(["drop", "keep"]),
+       pool_policy=st.sampled_from(["lru", "fifo"]))
+def test_lost_block_shortcut_is_exact(data, hbm, local, remote, release, pool_policy):
+    """Skipping the pool lookups of HBM victims while no block can lack a pool copy changes
+    nothing: same records, summary and resident sets as checking every victim."""
+    s, n_layers = data
+    cfg_data = msgspec.to_builtins(_config(hbm, pools=True))
+    cfg_data["local_pool"]["capacity_bytes"] = local * BLOCK
+    cfg_data["remote_pool"]["capacity_bytes"] = remote * BLOCK
+    cfg_data["remote_pool"]["nodes"] = 1
+    cfg_data.update(on_release=release)
+    cfg = config_from_dict(cfg_data)
+    runs = []
+    for cls in (TieredBackend, _AlwaysCheckLost):
+        b = cls(cfg, num_layers=n_layers, pool_eviction=pool_policy)
+        out = drive_stream(b, s)
+        runs.append((out, b.summary(), {n: list(t.policy.keys()) for n, t in b.tiers.items()}))
+    assert runs[0] == runs[1]
+
+
+def test_lost_block_flag_set_by_drops_and_unserved():
+    cfg_data = msgspec.to_builtins(_config(2, pools=True))
+    cfg_data["local_pool"]["capacity_bytes"] = 100 * BLOCK
+    cfg_data["remote_pool"]["capacity_bytes"] = 0
+    b = TieredBackend(config_from_dict(cfg_data), num_layers=1)
+    b.admit("a", 4 * BS)
+    assert not b._lost_possible
+    b.fetch(_access(0, 0, {"a": [0, 1, 2]}))
+    assert not b._lost_possible  # all served by the local pool
+    cfg_data["local_pool"]["capacity_bytes"] = 2 * BLOCK  # the pool drops prompt blocks
+    b = TieredBackend(config_from_dict(cfg_data), num_layers=1)
+    b.admit("a", 4 * BS)
+    assert b._lost_possible and sum(t.dropped for t in b.pools) == 2

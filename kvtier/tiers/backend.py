@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import compress, islice
-from operator import not_
+from itertools import compress, islice, repeat
+from operator import itemgetter, not_
 
 import msgspec
 import numpy as np
@@ -40,6 +40,7 @@ from kvtier.tiers.recompute import ModelDims, fetch_vs_recompute
 from kvtier.tiers.specs import eviction_factory, make_migration, make_placement, make_prefetch
 
 _UNSERVED = 3
+_first = itemgetter(0)
 
 
 def _consume(it) -> None:
@@ -51,23 +52,33 @@ def _dict_batch(d, refresh: bool, cap: int, keys: list[int]) -> tuple[list[int],
     """Access unique ``keys`` in order on an LRU (``refresh``) or FIFO OrderedDict of
     ``cap`` entries with C-level calls: (misses, victims in eviction order), exactly what the
     per-key loop gives, or None (nothing changed) when a key of the batch is among the
-    residents its own misses evict, where only the per-key loop is exact."""
+    residents its own misses evict, where only the per-key loop is exact.
+
+    Why it is exact otherwise: the per-key loop evicts, for each miss beyond the free room,
+    the oldest entry; if none of the batch's resident keys is among the ``excess`` oldest
+    residents (and the batch's own misses are not: ``excess`` <= residents), those victims are
+    exactly the ``excess`` oldest residents in order, and hits (LRU) / inserts end at the new
+    end in batch order."""
     present = list(map(d.__contains__, keys))
     n_miss = present.count(False)
     n_hit = len(keys) - n_miss
     excess = len(d) + n_miss - cap
+    if excess > len(d):
+        return None  # the batch's own misses would be evicted
+    if n_hit == 0:  # all miss (the common case at low hit ratios): no order checks needed
+        _consume(map(d.__setitem__, keys, repeat(None)))
+        victims = list(map(_first, map(d.popitem, repeat(False, excess)))) if excess > 0 else []
+        return list(keys), victims
     oldest = list(islice(d, excess)) if excess > 0 else []
-    if excess > len(oldest):
-        return None
-    if oldest and n_hit and not set(compress(keys, present)).isdisjoint(oldest):
+    if oldest and not set(compress(keys, present)).isdisjoint(oldest):
         return None  # only resident keys of the batch can be among the oldest
     miss = list(compress(keys, map(not_, present))) if n_miss else []
     if n_miss:
-        d.update(dict.fromkeys(miss))
-    if refresh and n_hit:  # every key ends at the MRU end, in batch order
+        _consume(map(d.__setitem__, miss, repeat(None)))
+    if refresh:  # every key ends at the MRU end, in batch order
         _consume(map(d.move_to_end, keys))
-    if oldest:
-        _consume(map(d.pop, oldest))
+    if oldest:  # still the oldest entries: pop them from the front
+        _consume(map(d.popitem, repeat(False, excess)))
     return miss, oldest
 
 
@@ -176,7 +187,7 @@ class TieredBackend:
             if f is not None and f[1]:
                 self._pool_ops[t.name] = (f[0].__contains__, f[0].move_to_end)
             elif f is not None:
-                self._pool_ops[t.name] = (f[0].__contains__, lambda k: None)
+                self._pool_ops[t.name] = (f[0].__contains__, None)  # FIFO: hits do not move
             else:
                 self._pool_ops[t.name] = (t.policy.__contains__, t.policy.touch)
 
@@ -210,6 +221,9 @@ class TieredBackend:
         self.prompt_lens: dict[str, int] = {}
         self.released: set[int] = set()
         self.dirty: set[int] = set()
+        # False while every HBM-resident block provably has a pool copy (nothing was unserved
+        # or dropped by a pool, no write-back): HBM victims then need no pool lookups
+        self._lost_possible = config.write_policy == "write_back"
         self.have: dict[int, int] = {}  # sub-block masks of HBM-resident keys (granularity)
         self.full_mask = (1 << (self.bs // self.g)) - 1 if self.g else 1
         self.pending: dict[int, simpy.Event] = {}
@@ -433,7 +447,9 @@ class TieredBackend:
         target = demote(tier.name, self.pool_names) if demote else None
         for v in victims:
             if target is None or v in self.tiers[target].policy:
-                tier.dropped += target is None
+                if target is None:
+                    tier.dropped += 1
+                    self._lost_possible = True
                 continue
             dst = self.tiers[target]
             dst.demoted_in += 1
@@ -473,6 +489,8 @@ class TieredBackend:
                     self._store([v], [self.block_bytes])
                 else:
                     self._queue_write(home.name, self.block_bytes, 1)
+        if not self._lost_possible:
+            return
         lost = victims
         for t in self.pools:  # blocks no pool holds (refilled after being dropped) go back down
             has = self._pool_ops[t.name][0]
@@ -599,6 +617,8 @@ class TieredBackend:
         total = counts.sum(axis=0)
         self.accesses += int(total.sum())
         self.unserved += int(total[_UNSERVED])
+        if total[_UNSERVED]:
+            self._lost_possible = True
 
         # per row per tier: blocks, bytes, ops
         out_blocks = counts[:, :n_tiers]
@@ -780,15 +800,16 @@ class TieredBackend:
             n = found.count(True)
             if not n:
                 continue
-            got = list(compress(todo, found))
-            _consume(map(touch, got))
+            got = todo if n == len(todo) else list(compress(todo, found))
+            if touch is not None:
+                _consume(map(touch, got))
             if self._observe is not None:
                 served[tier_no].extend(got)
             counts[tier_no] = n
             if w is not None:
                 wsum[tier_no] = sum(compress(w, found))
                 w = list(compress(w, map(not_, found)))
-            todo = list(compress(todo, map(not_, found)))
+            todo = [] if n == len(todo) else list(compress(todo, map(not_, found)))
         counts[_UNSERVED] = len(todo)
         if w is not None:
             wsum[_UNSERVED] = sum(w)
