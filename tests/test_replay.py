@@ -280,3 +280,68 @@ def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
         assert _replay(str(src), "--out", str(out), "--tiers", str(path), "--hbm-blocks", "60",
                        "--on-release", "keep", "--policy", policy) == 0
         assert _summary(out).tiers["hbm"]["hit_blocks"] == ref, policy
+
+
+# ---------------------------------------------------------------- kv_fetch splicing
+
+
+def _new_kv(i: int):
+    from kvtier.schema import KVFetch, TierFetch, empty_tier
+
+    return KVFetch(hbm=TierFetch(hit_blocks=i, bytes_read=i * 7, read_ops=1, latency_us=i / 3,
+                                 batch_size=2),
+                   local_pool=empty_tier(), remote_pool=TierFetch(
+                       hit_blocks=1, bytes_read=5, read_ops=1, latency_us=None, batch_size=1))
+
+
+def test_splice_equals_reencoding(trace):
+    """On msgspec-written lines the spliced line is byte for byte the re-encoded record."""
+    from kvtier.replay import splice_kv_fetch
+
+    enc = msgspec.json.Encoder()
+    lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
+    for i, (line, rec) in enumerate(zip(lines, _records(trace), strict=True)):
+        kv = _new_kv(i)
+        rec.kv_fetch = kv
+        assert splice_kv_fetch(line, enc.encode(kv)) == enc.encode(rec)
+
+
+def test_splice_finds_the_field_not_lookalike_strings(trace):
+    """``"kv_fetch"`` inside string values (escaped or as a whole value) is not the field; JSON
+    whitespace around the field is kept as it was."""
+    from kvtier.replay import splice_kv_fetch
+
+    enc = msgspec.json.Encoder()
+    rec = _records(trace)[0]
+    rec.request_id = "kv_fetch"
+    rec.run_name = 'x"kv_fetch":{"hbm":{}}'
+    pretty = json.dumps(json.loads(enc.encode(rec)), indent=1).replace("\n", " ").encode()
+    for line in (enc.encode(rec), pretty):
+        new = splice_kv_fetch(line, enc.encode(_new_kv(5)))
+        got = msgspec.json.decode(new, type=TopkRecord)
+        want = msgspec.structs.replace(rec, kv_fetch=_new_kv(5))
+        assert got == want
+        head = line[:line.index(b'"kv_fetch"', line.index(b'"tokens_per_touched_block"'))]
+        assert new.startswith(head)
+    assert splice_kv_fetch(b'{"request_id":"kv_fetch"}', b"{}") is None
+
+
+def test_replay_copies_unchanged_bytes(trace, tmp_path):
+    """Output lines are the input lines with only the kv_fetch value replaced (non-compact
+    input stays non-compact), and decode to what the re-encoding path gives."""
+    src = tmp_path / "pretty"
+    src.mkdir()
+    lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
+    (src / "trace_steps.jsonl").write_bytes(
+        b"".join(json.dumps(json.loads(x)).encode() + b"\n" for x in lines))
+    for d in ("pretty_out", "compact_out"):
+        inp = src if d == "pretty_out" else trace
+        assert _replay(str(inp), "--out", str(tmp_path / d), "--hbm-blocks", "40") == 0
+    a, b = _records(tmp_path / "pretty_out"), _records(tmp_path / "compact_out")
+    assert a == b
+    out_lines = (tmp_path / "pretty_out" / "trace_steps.jsonl").read_bytes().splitlines()
+    in_lines = (src / "trace_steps.jsonl").read_bytes().splitlines()
+    for x, y in zip(in_lines, out_lines, strict=True):
+        cut = x.index(b'"kv_fetch": ')
+        assert y[:cut] == x[:cut]
+        assert y.endswith(x[x.index(b', "prefix": '):])
