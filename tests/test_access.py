@@ -7,7 +7,6 @@ import json
 import msgspec
 import numpy as np
 import pytest
-from kvtier.policies import block_key
 
 from kvtier.access import (
     AccessStream,
@@ -15,9 +14,11 @@ from kvtier.access import (
     key_stream,
     read_access_stream,
     rebucket,
+    trace_files,
     working_set,
 )
 from kvtier.accessgen import SynthConfig, synth_stream, write_trace
+from kvtier.policies import block_key
 
 CFG = SynthConfig(requests=3, layers=2, steps=6, prompt_len=300, prompt_jitter=50, topk=48,
                   block_size=16)
@@ -255,3 +256,28 @@ def test_empty_trace_takes_block_size_from_meta(tmp_path):
     (d / "trace_meta.json").write_text(json.dumps(meta))
     s = read_access_stream(d)
     assert s.block_size == 64 and rebucket(s, 64).keys().shape == (0,)
+
+
+def test_one_file_finder_and_typed_record_reader(tmp_path, stream):
+    """``trace_files`` is ``reader.find_trace``; ``iter_records`` decodes into any record
+    type (here three fields) and still names file and line of a bad record."""
+    from kvtier.reader import TraceError, find_trace, iter_records
+
+    class Few(msgspec.Struct):
+        request_id: str
+        layer_id: int
+        step_idx: int
+
+    d = tmp_path / "t"
+    write_trace(stream, d)
+    tf = find_trace(d)
+    assert trace_files(d) == (tf.format, tf.files)
+    got = list(iter_records(tf, Few))
+    assert [r.request_id for r in got] == [stream.request_ids[i] for i in stream.req.tolist()]
+    assert [r.layer_id for r in got] == stream.layer.tolist()
+    path = d / "trace_steps.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"step_idx":', b'"step_idx":"x","_":', 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(TraceError, match=r"trace_steps.jsonl:2: \$.step_idx"):
+        list(iter_records(find_trace(d), Few))
