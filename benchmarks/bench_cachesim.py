@@ -17,11 +17,11 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-from kvtier.policies import EvictionPolicy, load_policy
 
 from kvtier.access import rebucket
 from kvtier.accessgen import SynthConfig, synth_stream
 from kvtier.cachesim import lru_mrc, simulate
+from kvtier.policies import EvictionPolicy, load_policy
 
 POLICIES = ("lru", "fifo", "lfu", "arc", "s3fifo", "belady", "distance", "dsa_aware")
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from kvtier.runners.datasets import load_burstgpt, load_mooncake, load_sharegpt
 from kvtier.runners.serving_sim import StepCostModel, simulate
 

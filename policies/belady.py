@@ -13,6 +13,7 @@ import heapq
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
 from kvtier.policies.base import EvictionPolicy
 
 

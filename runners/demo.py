@@ -21,8 +21,8 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from kvtier.runners.requests import Request, Workload
 
+from kvtier.runners.requests import Request, Workload
 from kvtier.schema import TRACE_FILE, PrefixInfo
 
 PROMPTS_FILE = "demo_prompts.jsonl"
@@ -63,10 +63,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns what the report prints. ``bundle``: an already
     loaded demo model (tests share one)."""
+    from kvtier.replay import ReplaySettings, replay
     from kvtier.runners.model_setup import kv_bytes_per_token, load_model
     from kvtier.runners.run import RunOptions, execute
-
-    from kvtier.replay import ReplaySettings, replay
     from kvtier.settings import TraceSettings
     from kvtier.validate import validate_trace
 

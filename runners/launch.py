@@ -108,7 +108,6 @@ def check_backend_flags(args: argparse.Namespace) -> None:
     if args.backend != "sim":
         return
     from kvtier.policies.registry import PolicyNotFound, load_policy
-
     from kvtier.tiers.config import load_tier_config
     from kvtier.tiers.specs import eviction_factory, parse_spec
 
@@ -176,7 +175,6 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace, simulate
-
     from kvtier.summary import SummaryBuilder, backend_sections
     from kvtier.writer import write_json_atomic
 
@@ -247,7 +245,6 @@ def _synthetic_kv(args: argparse.Namespace, requests: list, config: dict) -> Any
     from kvtier.model.args import ConfigError, ModelArgs
     from kvtier.runners.model_setup import resolve_config
     from kvtier.runners.synthetic_kv import SelectionShape, SyntheticFetchTime
-
     from kvtier.settings import TraceSettings
     from kvtier.tiers.backend import TieredBackend
     from kvtier.tiers.config import load_tier_config

@@ -89,6 +89,7 @@ def load_model(
     run records ``random_weights: true`` in run_meta.json.
     """
     import torch
+
     from kvtier.model.args import ModelArgs
     from kvtier.model.loading import build_model
     from kvtier.model.random_init import init_random_

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from kvtier.runners.requests import Request
 
 #: ordinary byte-level BPE ids of the DeepSeek V3 tokenizer: 0-2 are BOS/EOS/pad and

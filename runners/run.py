@@ -17,13 +17,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kvtier.runners.model_setup import ModelBundle
 from kvtier.runners.prepare import Prepared, batches, prepare
 from kvtier.runners.provenance import build_meta, utc_now, write_meta
 from kvtier.runners.requests import Workload
 from kvtier.runners.serving import SERVING_FILE, CompletedLog, replay, serving_section
-from tqdm import tqdm
-
 from kvtier.schema import Summary
 
 
@@ -151,7 +151,6 @@ class FetchTimer:
 def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any) -> RunResult:
     """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring."""
     from kvtier.model.generate import generate
-
     from kvtier.tracer import Tracer
 
     out_dir = Path(opts.out_dir)

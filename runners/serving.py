@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
-from kvtier.runners.prepare import Prepared
 
+from kvtier.runners.prepare import Prepared
 from kvtier.schema import PERCENTILE_METHOD, LatencyMs, Serving
 
 SERVING_FILE = "serving_requests.jsonl"

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-from kvtier.runners.requests import Request, Workload
 
+from kvtier.runners.requests import Request, Workload
 from kvtier.schema import TRACE_FILE, LatencyMs, Serving
 
 #: ``extra_step_time(active_request_ids, step) -> seconds`` added to a decode step

@@ -18,6 +18,7 @@ SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 def demo_bundle():
     """The demo-config model with seeded weights (built once: ~seconds on 2 cores)."""
     import torch
+
     from kvtier.runners.model_setup import load_model
 
     torch.set_num_threads(2)
@@ -26,9 +27,8 @@ def demo_bundle():
 
 def run_cli(argv: list[str], bundle=None) -> int:
     """``kvtier run ...`` parsed by the real CLI parser, run on the shared model."""
-    from kvtier.runners import launch
-
     from kvtier.cli import build_parser
+    from kvtier.runners import launch
 
     args = build_parser().parse_args(["run", *argv])
     return launch.launch(args, bundle=bundle or demo_bundle())

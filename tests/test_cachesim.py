@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvtier.policies import load_policy
 
 from kvtier.access import rebucket
 from kvtier.accessgen import SynthConfig, synth_stream
 from kvtier.cachesim import lru_mrc, simulate, stack_distances
+from kvtier.policies import load_policy
 
 
 def ref_stack_distances(keys: list[int]) -> list[int]:

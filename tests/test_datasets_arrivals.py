@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from kvtier.runners.datasets import DatasetFormatError, DatasetNotFound, load_azure, load_mooncake
 from kvtier.runners.datasets.arrivals import parse_azure_timestamp
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvtier.runners.datasets import DatasetFormatError, DatasetNotFound, burstgpt, load_burstgpt
 
 SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "burstgpt" / "BurstGPT_1.head400.csv"

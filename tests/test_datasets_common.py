@@ -10,6 +10,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvtier.runners.datasets import DatasetNotFound, common
 from kvtier.runners.datasets.common import (
     Bad,

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from kvtier.runners.datasets import load_burstgpt
 from kvtier.runners.datasets.common import file_revision
 from kvtier.runners.datasets.hub import main

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kvtier.runners.datasets import DatasetNotFound, load_longbench_v2
 from kvtier.runners.datasets.longbench_v2 import TEMPLATES, middle_truncate
 

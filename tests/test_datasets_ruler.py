@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from kvtier.runners.datasets import DatasetNotFound, load_ruler
 from kvtier.runners.datasets.ruler import task_and_length
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kvtier.runners.datasets import DatasetNotFound, load_sharegpt
 
 SAMPLE = (Path(__file__).parents[2] / "shared" / "data" / "sharegpt"

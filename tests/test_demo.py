@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from kvtier.runners.demo import DemoError, format_report, load_demo_workload, run_demo
 from run_helpers import demo_bundle, read_meta, read_summary, trace_lines
+
+from kvtier.runners.demo import DemoError, format_report, load_demo_workload, run_demo
 
 
 def test_demo_prompts_ship_as_package_data():

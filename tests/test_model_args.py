@@ -7,6 +7,7 @@ import math
 import sys
 
 import pytest
+
 from kvtier.model.args import CONFIG_DIR, ConfigError, ModelArgs
 
 

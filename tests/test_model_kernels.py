@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
 from kvtier.model import kernels  # noqa: E402
 
 FP8 = torch.float8_e4m3fn

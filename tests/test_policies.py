@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvtier.policies import EvictionPolicy, block_key, known_policies, load_policy, split_key
-from kvtier.policies.belady import next_occurrence
-from kvtier.policies.registry import PolicyNotFound
 
 from kvtier.access import rebucket
 from kvtier.accessgen import SynthConfig, synth_stream
 from kvtier.cachesim import simulate
+from kvtier.policies import EvictionPolicy, block_key, known_policies, load_policy, split_key
+from kvtier.policies.belady import next_occurrence
+from kvtier.policies.registry import PolicyNotFound
 
 ALL = ["lru", "fifo", "lfu", "arc", "s3fifo", "belady", "belady_bypass", "distance", "dsa_aware"]
 

@@ -7,10 +7,10 @@ import json
 
 import msgspec
 import pytest
-from kvtier.runners.requests import Request, Workload
-from kvtier.runners.run import RunOptions, execute
 from run_helpers import demo_bundle, read_meta, read_summary, trace_lines
 
+from kvtier.runners.requests import Request, Workload
+from kvtier.runners.run import RunOptions, execute
 from kvtier.settings import TraceSettings
 from kvtier.summary import recompute_summary
 from kvtier.tracer import Tracer

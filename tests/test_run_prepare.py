@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+
 from kvtier.runners.prepare import (
     HASH_BLOCK_TOKENS,
     ORDINARY_ID_HIGH,

@@ -9,8 +9,9 @@ import json
 import tarfile
 
 import pytest
-from kvtier.runners.launch import RunError
 from run_helpers import check_run, demo_bundle, run_cli
+
+from kvtier.runners.launch import RunError
 
 
 def _ruler_tgz(tmp_path):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvtier.runners.prepare import Prepared
 from kvtier.runners.requests import Request
 from kvtier.runners.run import CappedTracer, FetchTimer
 from kvtier.runners.serving import latency_ms, replay, serving_section
 from kvtier.runners.serving_sim import StepCostModel, simulate
-
 from kvtier.schema import KVFetch, TierFetch, empty_tier
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kvtier.runners.datasets import load_burstgpt, load_mooncake
 from kvtier.runners.requests import Request
 from kvtier.runners.serving_sim import (

@@ -13,6 +13,8 @@ import csv
 import os
 from datetime import datetime, timedelta
 
+from tqdm import tqdm
+
 from kvtier.runners.datasets import DatasetFormatError
 from kvtier.runners.datasets.common import (
     BAD_UTF8,
@@ -29,7 +31,6 @@ from kvtier.runners.datasets.common import (
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
-from tqdm import tqdm
 
 #: Mooncake's prefix-block size in tokens (``len(hash_ids) == ceil(input_length / 512)``)
 MOONCAKE_BLOCK_TOKENS = 512

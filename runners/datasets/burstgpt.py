@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
+from tqdm import tqdm
+
 from kvtier.runners.datasets import DatasetFormatError
 from kvtier.runners.datasets.common import (
     BAD_UTF8,
@@ -32,7 +34,6 @@ from kvtier.runners.datasets.common import (
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
-from tqdm import tqdm
 
 DATASET_ID = "lzzmm/BurstGPT"
 FILE_NAMES = (

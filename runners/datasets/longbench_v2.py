@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import TypeVar
 
+from tqdm import tqdm
+
 from kvtier.runners.datasets.common import (
     MISSING_FIELD,
     NOT_AN_OBJECT,
@@ -25,7 +27,6 @@ from kvtier.runners.datasets.common import (
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
-from tqdm import tqdm
 
 DATASET_ID = "zai-org/LongBench-v2"
 FILE_NAMES = ("zai-org__LongBench-v2/data.json", "data.json", "*.jsonl")

@@ -29,6 +29,8 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
 from kvtier.runners.datasets import DatasetNotFound
 from kvtier.runners.datasets.common import (
     MISSING_FIELD,
@@ -42,7 +44,6 @@ from kvtier.runners.datasets.common import (
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
-from tqdm import tqdm
 
 DATASET_ID = "allenai/ruler_data"
 DEFAULT_TGZ = "data_debug.tgz"

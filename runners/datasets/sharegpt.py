@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+from tqdm import tqdm
+
 from kvtier.runners.datasets.common import (
     MISSING_FIELD,
     NOT_AN_OBJECT,
@@ -32,7 +34,6 @@ from kvtier.runners.datasets.common import (
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
-from tqdm import tqdm
 
 DATASET_ID = "anon8231489123/ShareGPT_Vicuna_unfiltered"
 FILE_NAMES = ("ShareGPT_V3_unfiltered_cleaned_split.json", "*.json", "*.jsonl")
