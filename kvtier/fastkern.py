@@ -145,12 +145,16 @@ def _build() -> SimpleNamespace:
         return nb
 
     @njit
-    def step_rows(pos, seq_len, bs, n_prefix, bitmap, flat, row_starts, blk, cnt, block_starts,
-                  hist, inter):
-        """Sort + de-duplicate every row of pos [R, K] (negatives are padding), then block ids,
-        per-block counts, per-row histograms of those counts and the prefix overlap.
-        Returns False if a row is all padding (the caller raises)."""
-        n_rows, k = pos.shape
+    def step_rows(pos, bits, pre_set, seq_len, bs, n_prefix, flat, row_starts, blk, cnt,
+                  block_starts, hist, inter, phist):
+        """Sort + de-duplicate every row, then block ids, per-block counts, per-row histograms
+        of those counts and the prefix overlap. Rows are either pos [R, K] (negatives are
+        padding) sorted through the one-row bitmap ``bits[0]`` (or by a comparison sort when
+        ``bits`` has no rows), or, with ``pre_set``, the bitmaps ``bits[R, words]`` that
+        ``set_bits`` filled. A non-empty ``phist`` [seq_len] counts every position (on the way,
+        for the summary's offsets). Returns the first all-padding row, or -1."""
+        n_rows = bits.shape[0] if pre_set else pos.shape[0]
+        k = pos.shape[1]
         shift = -1
         if bs & (bs - 1) == 0:
             shift = 0
@@ -160,7 +164,7 @@ def _build() -> SimpleNamespace:
         per_word = (64 >> shift) if 0 <= shift <= 6 else 0
         words_per_block = (1 << (shift - 6)) if shift > 6 else 0
         mask = (np.uint64(1) << np.uint64(bs)) - np.uint64(1) if 0 <= shift < 6 else ~np.uint64(0)
-        use_bitmap = bitmap.size > 0
+        use_bitmap = pre_set or bits.shape[0] > 0
         n_words = (seq_len + 63) >> 6
         tmp = np.empty(0 if use_bitmap else k, pos.dtype)
         w = 0
@@ -170,11 +174,15 @@ def _build() -> SimpleNamespace:
         for r in range(n_rows):
             p0 = w
             b0 = nb
+            npre = n_prefix[r]
+            it = 0
             if use_bitmap:
-                for j in range(k):
-                    p = pos[r, j]
-                    if p >= 0:
-                        bitmap[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
+                bitmap = bits[r] if pre_set else bits[0]
+                if not pre_set:
+                    for j in range(k):
+                        p = pos[r, j]
+                        if p >= 0:
+                            bitmap[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
                 for wi in range(n_words):
                     word = bitmap[wi]
                     if word:
@@ -184,9 +192,12 @@ def _build() -> SimpleNamespace:
                             for c in range(per_word):
                                 n_c = popcount((word >> np.uint64(c * bs)) & mask)
                                 if n_c:
-                                    blk[nb] = (base >> shift) + c
+                                    b = (base >> shift) + c
+                                    blk[nb] = b
                                     cnt[nb] = n_c
                                     nb += 1
+                                    hist[r, n_c] += 1
+                                    it += b < npre
                         elif words_per_block:
                             b = base >> shift
                             if nb > b0 and blk[nb - 1] == b:
@@ -195,10 +206,18 @@ def _build() -> SimpleNamespace:
                                 blk[nb] = b
                                 cnt[nb] = popcount(word)
                                 nb += 1
-                        while word:
-                            flat[w] = base + trailing_zeros(word)
-                            w += 1
-                            word &= word - np.uint64(1)
+                        if phist.size:
+                            while word:
+                                q = base + trailing_zeros(word)
+                                flat[w] = q
+                                phist[q] += 1
+                                w += 1
+                                word &= word - np.uint64(1)
+                        else:
+                            while word:
+                                flat[w] = base + trailing_zeros(word)
+                                w += 1
+                                word &= word - np.uint64(1)
             else:
                 tmp[:] = pos[r]
                 tmp.sort()
@@ -209,19 +228,39 @@ def _build() -> SimpleNamespace:
                         flat[w] = p
                         w += 1
                         prev = p
+                        if phist.size:
+                            phist[p] += 1
             if w == p0:
-                return False
+                return r
             row_starts[r + 1] = w
-            if not (use_bitmap and shift >= 0):
-                nb = row_blocks(flat, p0, w, shift, bs, blk, cnt, b0)
+            if not (use_bitmap and 0 <= shift <= 6):  # counts not taken from popcounts yet
+                if not (use_bitmap and shift >= 0):
+                    nb = row_blocks(flat, p0, w, shift, bs, blk, cnt, b0)
+                it = 0
+                for i in range(b0, nb):
+                    hist[r, cnt[i]] += 1
+                    it += blk[i] < npre
             block_starts[r + 1] = nb
-            npre = n_prefix[r]
-            it = 0
-            for i in range(b0, nb):
-                hist[r, cnt[i]] += 1
-                it += blk[i] < npre
             inter[r] = it
-        return True
+        return -1
+
+    @njit
+    def set_bits(src, bits, seq_len):
+        """Bitmaps of the rows of src [B, K] (C-contiguous) into bits [B, words]: what
+        step_rows needs, taken while the indices are read anyway (instead of copying them).
+        Returns max(src); positions >= seq_len are left out (the caller raises)."""
+        n_rows, k = src.shape
+        bits[:] = 0
+        m = src[0, 0]
+        for r in range(n_rows):
+            row = bits[r]
+            for j in range(k):
+                p = src[r, j]
+                if p > m:
+                    m = p
+                if p >= 0 and p < seq_len:
+                    row[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
+        return m
 
     @njit
     def put_int(out, o, v):
@@ -306,5 +345,5 @@ def _build() -> SimpleNamespace:
             for i in range(b0, b0 + inter[r]):
                 out[c, block_ids[i]] += 1
 
-    return SimpleNamespace(copy_max=copy_max, step_rows=step_rows, emit_records=emit_records,
-                           put_int=put_int, prefix_hist=prefix_hist)
+    return SimpleNamespace(copy_max=copy_max, step_rows=step_rows, set_bits=set_bits,
+                           emit_records=emit_records, put_int=put_int, prefix_hist=prefix_hist)

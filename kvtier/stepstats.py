@@ -45,6 +45,7 @@ class StepStats:
     scores_min: np.ndarray | None
     scores_mean: np.ndarray | None
     scores_max: np.ndarray | None
+    position_hist: np.ndarray | None = None  # [seq_len]: rows selecting each position (numba path)
 
     def subset(self, rows: np.ndarray) -> StepStats:
         """The same statistics for a subset of rows (sampling)."""
@@ -61,7 +62,7 @@ class StepStats:
         p2d = None if self.positions_2d is None else self.positions_2d[rows]
         return replace(self, positions=pos, row_starts=pstarts, positions_2d=p2d, block_ids=blk,
                        block_starts=bstarts, block_counts=cnt, count_hist=self.count_hist[rows],
-                       scores=sc, **per_row)
+                       scores=sc, position_hist=None, **per_row)
 
     def prefix_touches(self) -> tuple[np.ndarray, np.ndarray]:
         """(row, block id) of every touched block inside its request's prefix. These are the
@@ -107,7 +108,7 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
         raise RuntimeError("fast=True needs numba (extra 'fast'; unset KVTIER_NO_NUMBA)")
     if scores is None and kern is not None:
         (flat, row_starts, pos2d, block_ids, block_starts, block_counts, hist,
-         intersection) = _blocks_numba(kern, p.astype(dtype, copy=False), seq_len, block_size, n_prefix,
+         intersection, _) = _blocks_numba(kern, p.astype(dtype, copy=False), seq_len, block_size, n_prefix,
                             {} if scratch is None else scratch)
         sflat = None
     else:
@@ -115,6 +116,33 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
          intersection) = _blocks_numpy(p, dtype, scores, in_place, block_size, n_prefix)
     if sflat is not None and not np.isfinite(sflat).all():
         raise ValueError("indexer scores of selected positions must be finite")
+    return _finish(flat, row_starts, pos2d, sflat, block_ids, block_starts, block_counts, hist,
+                   intersection, seq_len, n_prefix, keep_scores)
+
+
+def step_stats_from_bits(bits: np.ndarray, k: int, seq_len: int, block_size: int,
+                         n_prefix: np.ndarray, scratch: dict | None = None) -> StepStats:
+    """``compute_step_stats`` for rows given as bitmaps [R, ceil(seq_len / 64)] of their
+    (at most ``k``) selected positions, as ``fastkern.set_bits`` fills them from the indices
+    (numba path only; no scores)."""
+    kern = fastkern.load()
+    if kern is None:
+        raise RuntimeError("step_stats_from_bits needs numba (extra 'fast'; unset KVTIER_NO_NUMBA)")
+    n_prefix = np.asarray(n_prefix, dtype=np.int64)
+    parts = _blocks_numba(kern, None, seq_len, block_size, n_prefix,
+                          {} if scratch is None else scratch, bits=bits, k=k)
+    flat, row_starts, pos2d, block_ids, block_starts, block_counts, hist, intersection, phist = parts
+    st = _finish(flat, row_starts, pos2d, None, block_ids, block_starts, block_counts, hist,
+                 intersection, seq_len, n_prefix, False)
+    st.position_hist = phist
+    return st
+
+
+def _finish(flat: np.ndarray, row_starts: np.ndarray, pos2d: np.ndarray | None,
+            sflat: np.ndarray | None, block_ids: np.ndarray, block_starts: np.ndarray,
+            block_counts: np.ndarray, hist: np.ndarray, intersection: np.ndarray, seq_len: int,
+            n_prefix: np.ndarray, keep_scores: bool) -> StepStats:
+    """Per-row statistics from sorted rows and their blocks (shared by every path)."""
     n_tok = np.diff(row_starts)
     unique = np.diff(block_starts)
     tpb_mean = n_tok / unique
@@ -208,28 +236,38 @@ def _buffer(scratch: dict, name: str, n: int, dtype: type) -> np.ndarray:
     return buf[:n]
 
 
-def _blocks_numba(kern: Any, p: np.ndarray, seq_len: int, block_size: int,
-                  n_prefix: np.ndarray, scratch: dict) -> tuple:
-    """The same with one compiled pass per row (bitmap sort, see ``kvtier.fastkern``)."""
-    n_rows, k = p.shape
+def _blocks_numba(kern: Any, p: np.ndarray | None, seq_len: int, block_size: int,
+                  n_prefix: np.ndarray, scratch: dict, bits: np.ndarray | None = None,
+                  k: int = 0) -> tuple:
+    """The same with one compiled pass per row (bitmap sort, see ``kvtier.fastkern``), from
+    indices ``p`` [R, K] or from per-row bitmaps ``bits`` [R, words] of K indices each."""
+    if bits is None:
+        assert p is not None
+        n_rows, k = p.shape
+        n_words = (seq_len + 63) >> 6 if seq_len <= fastkern.BITMAP_MAX_SEQ else 0
+        one = scratch.get("bitmap")
+        if one is None or one.shape[1] < n_words:  # the kernel leaves it all zero
+            one = scratch["bitmap"] = np.zeros((1, n_words), np.uint64)
+        bitmap = one[:, :n_words] if n_words else np.zeros((0, 0), np.uint64)
+        dtype = p.dtype
+    else:
+        n_rows = len(bits)
+        bitmap = bits
+        dtype = np.dtype(np.int32 if seq_len < 2**31 else np.int64)
+        p = np.zeros((n_rows, 0), dtype)
     n = n_rows * k
-    n_words = (seq_len + 63) >> 6 if seq_len <= fastkern.BITMAP_MAX_SEQ else 0
-    bitmap = scratch.get("bitmap")
-    if bitmap is None or len(bitmap) < n_words:  # the kernel leaves it all zero
-        bitmap = scratch["bitmap"] = np.zeros(n_words, np.uint64)
-    bitmap = bitmap[:n_words]
-    flat = _buffer(scratch, "flat", n, p.dtype)
-    blk = _buffer(scratch, "blk", n, p.dtype)
+    flat = _buffer(scratch, "flat", n, dtype)
+    blk = _buffer(scratch, "blk", n, dtype)
     cnt = _buffer(scratch, "cnt", n, np.int64)
     row_starts = np.empty(n_rows + 1, np.int64)
     block_starts = np.empty(n_rows + 1, np.int64)
     hist = np.zeros((n_rows, min(block_size, k) + 1), np.int64)
     inter = np.empty(n_rows, np.int64)
-    ok = kern.step_rows(np.ascontiguousarray(p), seq_len, block_size, n_prefix, bitmap, flat,
-                        row_starts, blk, cnt, block_starts, hist, inter)
-    if not ok:
-        row = int(np.argmax((p < 0).all(axis=1)))
-        raise ValueError(f"row {row} has no selected position (all padding)")
+    phist = np.zeros(seq_len if bits is not None else 0, np.int64)
+    bad = kern.step_rows(np.ascontiguousarray(p), bitmap, bits is not None, seq_len, block_size,
+                         n_prefix, flat, row_starts, blk, cnt, block_starts, hist, inter, phist)
+    if bad >= 0:
+        raise ValueError(f"row {bad} has no selected position (all padding)")
     m, nb = int(row_starts[-1]), int(block_starts[-1])
     pos2d = flat.reshape(n_rows, k) if m == n else None
-    return flat[:m], row_starts, pos2d, blk[:nb], block_starts, cnt[:nb], hist, inter
+    return flat[:m], row_starts, pos2d, blk[:nb], block_starts, cnt[:nb], hist, inter, phist

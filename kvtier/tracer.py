@@ -32,7 +32,7 @@ from kvtier.schema import (
     TraceMeta,
 )
 from kvtier.settings import TraceSettings
-from kvtier.stepstats import StepStats, compute_step_stats
+from kvtier.stepstats import StepStats, compute_step_stats, step_stats_from_bits
 from kvtier.summary import SummaryBuilder, backend_sections
 from kvtier.writer import TraceWriter, write_json_atomic
 
@@ -113,6 +113,7 @@ def _fast_program() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _FAST_LITS, _FAST_LIT_STARTS, _FAST_KINDS = _fast_program()
+_NO_HIST = np.zeros(1, np.int64)  # emit_records' offset histogram when step_rows counted already
 
 
 def _list_width(flat: np.ndarray, starts: np.ndarray) -> int:
@@ -196,6 +197,8 @@ class Tracer:
         self._layers: list[_Layer] = []
         self._pinned: dict[tuple, Any] = {}
         self._ibuf: np.ndarray | None = None
+        self._bits: np.ndarray | None = None
+        self._use_bits = False
         self._pos_scratch = np.zeros(0, np.uint8)
         self._blk_scratch = np.zeros(0, np.uint8)
         self._kern = fastkern.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
@@ -245,6 +248,8 @@ class Tracer:
         self._step = int(start_pos)
         self._active = act
         self._layers = []
+        # numba path: keep per-row bitmaps of each layer instead of a copy of its indices
+        self._use_bits = self._kern is not None and start_pos + 1 <= fastkern.BITMAP_MAX_SEQ
 
     def on_topk(self, layer_id: int, indices: Any, scores: Any = None) -> None:
         """Right after the indexer's top-k of one layer: copy [B, K] indices (and scores) off
@@ -254,6 +259,8 @@ class Tracer:
         if self._step is None:
             raise RuntimeError("on_topk called outside start_step/end_step")
         slot = len(self._layers)
+        if slot == 0 and scores is not None:  # scores need the indices' order: copy them
+            self._use_bits = False
         if _is_torch(indices) and indices.is_cuda:
             pinned, event = self._to_pinned(slot, "i", indices)
             sc = None
@@ -290,6 +297,9 @@ class Tracer:
         checking the range first so the narrowing copy cannot wrap a bad index."""
         assert self._step is not None
         seq_len = self._step + 1
+        if self._use_bits:
+            self._store_bits(slot, layer_id, arr)
+            return
         amax = None if self._kern is None else self._copy_checked(slot, arr)
         if amax is None:
             amax = int(arr.max())
@@ -311,6 +321,31 @@ class Tracer:
             np.copyto(buf[slot], arr, casting="unsafe")
 
     _copied = -1
+    _step_k = 0
+
+    def _store_bits(self, slot: int, layer_id: int, arr: np.ndarray) -> None:
+        """numba path: one pass over the indices sets the row bitmaps of this layer (what the
+        step's sort needs) and takes the max for the range check; nothing else is copied."""
+        assert self._step is not None and self._kern is not None
+        seq_len = self._step + 1
+        n_batch, k = arr.shape
+        if slot == 0:
+            self._step_k = k
+        elif k != self._step_k:
+            raise ValueError(f"layer {layer_id}: indices shape {list(arr.shape)} differs from "
+                             f"the step's first layer {[n_batch, self._step_k]}")
+        n_words = (seq_len + 63) >> 6
+        bits = self._bits
+        if bits is None or bits.shape[1:] != (n_batch, n_words) or bits.shape[0] <= slot:
+            grown = np.empty((max(2 * slot, 8, 0 if bits is None else len(bits)), n_batch, n_words),
+                             np.uint64)
+            if slot and bits is not None:  # same step, so the same row shape
+                grown[:slot] = bits[:slot]
+            self._bits = bits = grown
+        amax = int(self._kern.set_bits(np.ascontiguousarray(arr), bits[slot], seq_len))
+        if amax >= seq_len:
+            raise ValueError(f"layer {layer_id}: selected position {amax} >= seq_len_current {seq_len} "
+                             f"(a decode step at start_pos {self._step} sees positions 0..{self._step})")
 
     def _copy_checked(self, slot: int, arr: np.ndarray) -> int | None:
         """numba path: copy into the step buffer and take the max in one pass (the max of the
@@ -357,7 +392,7 @@ class Tracer:
                 if lay.scores is not None:
                     lay.scores = np.array(self._numpy(lay.scores), dtype=np.float64, copy=True)
         self._step, self._layers = None, []
-        assert active is not None and self._ibuf is not None
+        assert active is not None
         rows = np.flatnonzero(active)
         if len(rows) == 0:
             return
@@ -366,8 +401,19 @@ class Tracer:
         with_scores = [lay.scores is not None for lay in layers]
         if any(with_scores) and not all(with_scores):
             raise ValueError("scores must be given for every layer of a step or for none")
-        k = self._ibuf.shape[2]
         all_rows = len(rows) == n_batch
+        n_rows = len(rows)
+        req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
+        if self._use_bits:
+            assert self._bits is not None
+            bits3 = self._bits[:n_layers]
+            bits2 = (bits3 if all_rows else bits3[:, rows]).reshape(n_layers * n_rows, -1)
+            stats = step_stats_from_bits(bits2, self._step_k, step + 1, self.settings.kv_block_size,
+                                         self._n_prefix[req_rows], scratch=self._stats_scratch)
+            self._finish_step(step, layers, rows, stats, wall_time_s)
+            return
+        assert self._ibuf is not None
+        k = self._ibuf.shape[2]
         idx3 = self._ibuf[:n_layers]
         positions = idx3.reshape(-1, k) if all_rows else idx3[:, rows].reshape(-1, k)
         scores2 = None
@@ -378,12 +424,17 @@ class Tracer:
                                      f"!= indices shape {[n_batch, k]}")
             sc3 = np.stack([lay.scores for lay in layers])
             scores2 = (sc3 if all_rows else sc3[:, rows]).reshape(-1, k)
-        n_rows = len(rows)
-        req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
         stats = compute_step_stats(positions, step + 1, self.settings.kv_block_size,
                                    self._n_prefix[req_rows], scores2,
                                    keep_scores=self.settings.store_scores, in_place=True,
                                    scratch=self._stats_scratch)
+        self._finish_step(step, layers, rows, stats, wall_time_s)
+
+    def _finish_step(self, step: int, layers: list[_Layer], rows: np.ndarray, stats: StepStats,
+                     wall_time_s: float | None) -> None:
+        """Sampling, point C (the backend) and the records of one step."""
+        n_rows = len(rows)
+        n_layers = len(layers)
         # sampling: per (request, step), identical for every layer
         if self.settings.sample_rate < 1.0:
             keep_row = sample_uniform(self._sample_keys[rows], step) < self.settings.sample_rate
@@ -560,11 +611,13 @@ class Tracer:
         bound = (n_sel * (len(_FAST_LITS) + 24 * len(kinds) + 3 * row_max) + len(text_buf)
                  + len(sub.positions) * (pos_w or 21) + len(sub.block_ids) * (blk_w or 21) + 16)
         out = np.empty(bound, np.uint8)
-        ohist = np.zeros(end, np.int64)
+        counted = sub.position_hist is not None
+        ohist = sub.position_hist[::-1] if counted else np.zeros(end, np.int64)
         n_bytes = self._kern.emit_records(
             out, _FAST_LITS, _FAST_LIT_STARTS, kinds, vals, text_buf, text_starts,
             sub.positions, sub.row_starts, pos_w, _table(pos_w), sub.block_ids,
-            sub.block_starts, blk_w, _table(blk_w), ohist, step)
+            sub.block_starts, blk_w, _table(blk_w), _NO_HIST if counted else ohist,
+            -1 if counted else step)
         hot = np.zeros((n_rows, int(self._n_prefix.max(initial=0))), np.int64)
         self._kern.prefix_hist(sub.block_ids, sub.block_starts, sub.intersection, r, hot)
         self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, None, None, sub.ratio,

@@ -187,3 +187,31 @@ def test_env_var_forces_numpy(monkeypatch):
         compute_step_stats(np.array([[0]]), 1, 16, np.zeros(1), fast=True)
     monkeypatch.setenv("KVTIER_NO_NUMBA", "0")
     assert fastkern.load() is not None
+
+
+@pytest.mark.parametrize("no_numba", ["0", "1"])
+def test_bad_layers_fail_the_same_on_both_paths(tmp_path, monkeypatch, no_numba):
+    """The numba path keeps bitmaps instead of copies: range, shape and padding errors must
+    still name the layer / row as the numpy path does."""
+    monkeypatch.setenv("KVTIER_NO_NUMBA", no_numba)
+    tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d", kv_bytes_per_token=1)
+    tr.begin_batch(["a", "b"], [[1, 2, 3], [4, 5]])
+    tr.start_step(3)
+    with pytest.raises(ValueError, match="layer 4: selected position 9 >= seq_len_current 4"):
+        tr.on_topk(4, np.array([[0, 9], [1, 2]]))
+    tr.start_step(3)
+    tr.on_topk(0, np.array([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match=r"layer 1: indices shape \[2, 3\] differs"):
+        tr.on_topk(1, np.array([[0, 1, 2], [1, 2, 3]]))
+    tr.start_step(3)
+    tr.on_topk(0, np.array([[0, 1], [-1, -1]]))
+    with pytest.raises(ValueError, match="row 1 has no selected position"):
+        tr.end_step(None)
+    tr.start_step(3)  # and the tracer still works afterwards
+    for layer in range(9):  # more layers than the first buffer holds
+        tr.on_topk(layer, np.array([[3, 1], [2, 2]], dtype=np.int32))
+    tr.end_step(None)
+    tr.close()
+    recs = list(iter_records(find_trace(tmp_path / "t")))
+    assert [r.selected_token_pos for r in recs[:2]] == [[1, 3], [2]]
+    assert len(recs) == 18
