@@ -7,6 +7,8 @@ import json
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvtier.access import (
     AccessStream,
@@ -281,3 +283,41 @@ def test_one_file_finder_and_typed_record_reader(tmp_path, stream):
     path.write_bytes(b"".join(lines))
     with pytest.raises(TraceError, match=r"trace_steps.jsonl:2: \$.step_idx"):
         list(iter_records(find_trace(d), Few))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 10**6), max_size=6),
+                          st.sampled_from(["", " ", "\t"])), min_size=1, max_size=8))
+def test_bulk_positions_equal_the_typed_decoder(rows):
+    """The bulk parse of ``selected_token_pos`` (raw arrays joined, one fromstring)
+    gives the typed decoder's positions and lengths for any spacing and empty lists."""
+    from kvtier.access import (
+        _AccessFields,
+        _AccessFieldsRaw,
+        _columns_fast,
+        _columns_from_records,
+    )
+
+    lines = []
+    for i, (pos, sp) in enumerate(rows):
+        body = f",{sp}".join(map(str, pos))
+        lines.append(f'{{"request_id":"r","layer_id":0,"step_idx":{i},"seq_len_current":9,'
+                     f'"block_size_tokens":4,"selected_token_pos":[{sp}{body}{sp}]}}')
+    data = ("\n".join(lines) + "\n").encode()
+    fast = _columns_fast(msgspec.json.Decoder(_AccessFieldsRaw).decode_lines(data))
+    strict = _columns_from_records(msgspec.json.Decoder(_AccessFields).decode_lines(data))
+    assert fast is not None
+    assert fast["pos"].tolist() == strict["pos"].tolist()
+    assert fast["lens"].tolist() == strict["lens"].tolist() == [len(p) for p, _ in rows]
+
+
+@pytest.mark.parametrize("value", ["[[1],[2]]", "[1,[2]]", "5", "[1.5]", '["1"]'])
+def test_bulk_positions_decline_non_integer_lists(value):
+    from kvtier.access import _AccessFieldsRaw, _columns_fast
+
+    line = ('{"request_id":"r","layer_id":0,"step_idx":0,"seq_len_current":9,'
+            f'"block_size_tokens":4,"selected_token_pos":{value}}}\n')
+    ok = '{"request_id":"r","layer_id":0,"step_idx":0,"seq_len_current":9,' \
+         '"block_size_tokens":4,"selected_token_pos":[3]}\n'
+    recs = msgspec.json.Decoder(_AccessFieldsRaw).decode_lines((ok + line + ok).encode())
+    assert _columns_fast(recs) is None
