@@ -1,9 +1,10 @@
 """Tracer + writer throughput: top-k index arrays in, JSONL bytes on disk out.
 
-Compares the vectorised tracer (``kvtier.tracer.Tracer``, background writer) with a naive
-per-record pure-Python implementation (sorted(set(...)), dict counting, json.dumps), both on the
-same DSA-sized input (default K = 2048, 61 layers, 8K context, batch 4) and both pinned to the
-same CPU cores (default one). Prints a table and the speed-up.
+Compares the tracer (``kvtier.tracer.Tracer``, background writer) on its numba path (extra
+``fast``) and on its pure-numpy path (``KVTIER_NO_NUMBA=1``) with a naive per-record
+pure-Python implementation (sorted(set(...)), dict counting, json.dumps), all on the same
+DSA-sized input (default K = 2048, 61 layers, 8K context, batch 4) and pinned to the same CPU
+cores (default one). Prints a table and the speed-ups.
 
     .venv/bin/python benchmarks/bench_tracer.py [--steps 40] [--cores 1]
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvtier import fastkern
 from kvtier.settings import TraceSettings
 from kvtier.tracer import Tracer
 
@@ -125,6 +127,8 @@ def main() -> None:
                     help="pin the process (and its writer thread) to this many CPUs (default 1; 0 = no pinning)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the tracer; the best counts (default 3)")
     ap.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--skip-numpy", action="store_true",
+                    help="do not also time the pure-numpy path (KVTIER_NO_NUMBA=1)")
     args = ap.parse_args()
     if args.cores > 0 and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))[: args.cores]
@@ -132,27 +136,42 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pool = make_pool(rng, 16, args.batch, args.context - args.steps, args.topk)
     scratch = Path(args.out or tempfile.mkdtemp(prefix="kvtier-bench-"))
+    rows = []
     try:
-        best = None
-        for i in range(args.repeat):
-            res = run_fast(pool, args, scratch / f"fast{i}")
-            shutil.rmtree(scratch / f"fast{i}")
-            if best is None or res[1] < best[1]:
-                best = res
-        assert best is not None
+        paths = [("numba" if fastkern.load() is not None else "numpy (no numba)", "")]
+        if not args.skip_numpy and fastkern.load() is not None:
+            paths.append(("numpy", "1"))
+        saved = os.environ.get("KVTIER_NO_NUMBA")
+        for name, flag in paths:
+            os.environ["KVTIER_NO_NUMBA"] = flag
+            best = None
+            for i in range(args.repeat):
+                res = run_fast(pool, args, scratch / f"fast{i}")
+                shutil.rmtree(scratch / f"fast{i}")
+                if best is None or res[1] < best[1]:
+                    best = res
+            assert best is not None
+            rows.append((f"kvtier Tracer, {name}", best))
+        if saved is None:
+            del os.environ["KVTIER_NO_NUMBA"]
+        else:
+            os.environ["KVTIER_NO_NUMBA"] = saved
         naive = run_naive(pool, args, scratch / "naive", args.naive_records)
     finally:
         if args.out is None:
             shutil.rmtree(scratch, ignore_errors=True)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    nb = "" if fastkern.load() is None else f", numba {__import__('numba').__version__}"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-          f"pinned to {cpus}; python {platform.python_version()}, numpy {np.__version__}")
+          f"pinned to {cpus}; python {platform.python_version()}, numpy {np.__version__}{nb}")
     print(f"input: K={args.topk}, {args.layers} layers, batch {args.batch}, context {args.context}, "
           f"block {args.block_size}, {args.steps} steps")
-    print(f"{'implementation':<28}{'records':>9}{'seconds':>9}{'records/s':>11}{'bytes/rec':>11}{'MB/s':>8}")
-    for name, (n, dt, size) in (("kvtier Tracer (vectorised)", best), ("naive per-record Python", naive)):
-        print(f"{name:<28}{n:>9}{dt:>9.2f}{n / dt:>11.0f}{size / n:>11.0f}{size / dt / 1e6:>8.1f}")
-    print(f"speed-up: {(best[0] / best[1]) / (naive[0] / naive[1]):.1f}x")
+    print(f"{'implementation':<30}{'records':>9}{'seconds':>9}{'records/s':>11}{'bytes/rec':>11}{'MB/s':>8}")
+    for name, (n, dt, size) in (*rows, ("naive per-record Python", naive)):
+        print(f"{name:<30}{n:>9}{dt:>9.2f}{n / dt:>11.0f}{size / n:>11.0f}{size / dt / 1e6:>8.1f}")
+    rate = [n / dt for _, (n, dt, _) in rows]
+    print(f"speed-up vs naive: {rate[0] / (naive[0] / naive[1]):.1f}x"
+          + (f"; {rows[0][0]} vs {rows[1][0]}: {rate[0] / rate[1]:.2f}x" if len(rows) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -445,12 +445,13 @@ class Tracer:
         fetches = []
         pstarts = stats.row_starts.tolist()
         bstarts = stats.block_starts.tolist()
+        # every row's views at once (slices built and applied in C, not a Python loop)
+        tp_all = list(map(stats.positions.__getitem__, map(slice, pstarts[:-1], pstarts[1:])))
+        bl_all = list(map(stats.block_ids.__getitem__, map(slice, bstarts[:-1], bstarts[1:])))
         for li, lay in enumerate(layers):
             r0 = li * n_rows
-            tp = [stats.positions[pstarts[r]:pstarts[r + 1]] for r in range(r0, r0 + n_rows)]
-            bl = [stats.block_ids[bstarts[r]:bstarts[r + 1]] for r in range(r0, r0 + n_rows)]
             access = LayerAccess(step_idx=step, layer_id=lay.layer_id, request_ids=ids,
-                                 token_pos=tp, block_ids=bl,
+                                 token_pos=tp_all[r0:r0 + n_rows], block_ids=bl_all[r0:r0 + n_rows],
                                  block_size=self.settings.kv_block_size, step_wall_us=wall_us)
             got = self.backend.fetch(access)
             if len(got) != n_rows:
