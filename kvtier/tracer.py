@@ -6,6 +6,10 @@ buffers, plus an event), so the forward never waits for the tracer; ``end_step``
 all layers x rows of the step as one 2-D numpy problem (see ``kvtier.stepstats``), asks the
 KVBackend for point C, and hands complete JSONL lines to the background writer.
 
+With numba (extra ``fast``; ``KVTIER_NO_NUMBA=1`` turns it off) the same happens in compiled
+kernels (``kvtier.fastkern``): ``on_topk`` keeps per-row bitmaps instead of a copy, and one
+kernel writes all records of a step. Both paths write byte-identical traces.
+
 torch is never imported here: a torch tensor is recognised by its type's module.
 """
 
