@@ -55,7 +55,10 @@ def check_against_ref(rec: TopkRecord, idx_row, step, bs, n_prefix, scores_row=N
 
 @pytest.mark.parametrize("bs", [16, 7])
 @pytest.mark.parametrize("store_scores", [False, True])
-def test_records_match_reference(tmp_path, bs, store_scores):
+@pytest.mark.parametrize("with_scores", [True, False])
+@pytest.mark.parametrize("no_numba", ["0", "1"])  # numba path (where installed) and numpy path
+def test_records_match_reference(tmp_path, monkeypatch, bs, store_scores, with_scores, no_numba):
+    monkeypatch.setenv("KVTIER_NO_NUMBA", no_numba)
     rng = np.random.default_rng(bs + store_scores)
     settings = TraceSettings(kv_block_size=bs, store_scores=store_scores, prefix_key_tokens=64)
     prompts = [rng.integers(0, 50, 70).tolist(), rng.integers(0, 50, 33).tolist(),
@@ -75,7 +78,7 @@ def test_records_match_reference(tmp_path, bs, store_scores):
                     idx[0, :3] = -1
                     idx[1, 5] = idx[1, 6]
                 sc = rng.normal(size=idx.shape).astype(np.float32)
-                tr.on_topk(layer, idx, sc)
+                tr.on_topk(layer, idx, sc if with_scores else None)
                 for r in range(3):
                     if active[r]:
                         expected.append((ids[r], layer, step, idx[r], sc[r], n_prefix[r]))
@@ -88,8 +91,9 @@ def test_records_match_reference(tmp_path, bs, store_scores):
     for rec, i in zip(recs, order, strict=True):
         rid, layer, step, idx, sc, npref = expected[i]
         assert (rec.request_id, rec.layer_id) == (rid, layer)
-        check_against_ref(rec, idx, step, bs, npref, sc)
-        assert (rec.scores_topk is not msgspec.UNSET) == store_scores
+        check_against_ref(rec, idx, step, bs, npref, sc if with_scores else None)
+        assert (rec.scores_topk is not msgspec.UNSET) == (store_scores and with_scores)
+        assert (rec.scores_stats is None) != with_scores
         hbm = rec.kv_fetch.hbm
         assert hbm.hit_blocks == rec.unique_blocks
         assert hbm.bytes_read == rec.unique_blocks * bs * 100
