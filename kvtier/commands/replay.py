@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _opt_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+from kvtier.commands import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,19 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--migration", default="none",
                    help="migration policy: none or promote_hot[:hot=2,cold_steps=8,"
                         "max_moves=4096] (default: %(default)s)")
-    p.add_argument("--block-size", type=_opt_int, default=None,
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="re-bucket the recorded token positions to this block size in tokens "
                         "(default: the trace's)")
-    p.add_argument("--hbm-blocks", type=_opt_int, default=None,
+    p.add_argument("--hbm-blocks", type=positive_int, default=None,
                    help="HBM capacity in blocks, overriding the tier config's hbm.capacity_bytes")
-    p.add_argument("--fetch-granularity", type=_opt_int, default=None,
+    p.add_argument("--fetch-granularity", type=positive_int, default=None,
                    help="read only the touched sub-blocks of this many tokens (divides the "
                         "block size; default: whole blocks)")
     p.add_argument("--write-policy", choices=("write_through", "write_back"), default=None,
                    help="how decoded tokens reach the pools (default: the tier config's)")
     p.add_argument("--on-release", choices=("drop", "keep"), default=None,
                    help="what a finished request's blocks do (default: the tier config's)")
-    p.add_argument("--kv-bytes-per-token", type=_opt_int, default=None,
+    p.add_argument("--kv-bytes-per-token", type=positive_int, default=None,
                    help="KV bytes per token and layer (default: the tier config's, 656 = DSA "
                         "fp8_ds_mla)")
     p.add_argument("--model-config", default=None, metavar="JSON",

@@ -11,30 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from kvtier.commands import nonneg_float, nonneg_int, positive_int
 from kvtier.settings import add_trace_args
 
 DATASETS = ("ruler", "longbench-v2", "sharegpt", "burstgpt")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,22 +35,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "671B_v3.2 with --ckpt-path, demo without)")
     m.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
-    m.add_argument("--max-seq-len", type=_positive_int, default=None, metavar="N",
+    m.add_argument("--max-seq-len", type=positive_int, default=None, metavar="N",
                    help="override the config's max_seq_len (context window)")
     m.add_argument("--seed", type=int, default=0,
                    help="seed of random weights, synthetic prompts and sampling (default 0)")
-    m.add_argument("--temperature", type=_nonneg_float, default=0.0,
+    m.add_argument("--temperature", type=nonneg_float, default=0.0,
                    help="sampling temperature; 0 = greedy (default 0)")
 
     r = p.add_argument_group("run")
-    r.add_argument("--limit", type=_nonneg_int, default=64, metavar="N",
+    r.add_argument("--limit", type=nonneg_int, default=64, metavar="N",
                    help="read at most N requests from the dataset (default 64; 0 = all)")
-    r.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
+    r.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                    help="generation cap per request (BurstGPT: min(Response tokens, N); "
                         "default 64)")
-    r.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="requests per generate() batch (default 1)")
-    r.add_argument("--max-prompt-tokens", type=_positive_int, default=None, metavar="N",
+    r.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="skip (and count) prompts longer than N tokens (default: "
                         "max_seq_len - max_new_tokens)")
     r.add_argument("--trace-out", default=None, metavar="DIR",
@@ -91,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--policy", default="lru",
                    help="HBM eviction policy for --backend sim (lru, fifo, lfu, arc, s3fifo, "
                         "distance, dsa_aware, module:Class; default lru)")
-    b.add_argument("--hbm-blocks", type=_positive_int, default=None, metavar="N",
+    b.add_argument("--hbm-blocks", type=positive_int, default=None, metavar="N",
                    help="HBM capacity in blocks for --backend sim (default: the tier config's)")
 
     d = p.add_argument_group("datasets")
@@ -124,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="BurstGPT: keep rows of this Model only (e.g. GPT-4)")
 
     s = p.add_argument_group("serving replay (burstgpt)")
-    s.add_argument("--time-scale", type=_nonneg_float, default=1.0, metavar="X",
+    s.add_argument("--time-scale", type=nonneg_float, default=1.0, metavar="X",
                    help="multiply inter-arrival times by X (0.1 = 10x the rate; 0 = all at "
                         "once; default 1)")
     s.add_argument("--arrivals", choices=("burstgpt", "mooncake", "azure"), default="burstgpt",
@@ -136,15 +116,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no model: simulate service times from the step cost model below")
     s.add_argument("--cost-from-trace", default=None, metavar="DIR",
                    help="calibrate the decode cost model from a recorded trace's step times")
-    s.add_argument("--prefill-base-s", type=_nonneg_float, default=0.0, metavar="S",
+    s.add_argument("--prefill-base-s", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: seconds per batched prefill (default 0)")
-    s.add_argument("--prefill-s-per-token", type=_nonneg_float, default=0.0, metavar="S",
+    s.add_argument("--prefill-s-per-token", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: prefill seconds per prompt token (default 0)")
-    s.add_argument("--decode-base-s", type=_nonneg_float, default=0.0, metavar="S",
+    s.add_argument("--decode-base-s", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: seconds per decode step (default 0)")
-    s.add_argument("--decode-s-per-seq", type=_nonneg_float, default=0.0, metavar="S",
+    s.add_argument("--decode-s-per-seq", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: decode seconds per active sequence (default 0)")
-    s.add_argument("--decode-s-per-ctx-token", type=_nonneg_float, default=0.0, metavar="S",
+    s.add_argument("--decode-s-per-ctx-token", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: decode seconds per context token (default 0)")
     add_trace_args(p)
     p.set_defaults(func=run)
