@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import pytest
+from cache_refs import ref_lru
 
 from kvtier.access import key_stream
 from kvtier.accessgen import SynthConfig, synth_stream, write_trace
@@ -37,20 +37,6 @@ def _records(path: Path) -> list[TopkRecord]:
 
 def _summary(path: Path) -> Summary:
     return msgspec.json.decode((path / "summary.json").read_bytes(), type=Summary)
-
-
-def _ref_lru(keys, cap: int) -> int:
-    d: OrderedDict = OrderedDict()
-    hits = 0
-    for k in keys:
-        if k in d:
-            hits += 1
-            d.move_to_end(k)
-        else:
-            if len(d) >= cap:
-                d.popitem(last=False)
-            d[k] = None
-    return hits
 
 
 def _replay(*args: str) -> int:
@@ -92,7 +78,7 @@ def test_hbm_only_replay_through_cli_equals_reference_lru(trace, tmp_path):
         out = tmp_path / f"o{cap}"
         assert _replay(str(trace), "--out", str(out), "--tiers", str(path), "--hbm-blocks",
                        str(cap), "--on-release", "keep") == 0
-        assert _summary(out).tiers["hbm"]["hit_blocks"] == _ref_lru(keys, cap)
+        assert _summary(out).tiers["hbm"]["hit_blocks"] == ref_lru(keys, cap)
 
 
 def test_hbm_backend_marks_everything_hbm(trace, tmp_path):
@@ -274,7 +260,7 @@ def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
     del cfg["local_pool"], cfg["remote_pool"]
     path = tmp_path / "hbm_only.json"
     path.write_text(json.dumps(cfg))
-    for policy, ref in (("lru", _ref_lru(keys.tolist(), 60)),
+    for policy, ref in (("lru", ref_lru(keys.tolist(), 60)),
                         ("belady", simulate(BeladyPolicy(60), keys).hits)):
         out = tmp_path / policy
         assert _replay(str(src), "--out", str(out), "--tiers", str(path), "--hbm-blocks", "60",

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import msgspec
 import numpy as np
 import pytest
+from cache_refs import ref_fifo, ref_lru, ref_opt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,54 +51,6 @@ def _stream(**kw) -> AccessStream:
 
 
 # ---------------------------------------------------------------- references
-
-
-def ref_lru(keys, cap: int) -> int:
-    d: OrderedDict = OrderedDict()
-    hits = 0
-    for k in keys:
-        if k in d:
-            hits += 1
-            d.move_to_end(k)
-        else:
-            if cap == 0:
-                continue
-            if len(d) >= cap:
-                d.popitem(last=False)
-            d[k] = None
-    return hits
-
-
-def ref_fifo(keys, cap: int) -> int:
-    q: list = []
-    hits = 0
-    for k in keys:
-        if k in q:
-            hits += 1
-        elif cap:
-            if len(q) >= cap:
-                q.pop(0)
-            q.append(k)
-    return hits
-
-
-def ref_opt(keys, cap: int) -> int:
-    keys = list(keys)
-    res: set = set()
-    hits = 0
-    for i, k in enumerate(keys):
-        if k in res:
-            hits += 1
-            continue
-        if len(res) >= cap:
-            def next_use(x, i=i):
-                for j in range(i + 1, len(keys)):
-                    if keys[j] == x:
-                        return j
-                return math.inf
-            res.remove(max(res, key=next_use))
-        res.add(k)
-    return hits
 
 
 def _hbm_hits(results) -> int:
