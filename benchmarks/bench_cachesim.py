@@ -18,10 +18,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kvtier.access import rebucket
-from kvtier.accessgen import SynthConfig, synth_stream
-from kvtier.cachesim import lru_mrc, simulate
 from kvtier.policies import EvictionPolicy, load_policy
+from kvtier.sim.access import rebucket
+from kvtier.sim.cachesim import lru_mrc, simulate
+from kvtier.sim.synth import SynthConfig, synth_stream
 
 POLICIES = ("lru", "fifo", "lfu", "arc", "s3fifo", "belady", "distance", "dsa_aware")
 

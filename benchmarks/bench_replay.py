@@ -1,6 +1,6 @@
 """Tiered replay speed: block accesses/s through ``TieredBackend`` with LRU on one core.
 
-The workload is a DSA-like synthetic access stream (``kvtier.accessgen``) driven with replay's
+The workload is a DSA-like synthetic access stream (``kvtier.sim.synth``) driven with replay's
 lifecycle (admit, fetch per (step, layer), release). Baselines in the same run, on the same
 batches:
 
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import simpy
 
-from kvtier.access import rebucket
-from kvtier.accessgen import SynthConfig, synth_stream, write_trace
 from kvtier.backend import HBMOnlyBackend
-from kvtier.replay import ReplaySettings, drive_stream, iter_batches, replay
-from kvtier.tiers.backend import TieredBackend
-from kvtier.tiers.config import load_tier_config
+from kvtier.sim.access import rebucket
+from kvtier.sim.replay import ReplaySettings, drive_stream, iter_batches, replay
+from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
+from kvtier.sim.tiers.backend import TieredBackend
+from kvtier.sim.tiers.config import load_tier_config
 
 
 def naive_simpy(stream, block_size: int, cap: int, cfg) -> int:

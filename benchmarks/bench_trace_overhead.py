@@ -2,7 +2,7 @@
 
 Builds a few layers of a builtin config with random weights, prefills ``--context`` tokens,
 then times teacher-forced decode steps alternately without a tracer (the baseline) and with
-``kvtier.tracer.Tracer`` (HBM-only backend, full ``selected_token_pos``, JSONL on disk), and
+``kvtier.trace.tracer.Tracer`` (HBM-only backend, full ``selected_token_pos``, JSONL on disk), and
 prints both with their ratio. On CUDA the tracer's pinned non-blocking copies are exercised;
 the recorded positions are checked against a sorted host copy of the same top-k, and the
 trace is validated.
@@ -24,10 +24,10 @@ import torch
 from kvtier.model import model as M
 from kvtier.model.args import ModelArgs
 from kvtier.model.random_init import init_random_
-from kvtier.reader import find_trace, iter_records
-from kvtier.settings import TraceSettings
-from kvtier.tracer import Tracer, kv_bytes_per_token
-from kvtier.validate import validate_trace
+from kvtier.trace.reader import find_trace, iter_records
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.tracer import Tracer, kv_bytes_per_token
+from kvtier.trace.validate import validate_trace
 
 
 class _Tee:

@@ -1,6 +1,6 @@
 """Tracer + writer throughput: top-k index arrays in, JSONL bytes on disk out.
 
-Compares the tracer (``kvtier.tracer.Tracer``, background writer) on its numba path (extra
+Compares the tracer (``kvtier.trace.tracer.Tracer``, background writer) on its numba path (extra
 ``fast``) and on its pure-numpy path (``KVTIER_NO_NUMBA=1``) with a naive per-record
 pure-Python implementation (sorted(set(...)), dict counting, json.dumps), all on the same
 DSA-sized input (default K = 2048, 61 layers, 8K context, batch 4) and pinned to the same CPU
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier import fastkern
-from kvtier.settings import TraceSettings
-from kvtier.tracer import Tracer
+from kvtier.trace import step_numba
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.tracer import Tracer
 
 
 def make_pool(rng: np.random.Generator, n: int, rows: int, ctx: int, k: int) -> list[np.ndarray]:
@@ -138,8 +138,8 @@ def main() -> None:
     scratch = Path(args.out or tempfile.mkdtemp(prefix="kvtier-bench-"))
     rows = []
     try:
-        paths = [("numba" if fastkern.load() is not None else "numpy (no numba)", "")]
-        if not args.skip_numpy and fastkern.load() is not None:
+        paths = [("numba" if step_numba.load() is not None else "numpy (no numba)", "")]
+        if not args.skip_numpy and step_numba.load() is not None:
             paths.append(("numpy", "1"))
         saved = os.environ.get("KVTIER_NO_NUMBA")
         for name, flag in paths:
@@ -161,7 +161,7 @@ def main() -> None:
         if args.out is None:
             shutil.rmtree(scratch, ignore_errors=True)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    nb = "" if fastkern.load() is None else f", numba {__import__('numba').__version__}"
+    nb = "" if step_numba.load() is None else f", numba {__import__('numba').__version__}"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"pinned to {cpus}; python {platform.python_version()}, numpy {np.__version__}{nb}")
     print(f"input: K={args.topk}, {args.layers} layers, batch {args.batch}, context {args.context}, "

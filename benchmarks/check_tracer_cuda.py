@@ -13,10 +13,10 @@ import tempfile
 import numpy as np
 import torch
 
-from kvtier.reader import find_trace, iter_records
-from kvtier.settings import TraceSettings
-from kvtier.tracer import Tracer
-from kvtier.validate import validate_trace
+from kvtier.trace.reader import find_trace, iter_records
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.tracer import Tracer
+from kvtier.trace.validate import validate_trace
 
 
 def main() -> int:

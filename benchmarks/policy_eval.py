@@ -1,7 +1,7 @@
 """Which eviction policy wins on DSA-like streams: the hit-ratio table in docs/POLICIES.md.
 
-Builds two synthetic traces with ``kvtier.accessgen`` (staggered arrivals and a concurrent
-batch), runs the single-tier sweep (``kvtier.sweep.run_sweep``, the code behind
+Builds two synthetic traces with ``kvtier.sim.synth`` (staggered arrivals and a concurrent
+batch), runs the single-tier sweep (``kvtier.sim.sweep.run_sweep``, the code behind
 ``kvtier sweep``) and prints a Markdown table per block size; the best online policy per row
 is bold.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvtier.accessgen import SynthConfig, synth_stream, write_trace
-from kvtier.sweep import parse_capacity, run_sweep, write_table
+from kvtier.sim.sweep import parse_capacity, run_sweep, write_table
+from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 
 POLICIES = ["lru", "fifo", "lfu", "arc", "s3fifo", "distance", "dsa_aware", "belady"]
 BASE = dict(requests=8, layers=8, steps=24, prompt_len=8192, prompt_jitter=2048, topk=2048,

@@ -11,12 +11,17 @@ from typing import Literal
 import msgspec
 
 TRACE_FILE = "trace_steps.jsonl"
+PARQUET_FILE = "trace_steps.parquet"
 SUMMARY_FILE = "summary.json"
 META_FILE = "trace_meta.json"
 EVENT_DSA_TOPK = "dsa_topk"
 SCHEMA_VERSION = 1
 
 TIER_NAMES = ("hbm", "local_pool", "remote_pool")
+
+class TraceError(Exception):
+    """A trace directory or file that cannot be read; the message names file and place."""
+
 
 #: Percentiles everywhere in kvtier use linear interpolation between closest ranks
 #: (numpy's default ``method="linear"``, Hyndman & Fan type 7).

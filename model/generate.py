@@ -1,7 +1,7 @@
 """Batch generation with the reference demo's semantics (dsa_model.md §10), plus trace hooks.
 
 One prefill of the shortest prompt at start_pos 0, then one-token decode steps; longer prompts
-are teacher-forced so all rows share start_pos. The tracer (kvtier/tracer.py) sees
+are teacher-forced so all rows share start_pos. The tracer (kvtier/trace/tracer.py) sees
 ``begin_batch`` -> per decode forward ``start_step``/``on_topk`` (from the model, every
 layer)/``end_step(wall_s)`` -> ``end_batch``.
 """

@@ -29,7 +29,7 @@ class TopkMismatchError(RuntimeError):
 
 
 class TopkTracer(Protocol):
-    """What the model calls after the indexer's top-k of a decode step (kvtier/tracer.py)."""
+    """What the model calls after the indexer's top-k of a decode step (kvtier/trace/tracer.py)."""
 
     def on_topk(self, layer_id: int, indices: torch.Tensor, scores: torch.Tensor) -> None: ...
 

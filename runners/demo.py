@@ -63,11 +63,11 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns what the report prints. ``bundle``: an already
     loaded demo model (tests share one)."""
-    from kvtier.replay import ReplaySettings, replay
     from kvtier.runners.model_setup import kv_bytes_per_token, load_model
     from kvtier.runners.run import RunOptions, execute
-    from kvtier.settings import TraceSettings
-    from kvtier.validate import validate_trace
+    from kvtier.sim.replay import ReplaySettings, replay
+    from kvtier.trace.settings import TraceSettings
+    from kvtier.trace.validate import validate_trace
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -111,7 +111,7 @@ class _PrefixOnly(msgspec.Struct):
 def _sparsity(trace_dir: Path) -> dict[str, float]:
     """Selected tokens / context length over the records, how many records are sparse, and
     how many reuse an earlier request's prompt prefix."""
-    from kvtier.access import read_access_stream
+    from kvtier.sim.access import read_access_stream
 
     stream = read_access_stream(trace_dir)
     counts = np.diff(stream.offsets)

@@ -66,7 +66,7 @@ def _out_dir(args: argparse.Namespace, dataset: str) -> Path:
 
 
 def _trace_settings(args: argparse.Namespace) -> Any:
-    from kvtier.settings import TraceSettings
+    from kvtier.trace.settings import TraceSettings
 
     try:
         return TraceSettings.from_args(args)
@@ -108,8 +108,8 @@ def check_backend_flags(args: argparse.Namespace) -> None:
     if args.backend != "sim":
         return
     from kvtier.policies.registry import PolicyNotFound, load_policy
-    from kvtier.tiers.config import load_tier_config
-    from kvtier.tiers.specs import eviction_factory, parse_spec
+    from kvtier.sim.tiers.config import load_tier_config
+    from kvtier.sim.tiers.specs import eviction_factory, parse_spec
 
     try:
         load_tier_config(args.tiers)
@@ -175,8 +175,8 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace, simulate
-    from kvtier.summary import SummaryBuilder, backend_sections
-    from kvtier.writer import write_json_atomic
+    from kvtier.trace.summary import SummaryBuilder, backend_sections
+    from kvtier.trace.writer import write_json_atomic
 
     try:
         cost = StepCostModel(
@@ -245,10 +245,10 @@ def _synthetic_kv(args: argparse.Namespace, requests: list, config: dict) -> Any
     from kvtier.model.args import ConfigError, ModelArgs
     from kvtier.runners.model_setup import resolve_config
     from kvtier.runners.synthetic_kv import SelectionShape, SyntheticFetchTime
-    from kvtier.settings import TraceSettings
-    from kvtier.tiers.backend import TieredBackend
-    from kvtier.tiers.config import load_tier_config
-    from kvtier.tiers.recompute import load_model_dims
+    from kvtier.sim.tiers.backend import TieredBackend
+    from kvtier.sim.tiers.config import load_tier_config
+    from kvtier.sim.tiers.recompute import load_model_dims
+    from kvtier.trace.settings import TraceSettings
 
     try:
         path = resolve_config(args.config, args.ckpt_path)

@@ -47,7 +47,7 @@ def resolve_config(config: str | os.PathLike | None, ckpt_path: str | None) -> P
 
 def kv_bytes_per_token(args: Any) -> int:
     """KV bytes per token per layer of the model's reference caches (1284 B for 671B)."""
-    from kvtier.tracer import kv_bytes_per_token as _formula
+    from kvtier.trace.tracer import kv_bytes_per_token as _formula
 
     return _formula(args.kv_lora_rank, args.qk_rope_head_dim, args.index_head_dim)
 

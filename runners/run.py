@@ -151,7 +151,7 @@ class FetchTimer:
 def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any) -> RunResult:
     """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring."""
     from kvtier.model.generate import generate
-    from kvtier.tracer import Tracer
+    from kvtier.trace.tracer import Tracer
 
     out_dir = Path(opts.out_dir)
     args = bundle.args
@@ -289,9 +289,9 @@ def make_backend(opts: RunOptions, bundle: ModelBundle, settings: Any) -> Any:
         return HBMOnlyBackend(settings.kv_bytes_per_token or kv_bytes_per_token(bundle.args))
     if opts.backend != "sim":
         raise ValueError(f"--backend must be 'hbm' or 'sim', got {opts.backend!r}")
-    from kvtier.tiers.backend import TieredBackend
-    from kvtier.tiers.config import load_tier_config
-    from kvtier.tiers.recompute import load_model_dims
+    from kvtier.sim.tiers.backend import TieredBackend
+    from kvtier.sim.tiers.config import load_tier_config
+    from kvtier.sim.tiers.recompute import load_model_dims
 
     over: dict[str, Any] = {"block_size": settings.kv_block_size}
     if settings.kv_bytes_per_token:

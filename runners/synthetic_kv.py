@@ -1,7 +1,7 @@
 """KV fetch time for the model-free serving replay with ``--backend sim``.
 
 Without a model there are no indexer selections, so each decode step of each request draws
-DSA-like ones (the recipe of ``kvtier.accessgen``): the attention-sink tokens and the most
+DSA-like ones (the recipe of ``kvtier.sim.synth``): the attention-sink tokens and the most
 recent window always, the rest of the top-k from a per-request importance field (contiguous
 "topic" bumps shared by all layers plus per-layer noise) perturbed by Gumbel noise every step.
 Every (step, layer) is fetched through the ``TieredBackend``; the slowest row's pool read time
@@ -22,7 +22,7 @@ from kvtier.backend import LayerAccess
 
 @dataclass(frozen=True, slots=True)
 class SelectionShape:
-    """How synthetic selections look (defaults follow ``kvtier.accessgen.SynthConfig``)."""
+    """How synthetic selections look (defaults follow ``kvtier.sim.synth.SynthConfig``)."""
 
     topk: int = 2048
     sink: int = 4

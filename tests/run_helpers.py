@@ -50,8 +50,8 @@ def trace_lines(out: Path) -> list[dict]:
 def check_run(out: Path, dataset: str, dataset_id: str) -> tuple[Summary, dict, list[dict]]:
     """What every finished run must satisfy: the trace validates, the summary equals one
     recomputed from the trace, run_meta.json carries provenance."""
-    from kvtier.summary import recompute_summary
-    from kvtier.validate import validate_trace
+    from kvtier.trace.summary import recompute_summary
+    from kvtier.trace.validate import validate_trace
 
     report = validate_trace(out)
     assert report.ok, report.messages

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.access import (
+from kvtier.policies import block_key
+from kvtier.sim.access import (
     AccessStream,
     TraceReadError,
     key_stream,
@@ -19,8 +20,7 @@ from kvtier.access import (
     trace_files,
     working_set,
 )
-from kvtier.accessgen import SynthConfig, synth_stream, write_trace
-from kvtier.policies import block_key
+from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 
 CFG = SynthConfig(requests=3, layers=2, steps=6, prompt_len=300, prompt_jitter=50, topk=48,
                   block_size=16)
@@ -184,7 +184,7 @@ def test_no_torch_import():
     import subprocess
     import sys
 
-    code = ("import sys, kvtier.access, kvtier.cachesim, kvtier.sweep, kvtier.policies.registry;"
+    code = ("import sys, kvtier.sim.access, kvtier.sim.cachesim, kvtier.sim.sweep, kvtier.policies.registry;"
             "from kvtier.policies import load_policy;"
             "[load_policy(n) for n in ('lru','fifo','lfu','arc','s3fifo','belady','distance',"
             "'dsa_aware')];"
@@ -216,7 +216,7 @@ def test_real_tracer_shards_and_parquet(tmp_path):
 def test_fast_and_strict_jsonl_paths_agree(tmp_path):
     """Positions parsed in bulk (fast path) equal the typed decoder's, whatever the spacing;
     non-integer positions fall back to the strict path and name the line."""
-    from kvtier.access import (
+    from kvtier.sim.access import (
         _AccessFields,
         _AccessFieldsRaw,
         _columns_fast,
@@ -263,7 +263,7 @@ def test_empty_trace_takes_block_size_from_meta(tmp_path):
 def test_one_file_finder_and_typed_record_reader(tmp_path, stream):
     """``trace_files`` is ``reader.find_trace``; ``iter_records`` decodes into any record
     type (here three fields) and still names file and line of a bad record."""
-    from kvtier.reader import TraceError, find_trace, iter_records
+    from kvtier.trace.reader import TraceError, find_trace, iter_records
 
     class Few(msgspec.Struct):
         request_id: str
@@ -291,7 +291,7 @@ def test_one_file_finder_and_typed_record_reader(tmp_path, stream):
 def test_bulk_positions_equal_the_typed_decoder(rows):
     """The bulk parse of ``selected_token_pos`` (raw arrays joined, one fromstring)
     gives the typed decoder's positions and lengths for any spacing and empty lists."""
-    from kvtier.access import (
+    from kvtier.sim.access import (
         _AccessFields,
         _AccessFieldsRaw,
         _columns_fast,
@@ -313,7 +313,7 @@ def test_bulk_positions_equal_the_typed_decoder(rows):
 
 @pytest.mark.parametrize("value", ["[[1],[2]]", "[1,[2]]", "5", "[1.5]", '["1"]'])
 def test_bulk_positions_decline_non_integer_lists(value):
-    from kvtier.access import _AccessFieldsRaw, _columns_fast
+    from kvtier.sim.access import _AccessFieldsRaw, _columns_fast
 
     line = ('{"request_id":"r","layer_id":0,"step_idx":0,"seq_len_current":9,'
             f'"block_size_tokens":4,"selected_token_pos":{value}}}\n')

@@ -6,9 +6,10 @@ import msgspec
 import pyarrow.parquet as pq
 from tracegen import make_trace
 
-from kvtier.binary import ParquetTraceWriter, convert_trace
-from kvtier.reader import find_trace, iter_records
 from kvtier.schema import TopkRecord
+from kvtier.trace.convert import convert_trace
+from kvtier.trace.parquet import ParquetTraceWriter
+from kvtier.trace.reader import find_trace, iter_records
 
 
 def records(path) -> list[TopkRecord]:

@@ -6,10 +6,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.access import rebucket
-from kvtier.accessgen import SynthConfig, synth_stream
-from kvtier.cachesim import lru_mrc, simulate, stack_distances
 from kvtier.policies import load_policy
+from kvtier.sim.access import rebucket
+from kvtier.sim.cachesim import lru_mrc, simulate, stack_distances
+from kvtier.sim.synth import SynthConfig, synth_stream
 
 
 def ref_stack_distances(keys: list[int]) -> list[int]:

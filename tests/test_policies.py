@@ -11,12 +11,12 @@ from cache_refs import ref_fifo, ref_lru, ref_opt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.access import rebucket
-from kvtier.accessgen import SynthConfig, synth_stream
-from kvtier.cachesim import simulate
 from kvtier.policies import EvictionPolicy, block_key, known_policies, load_policy, split_key
 from kvtier.policies.belady import next_occurrence
 from kvtier.policies.registry import PolicyNotFound
+from kvtier.sim.access import rebucket
+from kvtier.sim.cachesim import simulate
+from kvtier.sim.synth import SynthConfig, synth_stream
 
 ALL = ["lru", "fifo", "lfu", "arc", "s3fifo", "belady", "belady_bypass", "distance", "dsa_aware"]
 
@@ -184,7 +184,7 @@ def test_belady_rejects_a_different_stream():
 
 def _stream_for(keys: list[int]):
     """A tiny AccessStream whose key stream is a function of ``keys`` (for context policies)."""
-    from kvtier.access import AccessStream
+    from kvtier.sim.access import AccessStream
 
     n = len(keys)
     return AccessStream(
@@ -372,7 +372,7 @@ def test_docs_worked_example(tmp_path):
     for cap in (0, 5, 40, 200):
         assert cls(cap).access_many(keys) == ref_clock(keys.tolist(), cap)
     trace = tmp_path / "trace"
-    from kvtier.accessgen import write_trace
+    from kvtier.sim.synth import write_trace
 
     write_trace(synth_stream(SynthConfig(requests=2, layers=2, steps=6, prompt_len=300,
                                          prompt_jitter=20, topk=48)), trace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kvtier.prefix import PrefixAnalyzer, chained_block_hashes, prefix_key
+from kvtier.trace.prefix import PrefixAnalyzer, chained_block_hashes, prefix_key
 
 
 def test_full_blocks_only_within_key_tokens():
@@ -25,7 +25,7 @@ def test_hashes_are_chained():
 
 
 def test_hashes_are_stable_across_processes():
-    code = "from kvtier.prefix import chained_block_hashes as h; print(h(list(range(32)), 16, 256))"
+    code = "from kvtier.trace.prefix import chained_block_hashes as h; print(h(list(range(32)), 16, 256))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(outs) == 1

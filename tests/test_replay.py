@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from cache_refs import ref_lru
 
-from kvtier.access import key_stream
-from kvtier.accessgen import SynthConfig, synth_stream, write_trace
 from kvtier.cli import main
 from kvtier.schema import Summary, TopkRecord
-from kvtier.tiers.config import load_tier_config
+from kvtier.sim.access import key_stream
+from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
+from kvtier.sim.tiers.config import load_tier_config
 
 BS = 16
 
@@ -161,7 +161,7 @@ def test_replay_does_not_import_torch(trace, tmp_path):
 
 
 def test_parquet_input_gives_the_same_replay(trace, tmp_path):
-    from kvtier.binary import convert_trace
+    from kvtier.trace.convert import convert_trace
 
     pq_dir = tmp_path / "pq"
     convert_trace(trace, pq_dir, to="parquet")
@@ -175,7 +175,7 @@ def test_parquet_input_gives_the_same_replay(trace, tmp_path):
 def test_summary_equals_the_record_path(trace, tmp_path):
     """replay's columnar summary == SummaryBuilder.add_records over its output records, with
     non-trivial prefix fields and after re-bucketing."""
-    from kvtier.summary import SummaryBuilder
+    from kvtier.trace.summary import SummaryBuilder
 
     src = tmp_path / "pre"
     src.mkdir()
@@ -227,7 +227,7 @@ def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
     summ = _summary(out)
     assert summ.records == _summary(src).records
     # sanity records 1000 us per step: each (step, layer) adds 1000/3 us of compute
-    from kvtier.reader import find_trace, iter_records
+    from kvtier.trace.reader import find_trace, iter_records
 
     wall = next(iter_records(find_trace(src))).kv_fetch.hbm.latency_us
     assert wall
@@ -238,10 +238,10 @@ def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
 def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
     """Requests with one ``prefix_key`` share their first prefix blocks (256 tokens / 16 = 16
     blocks): HBM hits follow the aliased key stream, for LRU and for Belady's future."""
-    from kvtier.access import read_access_stream
-    from kvtier.cachesim import simulate
     from kvtier.policies.belady import BeladyPolicy
-    from kvtier.replay import aliased_key_stream, prefix_hashes
+    from kvtier.sim.access import read_access_stream
+    from kvtier.sim.cachesim import simulate
+    from kvtier.sim.replay import aliased_key_stream, prefix_hashes
 
     src = tmp_path / "shared"
     src.mkdir()
@@ -282,7 +282,7 @@ def _new_kv(i: int):
 
 def test_splice_equals_reencoding(trace):
     """On msgspec-written lines the spliced line is byte for byte the re-encoded record."""
-    from kvtier.replay import splice_kv_fetch
+    from kvtier.sim.replay import splice_kv_fetch
 
     enc = msgspec.json.Encoder()
     lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
@@ -295,7 +295,7 @@ def test_splice_equals_reencoding(trace):
 def test_splice_finds_the_field_not_lookalike_strings(trace):
     """``"kv_fetch"`` inside string values (escaped or as a whole value) is not the field; JSON
     whitespace around the field is kept as it was."""
-    from kvtier.replay import splice_kv_fetch
+    from kvtier.sim.replay import splice_kv_fetch
 
     enc = msgspec.json.Encoder()
     rec = _records(trace)[0]

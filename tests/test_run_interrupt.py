@@ -11,10 +11,10 @@ from run_helpers import demo_bundle, read_meta, read_summary, trace_lines
 
 from kvtier.runners.requests import Request, Workload
 from kvtier.runners.run import RunOptions, execute
-from kvtier.settings import TraceSettings
-from kvtier.summary import recompute_summary
-from kvtier.tracer import Tracer
-from kvtier.validate import validate_trace
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.summary import recompute_summary
+from kvtier.trace.tracer import Tracer
+from kvtier.trace.validate import validate_trace
 
 
 def _interrupt_after(monkeypatch, n_calls: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 from run_helpers import check_run, trace_lines
 from run_helpers import run_cli as run
 
-from kvtier.replay import ReplaySettings, replay
+from kvtier.sim.replay import ReplaySettings, replay
 
 CHATS = [
     {"id": "a_0", "conversations": [{"from": "human", "value": "Write a haiku about rain."},

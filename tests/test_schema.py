@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from tracegen import make_trace
 
-from kvtier.reader import find_trace, iter_records
 from kvtier.schema import Summary, TopkRecord, TraceMeta, record_decoder, record_encoder
+from kvtier.trace.reader import find_trace, iter_records
 
 FIELDS = [
     "event", "run_name", "dataset", "rank", "world_size", "request_id", "layer_id", "step_idx",
@@ -67,8 +67,8 @@ def test_meta_and_summary_round_trip(tmp_path):
 
 
 def test_names_needing_json_escapes(tmp_path):
-    from kvtier.settings import TraceSettings
-    from kvtier.tracer import Tracer
+    from kvtier.trace.settings import TraceSettings
+    from kvtier.trace.tracer import Tracer
 
     rid, run, ds = 'q"\\1\u00e9\n', 'run "x"', "d\u2603"
     with Tracer(TraceSettings(store_scores=True), tmp_path / "t", run_name=run, dataset=ds,

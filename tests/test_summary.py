@@ -6,10 +6,10 @@ import msgspec
 import numpy as np
 from tracegen import make_trace
 
-from kvtier.binary import convert_trace
-from kvtier.reader import find_trace, iter_records
 from kvtier.schema import Summary
-from kvtier.summary import recompute_summary
+from kvtier.trace.convert import convert_trace
+from kvtier.trace.reader import find_trace, iter_records
+from kvtier.trace.summary import recompute_summary
 
 
 def stored(path) -> Summary:
@@ -25,8 +25,8 @@ def test_recomputed_equals_live(tmp_path):
 
 
 def test_recomputed_equals_live_sharded_sampled_and_parquet(tmp_path):
-    from kvtier.sanity import SanityConfig, run_sanity
-    from kvtier.settings import TraceSettings
+    from kvtier.trace.sanity import SanityConfig, run_sanity
+    from kvtier.trace.settings import TraceSettings
 
     live = run_sanity(tmp_path / "s", SanityConfig(requests=4, layers=2, prompt_len=80, shared_prefix=32, new_tokens=6, topk=16),
                       TraceSettings(sample_rate=0.5, shard_records=10, kv_block_size=8))

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from kvtier.access import read_access_stream, rebucket
-from kvtier.accessgen import SynthConfig, synth_stream, write_trace
-from kvtier.cachesim import lru_mrc, simulate
 from kvtier.cli import main
 from kvtier.policies import load_policy
-from kvtier.sweep import CapacitySpec, parse_capacity, split_policies
+from kvtier.sim.access import read_access_stream, rebucket
+from kvtier.sim.cachesim import lru_mrc, simulate
+from kvtier.sim.sweep import CapacitySpec, parse_capacity, split_policies
+from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 
 CFG = SynthConfig(requests=2, layers=3, steps=10, prompt_len=600, prompt_jitter=100, topk=96,
                   block_size=16)

@@ -14,14 +14,14 @@ from cache_refs import ref_fifo, ref_lru, ref_opt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.access import AccessStream, rebucket
-from kvtier.accessgen import SynthConfig, synth_stream
 from kvtier.backend import LayerAccess
 from kvtier.policies.placement import LocalFirst
-from kvtier.replay import drive_stream
-from kvtier.tiers.backend import TieredBackend
-from kvtier.tiers.config import ConfigError, config_from_dict, load_tier_config
-from kvtier.tiers.recompute import (
+from kvtier.sim.access import AccessStream, rebucket
+from kvtier.sim.replay import drive_stream
+from kvtier.sim.synth import SynthConfig, synth_stream
+from kvtier.sim.tiers.backend import TieredBackend
+from kvtier.sim.tiers.config import ConfigError, config_from_dict, load_tier_config
+from kvtier.sim.tiers.recompute import (
     ModelDims,
     break_even_tokens,
     fetch_us,
@@ -344,7 +344,7 @@ def test_prefill_flops_closed_form_matches_a_loop():
                   n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
                   q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                   v_head_dim=16, index_n_heads=2, index_head_dim=16, index_topk=5, vocab_size=100)
-    from kvtier.tiers.recompute import per_token_flops
+    from kvtier.sim.tiers.recompute import per_token_flops
 
     def loop(n: int) -> float:
         total = 0.0
@@ -498,7 +498,7 @@ def test_batched_placement_equals_per_block(local, remote, prompts):
 @given(cap=st.integers(1, 12), resident=st.lists(st.integers(0, 30), max_size=12, unique=True),
        keys=st.lists(st.integers(0, 30), max_size=15, unique=True), refresh=st.booleans())
 def test_dict_batch_equals_the_per_key_loop(cap, resident, keys, refresh):
-    from kvtier.tiers.backend import _dict_batch
+    from kvtier.sim.tiers.backend import _dict_batch
 
     resident = resident[:cap]
     ref = OrderedDict.fromkeys(resident)
@@ -527,9 +527,9 @@ def test_dict_batch_equals_the_per_key_loop(cap, resident, keys, refresh):
                                     "dsa_aware"])
 def test_hbm_hits_equal_the_single_tier_simulator(policy):
     """Only an HBM tier, nothing released: every registered eviction policy (context-aware
-    ones through ``begin_record``) gives the hits of ``kvtier.cachesim.simulate``."""
-    from kvtier.cachesim import simulate
+    ones through ``begin_record``) gives the hits of ``kvtier.sim.cachesim.simulate``."""
     from kvtier.policies.registry import load_policy
+    from kvtier.sim.cachesim import simulate
 
     s = _stream(requests=3, steps=10)
     bs = rebucket(s, BS)

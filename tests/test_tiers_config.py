@@ -8,7 +8,7 @@ import re
 import msgspec
 import pytest
 
-from kvtier.tiers.config import (
+from kvtier.sim.tiers.config import (
     PRESET_DIR,
     ConfigError,
     config_from_dict,

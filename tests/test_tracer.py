@@ -12,11 +12,11 @@ import pytest
 from trace_ref import ref_fields
 
 from kvtier.backend import HBMOnlyBackend
-from kvtier.prefix import chained_block_hashes
-from kvtier.reader import find_trace, iter_records
 from kvtier.schema import TopkRecord
-from kvtier.settings import TraceSettings
-from kvtier.tracer import Tracer, kv_bytes_per_token, sample_uniform
+from kvtier.trace.prefix import chained_block_hashes
+from kvtier.trace.reader import find_trace, iter_records
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.tracer import Tracer, kv_bytes_per_token, sample_uniform
 
 
 def close(a: float, b: float) -> bool:
@@ -231,7 +231,7 @@ def test_torch_cpu_tensors_are_accepted(tmp_path):
 def test_numpy_tracing_never_imports_torch(tmp_path):
     code = (
         "import sys, numpy as np\n"
-        "from kvtier.tracer import Tracer\nfrom kvtier.settings import TraceSettings\n"
+        "from kvtier.trace.tracer import Tracer\nfrom kvtier.trace.settings import TraceSettings\n"
         f"with Tracer(TraceSettings(), {str(tmp_path / 't')!r}, run_name='r', dataset='d', kv_bytes_per_token=1) as tr:\n"
         "    tr.begin_batch(['a'], [[1, 2]]); tr.start_step(2); tr.on_topk(0, np.array([[0, 2]])); tr.end_step(0.0)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

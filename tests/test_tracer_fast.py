@@ -1,4 +1,4 @@
-"""The numba path of the tracer (kvtier.fastkern) against the numpy path: same statistics,
+"""The numba path of the tracer (kvtier.trace.step_numba) against the numpy path: same statistics,
 byte-identical trace files and summaries. Skipped only where numba is not installed."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trace_ref import ref_fields
 
-from kvtier import fastkern
-from kvtier.fastjson import encode_int_rows
-from kvtier.reader import find_trace, iter_records
-from kvtier.settings import TraceSettings
-from kvtier.stepstats import compute_step_stats
-from kvtier.tracer import Tracer
+from kvtier.trace import step_numba
+from kvtier.trace.intlist_json import encode_int_rows
+from kvtier.trace.reader import find_trace, iter_records
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.step_numpy import compute_step_stats
+from kvtier.trace.tracer import Tracer
 
 pytest.importorskip("numba")  # the optional extra 'fast'
 
@@ -56,12 +56,12 @@ def step_rows(draw):
 @given(step_rows(), st.booleans())
 def test_kernel_stats_equal_numpy_and_reference(case, bitmap):
     seq_len, idx, bs, n_prefix = case
-    old = fastkern.BITMAP_MAX_SEQ
-    fastkern.BITMAP_MAX_SEQ = old if bitmap else 0  # 0: the in-kernel sort path
+    old = step_numba.BITMAP_MAX_SEQ
+    step_numba.BITMAP_MAX_SEQ = old if bitmap else 0  # 0: the in-kernel sort path
     try:
         fast = compute_step_stats(idx, seq_len, bs, n_prefix, fast=True, scratch={})
     finally:
-        fastkern.BITMAP_MAX_SEQ = old
+        step_numba.BITMAP_MAX_SEQ = old
     slow = compute_step_stats(idx.copy(), seq_len, bs, n_prefix, fast=False)
     assert_same_stats(fast, slow)
     for r in range(len(idx)):  # and the straightforward reference, independently
@@ -80,11 +80,11 @@ def test_kernel_errors_match_numpy():
                 compute_step_stats(bad, 5, 16, np.zeros(len(bad)), fast=fast)
 
 
-@pytest.mark.parametrize("width", range(2, 8))  # 8 would exceed fastjson.MAX_VALUE
-def test_digit_table_is_fastjson_format(width):
+@pytest.mark.parametrize("width", range(2, 8))  # 8 would exceed intlist_json.MAX_VALUE
+def test_digit_table_is_intlist_json_format(width):
     values = np.unique(np.concatenate([np.arange(min(10 ** (width - 1), 3000)),
                                        [10 ** (width - 1) - 1]]))
-    table = fastkern.digit_table(width, int(values.max()) + 1)
+    table = step_numba.digit_table(width, int(values.max()) + 1)
     got = table[values].view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
     buf, lo, hi = encode_int_rows(values[None, :])
     want = bytes(buf[lo[0]:hi[0] - 1]) + b","
@@ -116,7 +116,7 @@ def runs(draw):
     shared = draw(st.lists(st.integers(0, 50), min_size=0, max_size=80))
     batches = []
     n_req = 0
-    big = draw(st.booleans())  # positions past fastjson.MAX_VALUE: the compact encoding
+    big = draw(st.booleans())  # positions past intlist_json.MAX_VALUE: the compact encoding
     for _ in range(draw(st.integers(1, 2))):
         n = draw(st.integers(1, 3))
         ids = [f"q{n_req + i}" for i in range(n)]
@@ -182,11 +182,11 @@ def test_bench_sized_step_is_identical_and_valid(tmp_path, monkeypatch):
 
 def test_env_var_forces_numpy(monkeypatch):
     monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
-    assert fastkern.load() is None
+    assert step_numba.load() is None
     with pytest.raises(RuntimeError, match="needs numba"):
         compute_step_stats(np.array([[0]]), 1, 16, np.zeros(1), fast=True)
     monkeypatch.setenv("KVTIER_NO_NUMBA", "0")
-    assert fastkern.load() is not None
+    assert step_numba.load() is not None
 
 
 @pytest.mark.parametrize("no_numba", ["0", "1"])

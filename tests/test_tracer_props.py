@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trace_ref import pct, ref_fields
 
-from kvtier.fastjson import encode_int_rows
-from kvtier.stats import (
+from kvtier.trace.intlist_json import encode_int_rows
+from kvtier.trace.percentiles import (
     distribution,
     hist_distribution,
     percentile_hist_rows,
     percentile_sorted_rows,
 )
-from kvtier.stepstats import compute_step_stats
+from kvtier.trace.step_numpy import compute_step_stats
 
 
 @st.composite

@@ -8,7 +8,7 @@ import sys
 import msgspec
 from tracegen import make_trace
 
-from kvtier.validate import validate_trace
+from kvtier.trace.validate import validate_trace
 
 
 def lines_of(path):

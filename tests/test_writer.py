@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from kvtier.schema import TraceMeta
-from kvtier.writer import TraceWriter, prepare_out_dir
+from kvtier.trace.writer import TraceWriter, prepare_out_dir
 
 
 def meta() -> TraceMeta:
@@ -78,7 +78,7 @@ def test_background_errors_surface(tmp_path):
 def test_killed_writer_leaves_complete_lines(tmp_path):
     out = tmp_path / "t"
     code = (
-        "import sys\nfrom kvtier.writer import TraceWriter\nfrom kvtier.schema import TraceMeta\n"
+        "import sys\nfrom kvtier.trace.writer import TraceWriter\nfrom kvtier.schema import TraceMeta\n"
         f"w = TraceWriter({str(out)!r}, TraceMeta(schema_version=1, run_name='r', dataset='d', config={{}}))\n"
         "line = b'{\"pad\":\"' + b'x' * 5000 + b'\"}\\n'\n"
         "print('ready', flush=True)\n"

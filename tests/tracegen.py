@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvtier.sanity import SanityConfig, run_sanity
 from kvtier.schema import Summary
-from kvtier.settings import TraceSettings
+from kvtier.trace.sanity import SanityConfig, run_sanity
+from kvtier.trace.settings import TraceSettings
 
 
 def make_trace(out: Path, store_scores: bool = False, shard_records: int = 0, **cfg) -> Summary:

@@ -19,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.binary import convert_trace
     from kvtier.cli import CLIError
-    from kvtier.reader import TraceError
+    from kvtier.trace.convert import convert_trace
+    from kvtier.trace.reader import TraceError
 
     try:
         fmt, n = convert_trace(args.input, args.output, to=args.to, force=args.force, progress=True)

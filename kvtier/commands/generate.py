@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvtier.settings import add_trace_args
+from kvtier.trace.settings import add_trace_args
 
 #: the reference generate.py's seed
 SEED = 33377335
@@ -69,7 +69,7 @@ def split_prompts(text: str) -> list[str]:
 def _check(args: argparse.Namespace) -> Any:
     """Validate flags before any model is built; return the TraceSettings."""
     from kvtier.cli import CLIError
-    from kvtier.settings import TraceSettings
+    from kvtier.trace.settings import TraceSettings
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -92,7 +92,7 @@ def _make_tracer(args: argparse.Namespace, settings: Any, bundle: Any) -> Any:
     if not args.trace_enable:
         return None
     from kvtier.cli import CLIError
-    from kvtier.tracer import Tracer, kv_bytes_per_token
+    from kvtier.trace.tracer import Tracer, kv_bytes_per_token
 
     margs = bundle.args
     bpt = kv_bytes_per_token(margs.kv_lora_rank, margs.qk_rope_head_dim, margs.index_head_dim)

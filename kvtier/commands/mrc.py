@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from kvtier.access import TraceReadError, read_access_stream, rebucket
-    from kvtier.cachesim import lru_mrc
     from kvtier.cli import CLIError
-    from kvtier.sweep import parse_block_size, parse_list
+    from kvtier.sim.access import TraceReadError, read_access_stream, rebucket
+    from kvtier.sim.cachesim import lru_mrc
+    from kvtier.sim.sweep import parse_block_size, parse_list
 
     if args.points < 0:
         raise CLIError(f"--points: must be >= 0, got {args.points}")

@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
-    from kvtier.replay import ReplayError, ReplaySettings, replay
+    from kvtier.sim.replay import ReplayError, ReplaySettings, replay
 
     settings = ReplaySettings(
         backend=args.backend, tiers=args.tiers, policy=args.policy, pool_policy=args.pool_policy,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from kvtier.commands import nonneg_float, nonneg_int, positive_int
-from kvtier.settings import add_trace_args
+from kvtier.trace.settings import add_trace_args
 
 DATASETS = ("ruler", "longbench-v2", "sharegpt", "burstgpt")
 

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from kvtier.settings import add_trace_args
+    from kvtier.trace.settings import add_trace_args
 
     p = sub.add_parser("sanity", help="write a synthetic trace without torch and validate it",
                        description="Drive the real tracer with a fake indexer (no torch, no model), "
@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
-    from kvtier.sanity import SanityConfig, run_sanity
-    from kvtier.settings import TraceSettings
-    from kvtier.validate import validate_trace
+    from kvtier.trace.sanity import SanityConfig, run_sanity
+    from kvtier.trace.settings import TraceSettings
+    from kvtier.trace.validate import validate_trace
 
     try:
         settings = TraceSettings.from_args(args)

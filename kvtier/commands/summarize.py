@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
     import msgspec
 
     from kvtier.cli import CLIError
-    from kvtier.reader import TraceError
     from kvtier.schema import SUMMARY_FILE, Summary
-    from kvtier.summary import recompute_summary
-    from kvtier.writer import write_json_atomic
+    from kvtier.trace.reader import TraceError
+    from kvtier.trace.summary import recompute_summary
+    from kvtier.trace.writer import write_json_atomic
 
     root = Path(args.trace)
     existing_path = root / SUMMARY_FILE

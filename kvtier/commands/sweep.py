@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.access import TraceReadError, read_access_stream
     from kvtier.cli import CLIError
-    from kvtier.sweep import (
+    from kvtier.sim.access import TraceReadError, read_access_stream
+    from kvtier.sim.sweep import (
         parse_block_size,
         parse_capacity,
         parse_list,
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         split_policies,
         write_table,
     )
-    from kvtier.tiers.specs import PolicySpecError, eviction_factory
+    from kvtier.sim.tiers.specs import PolicySpecError, eviction_factory
 
     try:
         policies = split_policies(args.policies)

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
-    from kvtier.validate import validate_trace
+    from kvtier.trace.validate import validate_trace
 
     if args.max_errors < 0:
         raise CLIError(f"--max-errors must be >= 0, got {args.max_errors}")

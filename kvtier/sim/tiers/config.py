@@ -2,7 +2,7 @@
 
 Validation is msgspec's (``forbid_unknown_fields``), so a misspelt or out-of-range field fails
 before any replay work, naming the field (``$.remote_pool.read_bw_gb_s``). Presets live in
-``kvtier/presets/<name>.toml`` and are addressed by name (``memfabric``, ``mooncake``).
+``kvtier/sim/tiers/presets/<name>.toml`` and are addressed by name (``memfabric``, ``mooncake``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: TOML needs tomli; JSON configs always work
     tomllib = None
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 POOL_TIERS = ("local_pool", "remote_pool")
 

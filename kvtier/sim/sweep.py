@@ -1,7 +1,7 @@
 """Single-tier sweeps: policies x capacities x block sizes over one trace, in parallel.
 
 Each grid cell re-buckets the recorded token positions to its block size, builds the
-single-tier key stream and runs one eviction policy at one capacity (``kvtier.cachesim``).
+single-tier key stream and runs one eviction policy at one capacity (``kvtier.sim.cachesim``).
 Cells run in a ``ProcessPoolExecutor``; workers get the decoded access stream by fork (or
 re-read the trace under spawn) and cache the key stream per block size.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.access import AccessStream, BlockStream, read_access_stream, rebucket
-from kvtier.cachesim import simulate
-from kvtier.tiers.specs import eviction_factory
+from kvtier.sim.access import AccessStream, BlockStream, read_access_stream, rebucket
+from kvtier.sim.cachesim import simulate
+from kvtier.sim.tiers.specs import eviction_factory
 
 COLUMNS = (
     "block_size", "policy", "capacity_spec", "capacity_blocks", "working_set", "accesses",

@@ -1,7 +1,7 @@
 """Optional numba kernels for the tracer's hot path (extra ``fast``).
 
-The pure-numpy path (``kvtier.stepstats``, ``kvtier.fastjson`` and the record templates in
-``kvtier.tracer``) needs a comparison sort and several passes over every step; here one
+The pure-numpy path (``kvtier.trace.step_numpy``, ``kvtier.trace.intlist_json`` and the record templates in
+``kvtier.trace.tracer``) needs a comparison sort and several passes over every step; here one
 compiled pass per row replaces them: a bitmap over ``[0, seq_len)`` sorts and de-duplicates
 the row, and the same scan yields block ids, tokens per block and the prefix overlap. A second
 kernel writes whole records (ints, int lists, pre-formatted text) straight into one byte
@@ -51,7 +51,7 @@ _digit_tables: dict[int, np.ndarray] = {}
 
 
 def digit_table(width: int, size: int) -> np.ndarray:
-    """uint64 per value v < size: its ``width`` bytes as written by ``kvtier.fastjson``
+    """uint64 per value v < size: its ``width`` bytes as written by ``kvtier.trace.intlist_json``
     (``width - 1`` right-aligned digits, space-padded, then a comma), little-endian, for one
     unaligned 8-byte store per element. ``width`` <= 8."""
     if not 2 <= width <= 8:
@@ -283,7 +283,7 @@ def _build() -> SimpleNamespace:
     @njit
     def put_list(out, o, vals, a, b, width, table, ohist, last):
         """JSON list tail of vals[a:b] ('[' is the literal's): ``width`` bytes per element
-        from ``table`` (``digit_table``: kvtier.fastjson's space-padded format), or compact
+        from ``table`` (``digit_table``: kvtier.trace.intlist_json's space-padded format), or compact
         when width == 0. With ``last`` >= 0 also counts offsets ``last - v`` into ohist."""
         if width > 0:
             for i in range(a, b):

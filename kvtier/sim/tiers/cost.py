@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvtier.tiers.config import TierSpec
+from kvtier.sim.tiers.config import TierSpec
 
 
 def read_ops(tier: TierSpec, segments, seg_bytes):

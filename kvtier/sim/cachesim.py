@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvtier.access import BlockStream
 from kvtier.policies.base import EvictionPolicy
+from kvtier.sim.access import BlockStream
 
 
 @dataclass(frozen=True, slots=True)

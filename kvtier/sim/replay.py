@@ -1,6 +1,6 @@
 """Offline replay: run a recorded trace's selections through any KVBackend and policy.
 
-The input is read twice. First as an access stream (``kvtier.access``: validated numpy
+The input is read twice. First as an access stream (``kvtier.sim.access``: validated numpy
 columns) to learn when each request starts and ends and, for offline policies, the exact
 future key stream. Then record by record: consecutive records of one (step, layer) form one
 ``LayerAccess`` (so the key stream is the trace order), the backend serves it, and each record
@@ -20,9 +20,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.access import AccessStream, TraceReadError, read_access_stream, rebucket
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
-from kvtier.reader import TraceError, find_trace, iter_records, iter_records_with_lines
 from kvtier.schema import (
     META_FILE,
     SUMMARY_FILE,
@@ -31,7 +29,9 @@ from kvtier.schema import (
     TopkRecord,
     TraceMeta,
 )
-from kvtier.summary import SummaryBuilder, backend_sections
+from kvtier.sim.access import AccessStream, TraceReadError, read_access_stream, rebucket
+from kvtier.trace.reader import TraceError, find_trace, iter_records, iter_records_with_lines
+from kvtier.trace.summary import SummaryBuilder, backend_sections
 
 
 class ReplayError(ValueError):
@@ -82,16 +82,16 @@ def build_backend(s: ReplaySettings, stream: AccessStream, block_size: int,
                   future: np.ndarray | None = None, meta: dict | None = None) -> KVBackend:
     """The backend named by ``s`` (errors name the flag or config field). The HBM backend
     defaults to the trace's own ``kv_bytes_per_token``; the tier emulator to its config's."""
-    from kvtier.tiers.config import ConfigError, load_tier_config
+    from kvtier.sim.tiers.config import ConfigError, load_tier_config
 
     if s.backend == "hbm":
         recorded = ((meta or {}).get("config") or {}).get("kv_bytes_per_token")
         return HBMOnlyBackend(int(s.kv_bytes_per_token or recorded or 656))
     if s.backend != "sim":
         raise ReplayError(f"--backend must be 'hbm' or 'sim', got {s.backend!r}")
-    from kvtier.tiers.backend import TieredBackend
-    from kvtier.tiers.recompute import load_model_dims
-    from kvtier.tiers.specs import PolicySpecError
+    from kvtier.sim.tiers.backend import TieredBackend
+    from kvtier.sim.tiers.recompute import load_model_dims
+    from kvtier.sim.tiers.specs import PolicySpecError
 
     over = dict(s.overrides)
     for key in ("fetch_granularity", "write_policy", "on_release", "kv_bytes_per_token"):
@@ -116,7 +116,7 @@ def _needs_future(s: ReplaySettings) -> bool:
     if s.backend != "sim":
         return False
     from kvtier.policies.registry import PolicyNotFound, load_policy
-    from kvtier.tiers.specs import parse_spec
+    from kvtier.sim.tiers.specs import parse_spec
 
     try:
         return bool(getattr(load_policy(parse_spec(s.policy)[0]), "offline", False))
@@ -191,7 +191,7 @@ def _iter_first_prefix(tf) -> Iterator[tuple[str, str | None]]:
 def aliased_key_stream(stream: AccessStream, bs: int, hashes: list[list[int]]) -> np.ndarray:
     """The HBM key stream the tiered backend will see: ``key_stream`` with shared prefix
     blocks read under their first owner's keys (``hashes`` per request, admission order)."""
-    from kvtier.tiers.keyspace import KeySpace
+    from kvtier.sim.tiers.keyspace import KeySpace
 
     blocked = rebucket(stream, bs)
     keys = blocked.keys()
@@ -341,7 +341,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                     plen = max(int(rec.seq_len_current) - 1, 0)
                     backend.admit(rid, plen, hashes_for(plen, rec.prefix.prefix_key))
                 ids.append(rid)
-                tps.append(pos[poff[i]:poff[i + 1]])  # sorted, unique (kvtier.access)
+                tps.append(pos[poff[i]:poff[i + 1]])  # sorted, unique (kvtier.sim.access)
                 bls.append(blk[boff[i]:boff[i + 1]])
             wall = batch[0].kv_fetch.hbm.latency_us if use_wall else None
             access = LayerAccess(step_idx=batch[0].step_idx, layer_id=batch[0].layer_id,

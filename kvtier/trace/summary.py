@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from kvtier.schema import Summary, TopkRecord
-from kvtier.stats import add_hist, distribution, hist_distribution
+from kvtier.trace.percentiles import add_hist, distribution, hist_distribution
 
 #: optional sections a backend's ``summary()`` may return (anything else goes under ``tiers``)
 BACKEND_SECTIONS = ("tiers", "stall", "fetch_vs_recompute")
@@ -141,7 +141,7 @@ def backend_sections(backend_summary: dict | None) -> dict:
 def recompute_summary(trace_dir, keep_from: Summary | None = None, batch: int = 512) -> Summary:
     """The summary of a trace directory from its records and ``trace_meta.json`` alone.
     Optional sections (serving, skipped, tiers, ...) are copied from ``keep_from``."""
-    from kvtier.reader import find_trace, iter_records
+    from kvtier.trace.reader import find_trace, iter_records
 
     tf = find_trace(trace_dir, require_meta=True)
     assert tf.meta is not None

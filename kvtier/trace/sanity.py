@@ -14,8 +14,8 @@ import msgspec
 import numpy as np
 
 from kvtier.schema import Summary
-from kvtier.settings import TraceSettings
-from kvtier.tracer import Tracer
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.tracer import Tracer
 
 
 class SanityConfig(msgspec.Struct, frozen=True):

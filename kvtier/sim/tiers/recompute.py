@@ -16,8 +16,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.tiers.config import ConfigError, RecomputeSpec, TierConfig, TierSpec
-from kvtier.tiers.cost import batch_time_us, read_ops
+from kvtier.sim.tiers.config import ConfigError, RecomputeSpec, TierConfig, TierSpec
+from kvtier.sim.tiers.cost import batch_time_us, read_ops
 
 
 class ModelDims(msgspec.Struct, kw_only=True):

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import msgspec
 
-from kvtier.schema import META_FILE, TRACE_FILE, TopkRecord, TraceMeta
+from kvtier.schema import META_FILE, PARQUET_FILE, TRACE_FILE, TopkRecord, TraceError, TraceMeta
+from kvtier.trace.parquet import iter_parquet_records
 
-PARQUET_FILE = "trace_steps.parquet"
-
-
-class TraceError(Exception):
-    """A trace directory or file that cannot be read; the message names file and place."""
+__all__ = ["PARQUET_FILE", "TraceError", "TraceFiles", "find_trace", "iter_records",
+           "iter_records_with_lines", "read_meta"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +104,6 @@ def iter_records_with_lines(tf: TraceFiles, record_type: type = TopkRecord
     """``iter_records`` that also yields each JSONL record's line (without the newline), so a
     rewriter can copy unchanged bytes; ``None`` for Parquet rows."""
     if tf.format == "parquet":
-        from kvtier.binary import iter_parquet_records
-
         for path in tf.files:
             for row, rec in iter_parquet_records(path):
                 if isinstance(rec, Exception):

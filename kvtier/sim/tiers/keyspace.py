@@ -1,6 +1,6 @@
 """Request ids -> block keys, with cross-request sharing of prompt-prefix blocks.
 
-Requests are numbered in admission order (the same order ``kvtier.access`` numbers them by
+Requests are numbered in admission order (the same order ``kvtier.sim.access`` numbers them by
 first appearance). Block ``i`` of a prompt whose ``prefix_hashes[:i+1]`` all match blocks an
 earlier request registered is read under that request's key, so shared prefix KV is stored and
 cached once. The aliasing is fixed at admit (first registrant owns a hash), which keeps the key

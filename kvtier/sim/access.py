@@ -18,8 +18,8 @@ import msgspec
 import numpy as np
 
 from kvtier.policies.base import MAX_BLOCK_ID, MAX_LAYER, block_keys_columns
-from kvtier.reader import TraceError, find_trace
 from kvtier.schema import META_FILE
+from kvtier.trace.reader import TraceError, find_trace
 
 
 class TraceReadError(ValueError):
@@ -109,7 +109,7 @@ class BlockStream:
 
 def trace_files(trace: str | Path) -> tuple[str, list[Path]]:
     """``(format, files)`` for a trace directory (or a single trace file), in record order:
-    ``kvtier.reader.find_trace`` (one rule for every reader), its errors as TraceReadError."""
+    ``kvtier.trace.reader.find_trace`` (one rule for every reader), its errors as TraceReadError."""
     try:
         tf = find_trace(trace)
     except TraceError as exc:

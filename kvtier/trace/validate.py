@@ -14,14 +14,14 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.reader import (
+from kvtier.schema import SUMMARY_FILE, TIER_NAMES, Summary, TopkRecord
+from kvtier.trace.reader import (
     TraceError,
     TraceFiles,
     find_trace,
     iter_jsonl_lines,
     location_of,
 )
-from kvtier.schema import SUMMARY_FILE, TIER_NAMES, Summary, TopkRecord
 
 _RTOL = 1e-9
 
@@ -137,7 +137,7 @@ class Report:
 def _records_with_location(tf: TraceFiles) -> Iterator[tuple[str, TopkRecord | None, str | None]]:
     """(location, record or None, error or None) for every record of the trace."""
     if tf.format == "parquet":
-        from kvtier.binary import iter_parquet_records
+        from kvtier.trace.parquet import iter_parquet_records
 
         for path in tf.files:
             for row, rec in iter_parquet_records(path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.access import AccessStream
 from kvtier.schema import KVFetch, PrefixInfo, TierFetch, TokensPerBlock, TopkRecord, empty_tier
+from kvtier.sim.access import AccessStream
 
 
 @dataclass(frozen=True, slots=True)

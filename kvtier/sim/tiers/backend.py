@@ -33,11 +33,11 @@ import simpy
 from kvtier.backend import LayerAccess
 from kvtier.policies.base import AccessContext, EvictionPolicy
 from kvtier.schema import PERCENTILE_METHOD, TIER_NAMES, KVFetch, TierFetch, empty_tier
-from kvtier.tiers.config import POOL_TIERS, ConfigError, TierConfig, TierSpec, _check
-from kvtier.tiers.cost import batch_time_us, read_ops
-from kvtier.tiers.keyspace import KeySpace
-from kvtier.tiers.recompute import ModelDims, fetch_vs_recompute
-from kvtier.tiers.specs import eviction_factory, make_migration, make_placement, make_prefetch
+from kvtier.sim.tiers.config import POOL_TIERS, ConfigError, TierConfig, TierSpec, _check
+from kvtier.sim.tiers.cost import batch_time_us, read_ops
+from kvtier.sim.tiers.keyspace import KeySpace
+from kvtier.sim.tiers.recompute import ModelDims, fetch_vs_recompute
+from kvtier.sim.tiers.specs import eviction_factory, make_migration, make_placement, make_prefetch
 
 _UNSERVED = 3
 _first = itemgetter(0)

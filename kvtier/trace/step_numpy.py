@@ -1,11 +1,11 @@
 """Points A and B for a whole decode step at once: every (layer, row) as one 2-D problem.
 
 Rows are sorted once (``np.sort`` along the row, or a per-row bitmap in the numba kernel of
-``kvtier.fastkern`` when it is available: same results), then everything else is a pass over flat
+``kvtier.trace.step_numba`` when it is available: same results), then everything else is a pass over flat
 arrays: block ids are ``pos // block_size`` (a shift for powers of two), a block starts where
 the id changes, per-block token counts are gaps between block starts, and per-row percentiles
 come from sorted rows (offsets) or per-row histograms (tokens per block), with the arithmetic of
-``kvtier.stats`` so they equal ``np.percentile`` exactly. Negative indices are padding and are
+``kvtier.trace.percentiles`` so they equal ``np.percentile`` exactly. Negative indices are padding and are
 dropped, as are duplicates; only then do rows differ in length (the slower general path).
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtier import fastkern
-from kvtier.stats import percentile_hist_rows, percentile_sorted_rows
+from kvtier.trace import step_numba
+from kvtier.trace.percentiles import percentile_hist_rows, percentile_sorted_rows
 
 
 @dataclass(slots=True)
@@ -103,7 +103,7 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
                          f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
     dtype = np.int32 if seq_len < 2**31 else np.int64
     n_prefix = np.asarray(n_prefix, dtype=np.int64)
-    kern = fastkern.load() if fast is None or fast else None
+    kern = step_numba.load() if fast is None or fast else None
     if fast and kern is None:
         raise RuntimeError("fast=True needs numba (extra 'fast'; unset KVTIER_NO_NUMBA)")
     if scores is None and kern is not None:
@@ -123,9 +123,9 @@ def compute_step_stats(positions: np.ndarray, seq_len: int, block_size: int, n_p
 def step_stats_from_bits(bits: np.ndarray, k: int, seq_len: int, block_size: int,
                          n_prefix: np.ndarray, scratch: dict | None = None) -> StepStats:
     """``compute_step_stats`` for rows given as bitmaps [R, ceil(seq_len / 64)] of their
-    (at most ``k``) selected positions, as ``fastkern.set_bits`` fills them from the indices
+    (at most ``k``) selected positions, as ``step_numba.set_bits`` fills them from the indices
     (numba path only; no scores)."""
-    kern = fastkern.load()
+    kern = step_numba.load()
     if kern is None:
         raise RuntimeError("step_stats_from_bits needs numba (extra 'fast'; unset KVTIER_NO_NUMBA)")
     n_prefix = np.asarray(n_prefix, dtype=np.int64)
@@ -239,12 +239,12 @@ def _buffer(scratch: dict, name: str, n: int, dtype: type) -> np.ndarray:
 def _blocks_numba(kern: Any, p: np.ndarray | None, seq_len: int, block_size: int,
                   n_prefix: np.ndarray, scratch: dict, bits: np.ndarray | None = None,
                   k: int = 0) -> tuple:
-    """The same with one compiled pass per row (bitmap sort, see ``kvtier.fastkern``), from
+    """The same with one compiled pass per row (bitmap sort, see ``kvtier.trace.step_numba``), from
     indices ``p`` [R, K] or from per-row bitmaps ``bits`` [R, words] of K indices each."""
     if bits is None:
         assert p is not None
         n_rows, k = p.shape
-        n_words = (seq_len + 63) >> 6 if seq_len <= fastkern.BITMAP_MAX_SEQ else 0
+        n_words = (seq_len + 63) >> 6 if seq_len <= step_numba.BITMAP_MAX_SEQ else 0
         one = scratch.get("bitmap")
         if one is None or one.shape[1] < n_words:  # the kernel leaves it all zero
             one = scratch["bitmap"] = np.zeros((1, n_words), np.uint64)

@@ -3,11 +3,11 @@
 The model calls ``begin_batch`` / ``start_step`` / ``on_topk`` (every layer) / ``end_step`` /
 ``end_batch`` / ``close``. ``on_topk`` only copies (on CUDA: non-blocking into pinned host
 buffers, plus an event), so the forward never waits for the tracer; ``end_step`` then processes
-all layers x rows of the step as one 2-D numpy problem (see ``kvtier.stepstats``), asks the
+all layers x rows of the step as one 2-D numpy problem (see ``kvtier.trace.step_numpy``), asks the
 KVBackend for point C, and hands complete JSONL lines to the background writer.
 
 With numba (extra ``fast``; ``KVTIER_NO_NUMBA=1`` turns it off) the same happens in compiled
-kernels (``kvtier.fastkern``): ``on_topk`` keeps per-row bitmaps instead of a copy, and one
+kernels (``kvtier.trace.step_numba``): ``on_topk`` keeps per-row bitmaps instead of a copy, and one
 kernel writes all records of a step. Both paths write byte-identical traces.
 
 torch is never imported here: a torch tensor is recognised by its type's module.
@@ -24,10 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from kvtier import fastkern
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
-from kvtier.fastjson import MAX_VALUE, encode_int_rows
-from kvtier.prefix import PrefixAnalyzer, PrefixState
 from kvtier.schema import (
     EVENT_DSA_TOPK,
     SCHEMA_VERSION,
@@ -35,10 +32,13 @@ from kvtier.schema import (
     Summary,
     TraceMeta,
 )
-from kvtier.settings import TraceSettings
-from kvtier.stepstats import StepStats, compute_step_stats, step_stats_from_bits
-from kvtier.summary import SummaryBuilder, backend_sections
-from kvtier.writer import TraceWriter, write_json_atomic
+from kvtier.trace import step_numba
+from kvtier.trace.intlist_json import MAX_VALUE, encode_int_rows
+from kvtier.trace.prefix import PrefixAnalyzer, PrefixState
+from kvtier.trace.settings import TraceSettings
+from kvtier.trace.step_numpy import StepStats, compute_step_stats, step_stats_from_bits
+from kvtier.trace.summary import SummaryBuilder, backend_sections
+from kvtier.trace.writer import TraceWriter, write_json_atomic
 
 
 def kv_bytes_per_token(kv_lora_rank: int, qk_rope_head_dim: int, index_head_dim: int,
@@ -84,7 +84,7 @@ def sample_uniform(keys: np.ndarray, step: int) -> np.ndarray:
 
 
 # The JSON text of a record around its two big int lists (whose '[' is here; see
-# kvtier.fastjson), in schema field order. Floats are
+# kvtier.trace.intlist_json), in schema field order. Floats are
 # written with repr (the shortest round-trip form, as msgspec does); tests decode every line
 # with the msgspec schema and compare with msgspec's own encoding.
 _MID1 = (b',"layer_id":%d,"step_idx":%d,"seq_len_current":%d,"unique_token_pos_count":%d,'
@@ -97,9 +97,9 @@ _MID2 = (b',"unique_blocks":%d,"tokens_per_touched_block":{"mean":%r,"p50":%r,"p
 
 
 def _fast_program() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The record layout for ``fastkern.emit_records``: the same text as the templates above,
+    """The record layout for ``step_numba.emit_records``: the same text as the templates above,
     as (literal bytes, literal starts, field kinds)."""
-    k = fastkern
+    k = step_numba
     fields = [(b"", k.TEXT), (b',"layer_id":', k.INT), (b',"step_idx":', k.INT),
               (b',"seq_len_current":', k.INT), (b',"unique_token_pos_count":', k.INT),
               (b',"offset_min":', k.INT), (b',"offset_p50":', k.HALF), (b',"offset_max":', k.INT),
@@ -121,14 +121,14 @@ _NO_HIST = np.zeros(1, np.int64)  # emit_records' offset histogram when step_row
 
 
 def _list_width(flat: np.ndarray, starts: np.ndarray) -> int:
-    """Element width ``kvtier.fastjson`` uses for these sorted rows (0: compact)."""
+    """Element width ``kvtier.trace.intlist_json`` uses for these sorted rows (0: compact)."""
     vmax = int(flat[starts[1:] - 1].max())
     return 0 if vmax > MAX_VALUE else len(str(vmax)) + 1
 
 
 def _table(width: int) -> np.ndarray:
     """Digit table for list width ``width`` (a dummy for compact lists)."""
-    return fastkern.digit_table(width, 10 ** (width - 1)) if width else np.zeros(1, np.uint64)
+    return step_numba.digit_table(width, 10 ** (width - 1)) if width else np.zeros(1, np.uint64)
 
 
 class _Layer:
@@ -205,7 +205,7 @@ class Tracer:
         self._use_bits = False
         self._pos_scratch = np.zeros(0, np.uint8)
         self._blk_scratch = np.zeros(0, np.uint8)
-        self._kern = fastkern.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
+        self._kern = step_numba.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
         self._stats_scratch: dict = {}
         self._closed = False
 
@@ -253,7 +253,7 @@ class Tracer:
         self._active = act
         self._layers = []
         # numba path: keep per-row bitmaps of each layer instead of a copy of its indices
-        self._use_bits = self._kern is not None and start_pos + 1 <= fastkern.BITMAP_MAX_SEQ
+        self._use_bits = self._kern is not None and start_pos + 1 <= step_numba.BITMAP_MAX_SEQ
 
     def on_topk(self, layer_id: int, indices: Any, scores: Any = None) -> None:
         """Right after the indexer's top-k of one layer: copy [B, K] indices (and scores) off
@@ -480,8 +480,7 @@ class Tracer:
         else:
             pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions, sub.row_starts, self._pos_scratch)
         blk_buf, blk_lo, blk_hi = encode_int_rows(sub.block_ids, sub.block_starts, self._blk_scratch)
-        self._pos_scratch, self._blk_scratch = pos_buf.base if pos_buf.base is not None else pos_buf, \
-            blk_buf.base if blk_buf.base is not None else blk_buf
+        self._pos_scratch, self._blk_scratch = _owner(pos_buf), _owner(blk_buf)
         pos_mv, blk_mv = memoryview(pos_buf), memoryview(blk_buf)
         pos_lo, pos_hi, blk_lo, blk_hi = pos_lo.tolist(), pos_hi.tolist(), blk_lo.tolist(), blk_hi.tolist()
         # summary (only what is written, so `kvtier summarize` sees the same records)
@@ -608,7 +607,7 @@ class Tracer:
                 base = len(text_starts) - 1
                 text_buf = np.concatenate([text_buf[:-8], np.frombuffer(b"".join(strs) + bytes(8), np.uint8)])
                 text_starts = np.concatenate([text_starts, text_starts[-1] + np.cumsum([len(x) for x in strs])])
-                kinds[col] = fastkern.TEXT
+                kinds[col] = step_numba.TEXT
                 vals[:, col] = base + j
         pos_w = _list_width(sub.positions, sub.row_starts)
         blk_w = _list_width(sub.block_ids, sub.block_starts)
@@ -656,3 +655,11 @@ class Tracer:
         self.summary = self.builder.build(serving=serving, skipped=skipped, **sections)
         write_json_atomic(self.out_dir / SUMMARY_FILE, self.summary)
         return self.summary
+
+
+def _owner(buf: np.ndarray) -> np.ndarray:
+    """The array a buffer is a view of, to be reused as scratch by the next step (the fallback
+    encoder returns a view of ``bytes``, which cannot be reused)."""
+    if isinstance(buf.base, np.ndarray):
+        return buf.base
+    return buf if buf.flags.writeable else np.zeros(0, np.uint8)

@@ -1,0 +1,9 @@
+"""The trace wing: the ``dsa_topk`` record's recording and its files.
+
+``tracer`` (points A-D per decode step; the numpy path in ``step_numpy`` and ``intlist_json``,
+the optional numba path in ``step_numba``), ``writer`` / ``reader`` (JSONL shards),
+``parquet`` and ``convert`` (the compact form), ``validate``, ``summary`` (with
+``percentiles``), ``prefix`` (point D's chained prefix hashes), ``settings`` (the trace flags)
+and ``sanity`` (a synthetic trace without torch). Imports only ``kvtier.schema`` and
+``kvtier.backend`` from outside the wing.
+"""
