@@ -129,3 +129,35 @@ def iter_parquet_records(path: str | Path) -> Iterator[tuple[int, TopkRecord | E
                 yield row, msgspec.convert(item, TopkRecord)
             except msgspec.ValidationError as exc:
                 yield row, exc
+
+
+def read_parquet_table(path: str | Path, fields: list[str] | None = None):
+    """A Parquet trace file as an Arrow table in the record's nested schema (``arrow_schema``),
+    all fields or the top-level ``fields`` named (other producers' files holding only those
+    columns, in narrower int types, are read too); ``TraceError`` naming the file and the
+    column when it is unreadable, lacks a field or holds nulls where the record has none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = arrow_schema()
+    names = schema.names if fields is None else list(fields)
+    try:
+        present = pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(f"{path}: not a readable Parquet file: {exc}") from None
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {missing}")
+    try:
+        table = pq.read_table(path, columns=names)
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(f"{path}: not a readable Parquet file: {exc}") from None
+    want = pa.schema([schema.field(n) for n in names])
+    try:
+        table = table.select(names).cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise TraceError(f"{path}: columns do not fit the record schema: {exc}") from None
+    for f in want:
+        if not f.nullable and table.column(f.name).null_count:
+            raise TraceError(f"{path}: column `{f.name}` has nulls")
+    return table

@@ -20,7 +20,7 @@ from kvtier.schema import META_FILE, SUMMARY_FILE, TRACE_FILE, TraceMeta
 
 #: file names a trace directory may contain; ``force=True`` removes exactly these
 TRACE_GLOBS = ("trace_steps.jsonl", "trace_steps.*.jsonl", "trace_steps.parquet",
-               META_FILE, SUMMARY_FILE)
+               META_FILE, SUMMARY_FILE, ".trace_steps*.columns.arrow")
 
 
 def shard_name(index: int) -> str:
