@@ -46,16 +46,17 @@ def test_nullable_fields_survive(tmp_path):
 
 
 def records_example() -> TopkRecord:
-    tier = {"hit_blocks": 0, "bytes_read": 0, "read_ops": 0, "latency_us": None, "batch_size": 0}
+    tier = {"hit_blocks": [], "bytes_read": 0, "read_ops": 0, "latency_us": None, "batch_size": 0}
     return msgspec.convert({
         "event": "dsa_topk", "run_name": "r", "dataset": "d", "rank": 0, "world_size": 1,
-        "request_id": "q", "layer_id": 2, "step_idx": 9, "seq_len_current": 10,
+        "request_id": 3, "layer_id": 2, "step_idx": 9, "seq_len_current": 10,
         "unique_token_pos_count": 2, "offset_min": 0, "offset_p50": 4.5, "offset_max": 9,
         "block_size_tokens": 4, "selected_block_ids": [0, 2], "unique_blocks": 2,
         "tokens_per_touched_block": {"mean": 1.0, "p50": 1.0, "p95": 1.0},
-        "kv_fetch": {"hbm": {**tier, "latency_us": 12.5}, "local_pool": tier, "remote_pool": tier},
+        "kv_fetch": {"hbm": {**tier, "hit_blocks": [0, 2], "batch_size": 2, "latency_us": 12.5},
+                     "local_pool": tier, "remote_pool": tier},
         "prefix": {"prefix_cache_hit": False, "prefix_cached_blocks": 0, "prefix_key": None,
-                   "intersection_ratio": 0.0, "intersection_blocks": 0},
+                   "intersection_ratio": 0.0, "intersection_blocks": []},
         "selected_token_pos": [0, 9], "scores_stats": {"min": -1.5, "mean": 0.25, "max": 2.0},
         "scores_topk": [-1.5, 2.0],
     }, TopkRecord)

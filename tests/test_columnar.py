@@ -165,18 +165,20 @@ def test_empty_trace(tmp_path):
 
 def _record_line(i: int, pos: list[int], sep: str) -> str:
     rec = {"event": "dsa_topk", "run_name": "r", "dataset": "d", "rank": 0, "world_size": 1,
-           "request_id": "x", "layer_id": 0, "step_idx": i, "seq_len_current": i + 1,
+           "request_id": 0, "layer_id": 0, "step_idx": i, "seq_len_current": i + 1,
            "unique_token_pos_count": len(pos), "offset_min": 0, "offset_p50": 0.5,
            "offset_max": 1, "block_size_tokens": 4, "selected_block_ids": [p // 4 for p in pos],
            "unique_blocks": 1,
            "tokens_per_touched_block": {"mean": 1.0, "p50": 1.0, "p95": 1.0},
-           "kv_fetch": {t: {"hit_blocks": 0, "bytes_read": 0, "read_ops": 0, "latency_us": None,
+           "kv_fetch": {t: {"hit_blocks": [], "bytes_read": 0, "read_ops": 0, "latency_us": None,
                             "batch_size": 0} for t in ("hbm", "local_pool", "remote_pool")},
            "prefix": {"prefix_cache_hit": False, "prefix_cached_blocks": 0, "prefix_key": None,
-                      "intersection_ratio": 0.0, "intersection_blocks": 0},
+                      "intersection_ratio": 0.0, "intersection_blocks": "INTER"},
            "selected_token_pos": "POS", "scores_stats": None}
     body = f",{sep}".join(map(str, pos))
-    return json.dumps(rec).replace('"POS"', f"[{sep}{body}{sep}]")
+    inter = f",{sep}".join(map(str, pos[:2]))
+    return (json.dumps(rec).replace('"POS"', f"[{sep}{body}{sep}]")
+            .replace('"INTER"', f"[{sep}{inter}{sep}]"))
 
 
 @settings(max_examples=40, deadline=None)
@@ -192,6 +194,7 @@ def test_bulk_parse_equals_the_strict_decoder(tmp_path_factory, rows):
     strict = columnar.flatten(columnar._strict_table(path))
     assert bulk.equals(strict)
     assert bulk.column("selected_token_pos").to_pylist() == [p for p, _ in rows]
+    assert bulk.column("prefix.intersection_blocks").to_pylist() == [p[:2] for p, _ in rows]
 
 
 @pytest.mark.parametrize("value", ["[[1],[2]]", "[1,[2]]", "5", "[1.5]", '["1"]', "[-1e3]"])

@@ -45,7 +45,7 @@ from pathlib import Path
 import msgspec
 
 from kvtier.schema import EVENT_DSA_TOPK, SCHEMA_VERSION, TopkRecord, TraceError
-from kvtier.trace.parquet import arrow_schema, read_parquet_table
+from kvtier.trace.parquet import arrow_schema, flat_fields, flatten, read_parquet_flat
 from kvtier.trace.reader import TraceFiles, find_trace, iter_records
 
 #: bump when the twin's layout changes (old twins are then rebuilt)
@@ -56,42 +56,15 @@ _KEY = b"kvtier.columnar"
 _BLOCK_BYTES = 1 << 24
 
 
-def _flat_fields(schema, prefix: str = "", nullable: bool = False) -> list:
-    """Leaf fields with dotted names; a leaf under a nullable struct is nullable."""
-    import pyarrow as pa
-
-    out = []
-    for f in schema:
-        name = prefix + f.name
-        if pa.types.is_struct(f.type):
-            out.extend(_flat_fields(f.type, name + ".", nullable or f.nullable))
-        else:
-            out.append(f.with_name(name).with_nullable(nullable or f.nullable))
-    return out
-
-
 def flat_schema():
     """The Arrow schema of ``read_columns``' table (every record field, dotted names)."""
     import pyarrow as pa
 
-    return pa.schema(_flat_fields(arrow_schema()))
-
-
-def _names() -> tuple[str, ...]:
-    return tuple(f.name for f in _flat_fields(arrow_schema()))
+    return pa.schema(flat_fields(arrow_schema()))
 
 
 #: every column name ``read_columns`` returns, in record field order
-COLUMNS: tuple[str, ...] = _names()
-
-
-def flatten(table):
-    """A nested record table with its structs flattened to dotted column names."""
-    import pyarrow as pa
-
-    while any(pa.types.is_struct(t) for t in table.schema.types):
-        table = table.flatten()
-    return table
+COLUMNS: tuple[str, ...] = tuple(f.name for f in flat_fields(arrow_schema()))
 
 
 def _source_key(tf: TraceFiles) -> bytes:
@@ -248,15 +221,14 @@ def _build(tf: TraceFiles, columns: list[str] | None = None):
     import pyarrow as pa
 
     if tf.format == "parquet":
-        top = None if columns is None else list(dict.fromkeys(c.split(".")[0] for c in columns))
-        parts = [flatten(read_parquet_table(f, top)) for f in tf.files]
+        parts = [read_parquet_flat(f, columns) for f in tf.files]
     else:
         parts = [_parse_jsonl(f) for f in tf.files]
     if not parts:
         table = flatten(arrow_schema().empty_table())
     else:
         table = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
-    return table if columns is None else table.select(columns)
+    return table if columns is None or tf.format == "parquet" else table.select(columns)
 
 
 def read_columns(trace: str | Path, columns: Sequence[str] | None = None, *,
