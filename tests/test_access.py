@@ -49,7 +49,7 @@ def test_jsonl_roundtrip(trace_dir, stream):
 
 def naive_keys(path, block_size):
     """Straight from the JSON: per record in file order, ascending unique blocks."""
-    order: dict[str, int] = {}
+    order: dict[int, int] = {}
     out = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -173,7 +173,7 @@ def test_semantic_errors(trace_dir):
 
 
 def test_request_order_is_first_appearance(stream):
-    assert stream.request_ids == ["synth-0", "synth-1", "synth-2"]
+    assert stream.request_ids == [0, 1, 2]
     first = [int(np.flatnonzero(stream.req == r)[0]) for r in range(3)]
     assert first == sorted(first)
 
@@ -202,7 +202,7 @@ def test_real_tracer_shards_and_parquet(tmp_path):
     a, b = read_access_stream(jl), read_access_stream(pqd)
     assert_same(a, b)
     expect = []
-    order: dict[str, int] = {}
+    order: dict[int, int] = {}
     for shard in json.loads((jl / "trace_meta.json").read_text())["shards"]:
         for line in (jl / shard).read_text().splitlines():
             r = json.loads(line)
@@ -229,7 +229,7 @@ def test_one_file_finder_and_typed_record_reader(tmp_path, stream):
     from kvtier.trace.reader import TraceError, find_trace, iter_records
 
     class Few(msgspec.Struct):
-        request_id: str
+        request_id: int
         layer_id: int
         step_idx: int
 

@@ -31,10 +31,11 @@ class AccessStream:
     """One row per trace record, in trace order; token positions concatenated.
 
     Record ``i`` read tokens ``pos[offsets[i]:offsets[i+1]]`` (sorted, unique).
-    ``req`` indexes ``request_ids`` (order of first appearance).
+    ``req`` indexes ``request_ids``, the trace's integer request ids in order of first
+    appearance (for kvtier's traces: 0, 1, 2, ..., the admission order).
     """
 
-    request_ids: list[str]
+    request_ids: list[int]
     req: np.ndarray  # int64 [n]
     layer: np.ndarray  # int64 [n]
     step: np.ndarray  # int64 [n]
@@ -107,12 +108,18 @@ def read_access_stream(trace: str | Path) -> AccessStream:
     Token positions are sorted and de-duplicated per record if the producer did not.
     Raises ``TraceReadError`` naming the file, line and field on bad input.
     """
-    import pyarrow.compute as pc
-
     try:
         table = read_columns(trace, ACCESS_COLUMNS)
     except TraceError as exc:
         raise TraceReadError(str(exc)) from None
+    return stream_from_columns(table, trace)
+
+
+def stream_from_columns(table, trace: str | Path) -> AccessStream:
+    """The ``AccessStream`` of a ``read_columns`` table holding (at least) ``ACCESS_COLUMNS``;
+    ``trace`` names it in errors (and gives the block size of a trace without records)."""
+    import pyarrow.compute as pc
+
     n = table.num_rows
     rid = table.column("request_id")
     # number requests by first appearance (Arrow's unique keeps that order)
