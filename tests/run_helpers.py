@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kvtier.schema import SUMMARY_FILE, TRACE_FILE, Summary
+from kvtier.schema import REQUESTS_FILE, SUMMARY_FILE, TRACE_FILE, Summary
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 
@@ -42,9 +42,22 @@ def read_meta(out: Path) -> dict:
     return json.loads((out / "run_meta.json").read_text())
 
 
+def request_lines(out: Path) -> list[dict]:
+    """``requests.jsonl``: one line per admitted request, ids 0, 1, 2, ... (checked)."""
+    rows = [json.loads(line) for line in (out / REQUESTS_FILE).read_text().splitlines()]
+    assert [r["request_id"] for r in rows] == list(range(len(rows)))
+    return rows
+
+
 def trace_lines(out: Path) -> list[dict]:
+    """The records as dicts, each with the ``sample_id`` of its request added from
+    ``requests.jsonl`` (the loader's id: what the tests compare against)."""
     path = out / TRACE_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    names = {r["request_id"]: r.get("sample_id") for r in request_lines(out)} if recs else {}
+    for r in recs:
+        r["sample_id"] = names[r["request_id"]]
+    return recs
 
 
 def check_run(out: Path, dataset: str, dataset_id: str) -> tuple[Summary, dict, list[dict]]:

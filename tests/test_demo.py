@@ -40,7 +40,7 @@ def test_demo_end_to_end(tmp_path):
     assert long and all(r["unique_token_pos_count"] == topk for r in long)
     assert result["sparsity"]["sparse_records"] == len(long)
     # the second question on the same document reuses its prefix blocks
-    q2 = [r for r in recs if r["request_id"] == "doc-tidemill-q2"]
+    q2 = [r for r in recs if r["sample_id"] == "doc-tidemill-q2"]
     assert q2 and all(r["prefix"]["prefix_cache_hit"] for r in q2)
     assert result["sparsity"]["prefix_hit_records"] == sum(r["prefix"]["prefix_cache_hit"] for r in recs)
     # the sim replay read the same blocks, some of them from the local pool

@@ -37,13 +37,13 @@ def test_burstgpt_serving_replay(tmp_path):
     # synthetic prompts of exactly `Request tokens`; cap = min(Response tokens, 3): a request
     # generating g tokens is decoded g-1 times, in every layer
     layers = demo_bundle().args.n_layers
-    per_req = Counter(r["request_id"] for r in records)
-    lens = {r["request_id"]: r["seq_len_current"] - r["step_idx"] for r in records}
+    per_req = Counter(r["sample_id"] for r in records)
+    lens = {r["sample_id"]: r["seq_len_current"] - r["step_idx"] for r in records}
     # burstgpt-1 asks for 1 token: its prompt forward makes it, so it has no decode records
     assert dict(per_req) == {"burstgpt-0": (3 - 1) * layers, "burstgpt-5": (2 - 1) * layers}
     first_step = {}
     for r in records:
-        first_step.setdefault(r["request_id"], r["step_idx"])
+        first_step.setdefault(r["sample_id"], r["step_idx"])
     assert first_step["burstgpt-0"] == 12 and first_step["burstgpt-5"] == 7
     assert all(v == 1 for v in lens.values())
     # serving section: every kept request served, percentiles of the per-request log
@@ -56,7 +56,7 @@ def test_burstgpt_serving_replay(tmp_path):
     assert summary.serving.latency_ms.p99 == pytest.approx(p99)
     assert summary.serving.latency_ms.max == pytest.approx(lat.max())
     # time scale 0: all arrive at once; FIFO batches of 2, then 1; latency = wait + service
-    assert [r["request_id"] for r in rows] == ["burstgpt-0", "burstgpt-1", "burstgpt-5"]
+    assert [r["sample_id"] for r in rows] == ["burstgpt-0", "burstgpt-1", "burstgpt-5"]
     assert [r["batch_size"] for r in rows] == [2, 2, 1]
     for r in rows:
         assert r["arrival_s"] == 0.0
@@ -116,7 +116,7 @@ def test_model_free_sim_adds_fetch_time_to_service(tmp_path):
     rows = {}
     for name in ("hbm", "sim"):
         lines = (tmp_path / name / "serving_requests.jsonl").read_text().splitlines()
-        rows[name] = {r["request_id"]: r for r in map(json.loads, lines)}
+        rows[name] = {r["sample_id"]: r for r in map(json.loads, lines)}
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["config"]["kv_selections"] == "synthetic"
     tiers = summary["tiers"]

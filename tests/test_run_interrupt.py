@@ -76,5 +76,5 @@ def test_interrupt_during_serving_replay(tmp_path, monkeypatch):
     summary, meta = _check_consistent(tmp_path / "out")
     assert summary.records == 2 * layers
     rows = [json.loads(x) for x in (tmp_path / "out" / "serving_requests.jsonl").read_text().splitlines()]
-    assert [r["request_id"] for r in rows] == ["b0"]
+    assert [r["sample_id"] for r in rows] == ["b0"]
     assert summary.serving.requests == 1 == meta["requests_run"]
