@@ -18,6 +18,7 @@ import numpy as np
 
 from kvtier.policies.base import MAX_BLOCK_ID, MAX_LAYER, block_keys_columns
 from kvtier.schema import META_FILE
+from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.columnar import read_columns
 from kvtier.trace.reader import TraceError, find_trace
 
@@ -30,7 +31,8 @@ class TraceReadError(ValueError):
 class AccessStream:
     """One row per trace record, in trace order; token positions concatenated.
 
-    Record ``i`` read tokens ``pos[offsets[i]:offsets[i+1]]`` (sorted, unique).
+    Record ``i`` read tokens ``pos[offsets[i]:offsets[i+1]]`` (sorted, unique). The arrays
+    may be read-only views of the trace's columns: treat them as read-only.
     ``req`` indexes ``request_ids``, the trace's integer request ids in order of first
     appearance (for kvtier's traces: 0, 1, 2, ..., the admission order).
     """
@@ -97,7 +99,7 @@ ACCESS_COLUMNS = ("request_id", "layer_id", "step_idx", "seq_len_current", "bloc
 
 
 def _int_column(table, name: str) -> np.ndarray:
-    return np.asarray(table.column(name).to_numpy(), dtype=np.int64)
+    return as_numpy(table.column(name)).astype(np.int64, copy=False)
 
 
 def read_access_stream(trace: str | Path) -> AccessStream:
@@ -118,18 +120,17 @@ def read_access_stream(trace: str | Path) -> AccessStream:
 def stream_from_columns(table, trace: str | Path) -> AccessStream:
     """The ``AccessStream`` of a ``read_columns`` table holding (at least) ``ACCESS_COLUMNS``;
     ``trace`` names it in errors (and gives the block size of a trace without records)."""
-    import pyarrow.compute as pc
-
     n = table.num_rows
-    rid = table.column("request_id")
-    # number requests by first appearance (Arrow's unique keeps that order)
-    uniq = pc.unique(rid)
-    req = np.asarray(pc.index_in(rid, value_set=uniq).to_numpy(), dtype=np.int64)
-    request_ids = uniq.to_pylist()
-    sel = table.column("selected_token_pos").combine_chunks()
-    offsets = np.asarray(sel.offsets, dtype=np.int64)
-    pos = np.asarray(sel.flatten(), dtype=np.int64)
-    offsets = offsets - offsets[0] if offsets.size else np.zeros(1, np.int64)
+    # number requests by first appearance
+    rid = _int_column(table, "request_id")
+    uniq, first, inverse = np.unique(rid, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    req = rank[inverse.reshape(-1)] if n else np.zeros(0, np.int64)
+    request_ids = uniq[order].tolist()
+    offsets, pos = list_parts(table.column("selected_token_pos"))
+    pos = pos.astype(np.int64, copy=False)  # a read-only view of the columns where it can be
     bsz = _int_column(table, "block_size_tokens")
     block_size = int(bsz[0]) if n else _meta_block_size(trace)
     if n and (bsz != block_size).any():
@@ -176,7 +177,7 @@ def _normalise_positions(s: AccessStream) -> AccessStream:
     the only non-increasing steps of ``pos`` are then at record boundaries)."""
     if s.n_tokens < 2:
         return s
-    down = np.flatnonzero(np.diff(s.pos) <= 0)  # pos[i + 1] <= pos[i]
+    down = np.flatnonzero(s.pos[1:] <= s.pos[:-1])
     if not down.size or np.isin(down + 1, s.offsets).all():
         return s
     rec = s.record_of_element()
@@ -199,18 +200,20 @@ def rebucket(stream: AccessStream, block_size: int) -> BlockStream:
     """Unique sorted block ids ``pos // block_size`` per record, for any block size."""
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
-    b = stream.pos // block_size
+    pos = stream.pos
+    b = pos >> (block_size.bit_length() - 1) if block_size & (block_size - 1) == 0 \
+        else pos // block_size
     n = len(stream)
     if b.shape[0] == 0:
         return BlockStream(stream, block_size, np.zeros(n + 1, np.int64), b)
-    keep = np.ones(b.shape[0], dtype=bool)
-    keep[1:] = b[1:] != b[:-1]
+    keep = np.empty(b.shape[0], dtype=bool)
+    keep[0] = True
+    np.not_equal(b[1:], b[:-1], out=keep[1:])
     starts = stream.offsets[:-1][np.diff(stream.offsets) > 0]
     keep[starts] = True  # a record's first block is always kept
-    rec = stream.record_of_element()
-    counts = np.bincount(rec[keep], minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    # blocks per record: kept elements up to each record end (cumulative count of keep)
+    kept_before = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+    offsets = kept_before[stream.offsets]
     blocks = b[keep]
     if blocks.shape[0] and int(blocks.max()) > MAX_BLOCK_ID:
         raise ValueError(f"block id {int(blocks.max())} exceeds MAX_BLOCK_ID={MAX_BLOCK_ID} "

@@ -38,11 +38,13 @@ from kvtier.schema import (
 from kvtier.sim.access import (
     ACCESS_COLUMNS,
     AccessStream,
+    BlockStream,
     TraceReadError,
     _int_column,
     rebucket,
     stream_from_columns,
 )
+from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.columnar import read_columns
 from kvtier.trace.reader import TraceError, find_trace, iter_records
 from kvtier.trace.summary import SummaryBuilder, backend_sections
@@ -147,16 +149,19 @@ def token_columns(stream: AccessStream, blocked) -> tuple[np.ndarray, np.ndarray
     touched block (``blocked`` order) its number of selected tokens: the summary's inputs,
     computed for the whole trace in a few numpy passes instead of once per batch."""
     lens = np.diff(stream.offsets)
-    offsets = np.repeat(stream.seq_len - 1, lens) - stream.pos
+    offsets = np.repeat(stream.seq_len - 1, lens)
+    offsets -= stream.pos
     n = stream.pos.shape[0]
     if n == 0:
         return offsets, np.zeros(0, dtype=np.int64)
-    blk = stream.pos // blocked.block_size
-    start = np.ones(n, dtype=bool)
-    start[1:] = blk[1:] != blk[:-1]
+    bs = blocked.block_size
+    blk = stream.pos >> (bs.bit_length() - 1) if bs & (bs - 1) == 0 else stream.pos // bs
+    start = np.empty(n, dtype=bool)
+    start[0] = True
+    np.not_equal(blk[1:], blk[:-1], out=start[1:])
     start[stream.offsets[:-1][lens > 0]] = True  # a record's first token starts a block
     edges = np.flatnonzero(start)
-    return offsets, np.diff(np.append(edges, n))
+    return offsets, np.diff(edges, append=n)
 
 
 def prefix_hashes(prefix_key: str | None, prompt_len: int, prefix_tokens: int, bs: int
@@ -197,18 +202,28 @@ _KV_FETCH = re.compile(rb'"kv_fetch"\s*:\s*\{(?:[^{}]|\{[^{}]*\})*\}')
 _KV_KEY = b'"kv_fetch"'
 
 
+def kv_fetch_span(buf, lo: int = 0, hi: int | None = None) -> tuple[int, int] | None:
+    """(start, end) of the top-level ``"kv_fetch": {...}`` member in ``buf[lo:hi]`` (bytes or
+    any buffer with ``find``, such as an mmap), or None. Only for lines that decoded as a
+    valid record: nested objects of a record have no ``kv_fetch`` key and a string value
+    cannot be followed by ``:``, so the first match is the field."""
+    hi = len(buf) if hi is None else hi
+    start = buf.find(_KV_KEY, lo, hi)
+    while start >= 0:
+        m = _KV_FETCH.match(buf, start, hi)
+        if m is not None:
+            return start, m.end()
+        start = buf.find(_KV_KEY, start + 1, hi)
+    return None
+
+
 def splice_kv_fetch(line: bytes, kv_json: bytes) -> bytes | None:
     """``line`` with its top-level ``kv_fetch`` value replaced by ``kv_json``, every other byte
-    kept; None if the span cannot be located (the caller re-encodes the record then). Only for
-    lines that decoded as a valid record: nested objects of a record have no ``kv_fetch`` key
-    and a string value cannot be followed by ``:``, so the first match is the field."""
-    start = line.find(_KV_KEY)
-    while start >= 0:
-        m = _KV_FETCH.match(line, start)
-        if m is not None:
-            return b"".join((line[:start], b'"kv_fetch":', kv_json, line[m.end():]))
-        start = line.find(_KV_KEY, start + 1)
-    return None
+    kept; None if the span cannot be located (the caller re-encodes the record then)."""
+    span = kv_fetch_span(line)
+    if span is None:
+        return None
+    return b"".join((line[:span[0]], b'"kv_fetch":', kv_json, line[span[1]:]))
 
 
 def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int, n_prefix: int,
@@ -230,52 +245,93 @@ def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int, n_prefix
 
 
 #: the columns replay reads (besides the record lines it copies)
-_COLUMNS = (*ACCESS_COLUMNS, "unique_blocks", "prefix.prefix_key", "prefix.prefix_cached_blocks",
-            "prefix.intersection_ratio", "prefix.intersection_blocks", "kv_fetch.hbm.latency_us")
+_COLUMNS = (*ACCESS_COLUMNS, "selected_block_ids", "unique_blocks", "prefix.prefix_key",
+            "prefix.prefix_cached_blocks", "prefix.intersection_ratio",
+            "prefix.intersection_blocks", "kv_fetch.hbm.latency_us")
+#: records per chunk of the summary's column passes (small arrays: no fresh memory per pass)
+_SUMMARY_CHUNK = 512
 
 
-def _jsonl_lines(tf, n: int) -> list[bytes] | None:
-    """The record lines of a JSONL trace, in order (None for Parquet). Records hold no raw
-    newline, so splitting the files' bytes is exact; blank lines (which readers skip) are
-    dropped. ``n`` (the records the columns hold) is checked."""
-    if tf.format != "jsonl":
-        return None
-    lines: list[bytes] = []
-    for path in tf.files:
-        part = path.read_bytes().split(b"\n")
-        if part and not part[-1]:
-            part.pop()
-        if any(not x.strip() for x in part):
-            part = [x for x in part if x.strip()]
-        lines.extend(part)
-    if len(lines) != n:
-        raise ReplayError(f"{tf.root}: {len(lines)} record lines but {n} records were read "
-                          "(was the trace modified during the replay?)")
-    return lines
+class _Lines:
+    """The record lines of a JSONL trace, memory-mapped: record i is ``bufs[f][lo:hi]``.
+    Records hold no raw newline, so line boundaries are exact; blank lines (which readers
+    skip) are skipped. ``n`` (the records the columns hold) is checked."""
+
+    def __init__(self, tf, n: int) -> None:
+        import mmap
+
+        self.bufs: list = []
+        self.spans: list[tuple[int, int, int]] = []
+        for path in tf.files:
+            with open(path, "rb") as fh:
+                size = path.stat().st_size
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            f = len(self.bufs)
+            self.bufs.append(buf)
+            lo, find = 0, buf.find
+            while lo < size:
+                hi = find(b"\n", lo)
+                end = size if hi < 0 else hi
+                if end - lo > 64 or buf[lo:end].strip():
+                    self.spans.append((f, lo, end))
+                lo = end + 1
+        if len(self.spans) != n:
+            raise ReplayError(f"{tf.root}: {len(self.spans)} record lines but {n} records were "
+                              "read (was the trace modified during the replay?)")
+
+    def line(self, i: int) -> bytes:
+        f, lo, hi = self.spans[i]
+        return bytes(self.bufs[f][lo:hi])
+
+    def spliced(self, i: int, kv_json: bytes) -> list | None:
+        """Record i's line with its kv_fetch value replaced, as pieces (memoryviews of the
+        mapped file around the new value), or None where the span is not found."""
+        f, lo, hi = self.spans[i]
+        buf = self.bufs[f]
+        span = kv_fetch_span(buf, lo, hi)
+        if span is None:
+            return None
+        mv = memoryview(buf)
+        return [mv[lo:span[0]], b'"kv_fetch":', kv_json, mv[span[1]:hi]]
+
+    def close(self) -> None:
+        for buf in self.bufs:
+            if hasattr(buf, "close"):
+                buf.close()
 
 
-def _summary_inputs(stream: AccessStream, blocked, table, bs: int, n_prefix: np.ndarray
-                    ) -> tuple:
-    """``SummaryBuilder.add`` arguments for the whole trace, from columns: request ids,
+def _add_summary(builder: SummaryBuilder, stream: AccessStream, blocked, table, bs: int,
+                 n_prefix: np.ndarray) -> None:
+    """Feed ``builder`` every record from columns, ``_SUMMARY_CHUNK`` records at a time:
     unique blocks, tokens per touched block, offsets, intersection ratios and the touched
-    prefix blocks (row, block id), at block size ``bs`` (``n_prefix`` per record)."""
-    tok_off, tpb = token_columns(stream, blocked)
-    ids = np.asarray(stream.request_ids, dtype=np.int64)[stream.req].tolist()
-    counts = np.diff(blocked.offsets)
+    prefix blocks, at block size ``bs`` (``n_prefix``: prefix blocks per record at ``bs``).
+    The same numbers as ``add_records`` over the output records (tested)."""
+    n = len(stream)
+    ids = np.asarray(stream.request_ids, dtype=np.int64)[stream.req]
+    boff = blocked.offsets
+    counts = np.diff(boff)
     if bs == stream.block_size:
-        inter = table.column("prefix.intersection_blocks").combine_chunks()
-        inter_off = np.asarray(inter.offsets, dtype=np.int64)
-        rows = np.repeat(np.arange(len(stream), dtype=np.int64), np.diff(inter_off))
-        blocks = np.asarray(inter.flatten(), dtype=np.int64)
-        ratios = np.asarray(table.column("prefix.intersection_ratio").to_numpy(), np.float64)
+        inter_off, inter = list_parts(table.column("prefix.intersection_blocks"))
+        ratios = as_numpy(table.column("prefix.intersection_ratio"))
         unique = _int_column(table, "unique_blocks")
-    else:
-        rec_of_block = np.repeat(np.arange(len(stream), dtype=np.int64), counts)
-        inside = blocked.blocks < n_prefix[rec_of_block]
-        rows, blocks = rec_of_block[inside], blocked.blocks[inside]
-        ratios = np.bincount(rows, minlength=len(stream)) / np.maximum(counts, 1)
-        unique = counts
-    return ids, unique, tpb, tok_off, ratios, rows, blocks
+    for a in range(0, n, _SUMMARY_CHUNK):
+        b = min(n, a + _SUMMARY_CHUNK)
+        part = AccessStream(stream.request_ids, stream.req[a:b], stream.layer[a:b],
+                            stream.step[a:b], stream.seq_len[a:b],
+                            stream.offsets[a:b + 1] - stream.offsets[a],
+                            stream.pos[stream.offsets[a]:stream.offsets[b]], stream.block_size)
+        tok_off, tpb = token_columns(part, blocked)
+        if bs == stream.block_size:
+            rows = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(inter_off[a:b + 1]))
+            blocks = inter[inter_off[a]:inter_off[b]]
+            add = (unique[a:b], ratios[a:b])
+        else:
+            rec_of_block = np.repeat(np.arange(b - a, dtype=np.int64), counts[a:b])
+            blk = blocked.blocks[boff[a]:boff[b]]
+            inside = blk < n_prefix[a:b][rec_of_block]
+            rows, blocks = rec_of_block[inside], blk[inside]
+            add = (counts[a:b], np.bincount(rows, minlength=b - a) / np.maximum(counts[a:b], 1))
+        builder.add(ids[a:b].tolist(), add[0], tpb, tok_off, add[1], rows, blocks)
 
 
 def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
@@ -318,7 +374,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     old_bs = stream.block_size
     has_key = np.array([k is not None for k in key_of], dtype=bool)
     pre_tokens = np.where(has_key, np.minimum(prompt, prefix_tokens) // old_bs * old_bs, 0)
-    cached_old = (np.asarray(table.column("prefix.prefix_cached_blocks").to_numpy(), np.int64)[first]
+    cached_old = (_int_column(table, "prefix.prefix_cached_blocks")[first]
                   if n else np.zeros(0, np.int64))
     n_prefix_req = pre_tokens // bs
     cached_req = cached_old * old_bs // bs
@@ -331,7 +387,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         future = aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)])
     backend = build_backend(settings, stream, bs, future, meta_in)
     use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
-    lines = _jsonl_lines(tf, n) if bs == stream.block_size else None
+    lines = _Lines(tf, n) if bs == stream.block_size and tf.format == "jsonl" else None
 
     if force and out.exists():
         shutil.rmtree(out)
@@ -355,7 +411,11 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     builder = SummaryBuilder(run_name, dataset, config)
     enc = record_encoder()
 
-    blocked = rebucket(stream, bs)
+    if bs == stream.block_size:  # the recorded selected_block_ids (validate checks them)
+        boff, blk = list_parts(table.column("selected_block_ids"))
+        blocked = BlockStream(stream, bs, boff, blk.astype(np.int64, copy=False))
+    else:
+        blocked = rebucket(stream, bs)
     pos, poff, blk, boff = stream.pos, stream.offsets, blocked.blocks, blocked.offsets
     rids = np.asarray(stream.request_ids, dtype=np.int64)
     rec_ids = rids[stream.req].tolist() if n else []
@@ -377,7 +437,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         bar = tqdm(total=n, unit="rec", desc="replay")
     t_loop = time.perf_counter()
     with open(out / TRACE_FILE, "wb") as fh:
-        chunk: list[bytes] = []
+        chunk: list = []
         size = 0
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             for r in admit_at.get(k, ()):
@@ -393,34 +453,36 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
                                   f"{b - a} rows")
             for j, kv in enumerate(got):
                 i = a + j
-                new = None
+                pieces: list | None = None
                 if lines is not None:
-                    new = splice_kv_fetch(lines[i], enc.encode(kv))
-                if new is None:  # Parquet input, another block size, or no span found
-                    rec = next(records) if records is not None else _decode(lines[i], tf, i)
+                    pieces = lines.spliced(i, enc.encode(kv))
+                if pieces is None:  # Parquet input, another block size, or no span found
+                    rec = next(records) if records is not None else _decode(lines.line(i), tf, i)
                     if bs != rec.block_size_tokens:
                         r = int(stream.req[i])
                         _rebucket_record(rec, tps[j], bls[j], bs, int(n_prefix_req[r]),
                                          int(cached_req[r]))
                     rec.kv_fetch = kv
-                    new = enc.encode(rec)
-                chunk.append(new)
-                size += len(new)
+                    pieces = [enc.encode(rec)]
+                chunk.extend(pieces)
+                chunk.append(b"\n")
+                size += len(pieces[0])
             for r in release_at.get(k, ()):
                 backend.release(int(rids[r]))
             if size > 1 << 22:
-                chunk.append(b"")
-                fh.write(b"\n".join(chunk))
+                fh.write(b"".join(chunk))
                 chunk, size = [], 0
             if bar is not None:
                 bar.update(b - a)
         if chunk:
-            chunk.append(b"")
-            fh.write(b"\n".join(chunk))
+            fh.write(b"".join(chunk))
+        chunk = pieces = None  # release the views of the mapped input before closing it
+    if lines is not None:
+        lines.close()
     if bar is not None:
         bar.close()
-    builder.add(*_summary_inputs(stream, blocked, table, bs, n_prefix_req[stream.req]
-                                 if n else np.zeros(0, np.int64)))
+    _add_summary(builder, stream, blocked, table, bs,
+                 n_prefix_req[stream.req] if n else np.zeros(0, np.int64))
     back = backend.summary()
     summary = builder.build(**backend_sections(back))
     (out / SUMMARY_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))

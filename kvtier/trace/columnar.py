@@ -144,7 +144,8 @@ def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as readable as the trace files (mkstemp: 0600)
-            feather.write_feather(table, tmp, compression="lz4", chunksize=1 << 16)
+            # one record batch: columns then read as single chunks, without a combining copy
+            feather.write_feather(table, tmp, compression="lz4", chunksize=max(table.num_rows, 1))
             os.replace(tmp, path)
             return path
         except (OSError, pa.ArrowException):

@@ -24,6 +24,8 @@ import numpy as np
 
 from kvtier.schema import TIER_NAMES, TopkRecord, TraceError
 from kvtier.trace import legacy
+from kvtier.trace.arrays import as_numpy
+from kvtier.trace.arrays import list_parts as _list_parts
 
 BATCH_RECORDS = 2048
 
@@ -177,13 +179,6 @@ def iter_parquet_records(path: str | Path) -> Iterator[tuple[int, TopkRecord | E
                 yield row, exc
 
 
-def _list_parts(arr) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets from 0, values) of a ListArray (nulls read as empty lists)."""
-    offs = np.asarray(arr.offsets, dtype=np.int64)
-    vals = np.asarray(arr.values, dtype=np.int64)[offs[0]:offs[-1]] if len(offs) else np.zeros(0, np.int64)
-    return offs - offs[0], vals
-
-
 def materialise_hbm(flat):
     """A flat (dotted) table whose ``kv_fetch.hbm.hit_blocks`` has nulls (the file's derived
     form) with those rows filled in: ``selected_block_ids`` minus both pools' lists."""
@@ -205,7 +200,7 @@ def materialise_hbm(flat):
             keep &= ~np.isin(rec * base + sel_v, prec * base + pv)
     derived_len = np.bincount(rec[keep], minlength=n)
     own_o, own_v = _list_parts(col)
-    is_null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    is_null = ~as_numpy(col.is_valid())
     lens = np.where(is_null, derived_len, np.diff(own_o))
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
