@@ -182,7 +182,7 @@ def _records_with_location(tf: TraceFiles) -> Iterator[tuple[str, TopkRecord | N
                 yield loc, None, f"$: malformed JSON: {exc}"
 
 
-def _old_form(tf: TraceFiles, where: str | Path) -> str | None:
+def old_form(tf: TraceFiles, where: str | Path) -> str | None:
     """One line naming the earlier-form fields of a trace's first record, else None."""
     path = tf.files[0] if tf.files else None
     if path is None:
@@ -209,7 +209,7 @@ def validate_trace(path: str | Path, max_messages: int = 50) -> Report:
         rep.add(str(exc), max_messages)
         return rep
     rep.files = list(tf.files)
-    old = _old_form(tf, path)
+    old = old_form(tf, path)
     if old is not None:
         rep.add(old, max_messages)
         return rep
