@@ -63,11 +63,14 @@ def trace_lines(out: Path) -> list[dict]:
 def check_run(out: Path, dataset: str, dataset_id: str) -> tuple[Summary, dict, list[dict]]:
     """What every finished run must satisfy: the trace validates, the summary equals one
     recomputed from the trace, run_meta.json carries provenance."""
+    from spec52 import check_trace_dir
+
     from kvtier.trace.summary import recompute_summary
     from kvtier.trace.validate import validate_trace
 
     report = validate_trace(out)
     assert report.ok, report.messages
+    assert check_trace_dir(out) == []  # the design note's §5.2 / §5.3, checked independently
     summary = read_summary(out)
     records = trace_lines(out)
     assert summary.records == len(records) == report.records > 0

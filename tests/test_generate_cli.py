@@ -9,6 +9,7 @@ import msgspec
 import pytest
 import torch
 from hf_utils import CLI, converted
+from spec52 import check_trace_dir
 
 from kvtier.cli import main
 from kvtier.model import generate as gen_mod
@@ -78,6 +79,7 @@ def test_trace_records_every_decode_step_and_layer(ckpt, tmp_path, capsys):
         assert len(r.scores_topk) == CLI["index_topk"]
     summary = json.loads((trace / SUMMARY_FILE).read_text())
     assert summary["records"] == len(records)
+    assert check_trace_dir(trace) == []  # the design note's format, checked independently
     (req,) = [json.loads(x) for x in (trace / "requests.jsonl").read_text().splitlines()]
     assert (req["request_id"], req["sample_id"], req["prompt_len"]) == (0, "p-0", n_prompt)
     # an existing trace is kept unless --force

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from run_helpers import SHARED_DATA, check_run, demo_bundle, run_cli
+from spec52 import check_summary
 
 from kvtier.schema import PERCENTILE_METHOD
 
@@ -79,6 +80,13 @@ def test_burstgpt_model_free_on_the_real_sample(tmp_path):
     assert summary["skipped"] == {"failed_request": 17}
     assert summary["serving"]["requests"] == 383
     assert summary["records"] == 0
+    assert check_summary(summary) == []  # §5.3, serving included
+    reqs = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert [r["request_id"] for r in reqs] == list(range(383))
+    served = [json.loads(x) for x in (out / "serving_requests.jsonl").read_text().splitlines()]
+    assert [(r["request_id"], r["sample_id"]) for r in served] == \
+        [(r["request_id"], r["sample_id"]) for r in reqs]
+    assert all(r["sample_id"].startswith("burstgpt-") and "arrival_s" in r for r in reqs)
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["model_free"] is True and meta["dataset"]["sha256"]
 

@@ -32,8 +32,11 @@ def _interrupt_after(monkeypatch, n_calls: int) -> None:
 
 
 def _check_consistent(out):
+    from spec52 import check_trace_dir
+
     report = validate_trace(out)
     assert report.ok, report.messages
+    assert check_trace_dir(out) == []
     summary = read_summary(out)
     assert summary.records == len(trace_lines(out)) == report.records
     again = recompute_summary(out, keep_from=summary)
