@@ -493,7 +493,7 @@ class Gate(nn.Module):
         self.score_func = args.score_func
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        if args.gate_bias:
+        if args.has_gate_bias:  # reference: only dim == 7168 (ModelArgs.gate_bias)
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.register_parameter("bias", None)
