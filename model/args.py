@@ -31,7 +31,8 @@ class ModelArgs:
 
     kvtier-only fields (not in upstream configs):
       * ``v1``: reproduce upstream commit 3b99a53 (interleaved indexer RoPE, default-dtype
-        ``weights_proj``, no latent fake-quantisation, fp32 MLA einsums).
+        ``weights_proj``, no latent fake-quantisation, fp32 MLA score einsums and softmax with the
+        rest of MLA in the activation dtype).
       * ``indexer_exact``: fp32 indexer without Hadamard or fp8 (HF transformers' formula);
         also skips the v2 latent fake-quantisation so that a cross-check is comparable.
       * ``gate_bias``: create the routing correction bias (``ffn.gate.bias``). ``None`` (the
