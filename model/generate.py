@@ -103,10 +103,16 @@ def generate(
                     f"generate: row {i} forces eos_id {eos_id} at offset {f.index(eos_id)}, "
                     "before its last forced token; generation stops at EOS"
                 )
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
     for what, rows in (("prompt", prompt_tokens), ("forced token", forced or [])):
         for i, row in enumerate(rows):
             if any(t < 0 for t in row):
                 raise ValueError(f"generate: {what} ids of row {i} must be >= 0")
+            if vocab is not None and max(row, default=0) >= vocab:
+                raise ValueError(
+                    f"generate: {what} ids of row {i} hold {max(row)}, outside the model's "
+                    f"vocab_size {vocab} (does the config's vocab_size fit the tokenizer?)"
+                )
     if request_ids is None:  # the trace's ids: 0, 1, 2, ... in admission order
         request_ids = list(range(len(prompt_tokens)))
     request_ids = list(request_ids)

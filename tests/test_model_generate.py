@@ -248,6 +248,11 @@ def test_forcing_errors(model):
         generate(model, [[1], [2]], [3, 0], NO_EOS)
     with pytest.raises(ValueError, match="max_new_tokens and prompt_tokens differ"):
         generate(model, [[1]], [3, 3], NO_EOS)
+    # ids the embedding does not have: one clear line, not an IndexError from the embedding
+    with pytest.raises(ValueError, match="prompt ids of row 0 hold 1024, outside the model's vocab_size 1024"):
+        generate(model, [[1, 1024]], 3, NO_EOS)
+    with pytest.raises(ValueError, match="forced token ids of row 0 hold 5000, outside"):
+        generate(model, [[1]], 3, NO_EOS, forced_tokens=[[5000]])
 
 
 def test_tracer_end_batch_called_on_error(model):
