@@ -1,10 +1,20 @@
-"""Synthetic DSA-like access streams for policy tests, benchmarks and policy design.
+"""Synthetic DSA-like access streams and traces, with the temporal locality policies need.
 
-Real traces need the model; policies need realistic streams now. This mimics what the DSA
-indexer selects (``dsa_model.md`` §6): the attention-sink prefix, the most recent window,
-and the rest drawn from a per-request, per-layer importance field (contiguous "topic" bumps
-shared across layers plus layer-specific noise), re-sampled every step with Gumbel noise so
-selections are persistent but volatile. Records come in trace order: step, layer, request.
+Real traces need the model; policy design and tests need realistic streams now. This mimics
+what the DSA indexer selects (``dsa_model.md`` §6): the attention-sink prefix, the most recent
+window, and the rest drawn from a per-request, per-layer importance field (contiguous "topic"
+bumps shared across layers plus layer-specific noise) that stays fixed while the request
+decodes; only a Gumbel perturbation (``temperature``) is redrawn every step, so selections
+are persistent but volatile. (``kvtier sanity``'s fake indexer has no such field: its
+selections are redrawn every step and carry no reuse beyond the recent window.)
+
+Requests decode concurrently: request ``r`` starts ``r * stagger`` decode steps after request
+0 and decodes ``steps`` tokens. Records come in trace order: decode step, layer, request.
+``step_idx`` is the position of the token being decoded (``seq_len_current - 1``; a request's
+first record has ``step_idx`` = its prompt length), as the design note defines it, so rows
+share one (step, layer) fetch only where they share a position (``stagger = 0`` and
+``prompt_jitter = 0``), as the rows of one tracer batch do. ``write_trace`` writes a stream as
+a trace directory that ``kvtier validate`` accepts; ``kvtier synth`` is the command.
 No torch; vectorised per record.
 """
 
@@ -13,17 +23,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import numpy as np
 
+from kvtier.policies.base import MAX_LAYER
 from kvtier.schema import (
-    REQUESTS_FILE,
-    KVFetch,
+    EVENT_DSA_TOPK,
+    SCHEMA_VERSION,
+    SUMMARY_FILE,
+    TRACE_FILE,
     PrefixInfo,
-    TierFetch,
     TokensPerBlock,
     TopkRecord,
-    empty_tier,
+    TraceMeta,
+    record_encoder,
 )
 from kvtier.sim.access import AccessStream
 
@@ -48,6 +60,23 @@ class SynthConfig:
     block_size: int = 64
     seed: int = 0
 
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid field (as its ``kvtier synth`` flag)."""
+        flag = {"block_size": "kv-block-size"}
+        for name in ("requests", "layers", "steps", "prompt_len", "topk", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{flag.get(name, name.replace('_', '-'))} must be > 0, "
+                                 f"got {getattr(self, name)}")
+        for name in ("prompt_jitter", "sink", "window", "topics", "layer_noise", "temperature",
+                     "stagger"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, "
+                                 f"got {getattr(self, name)}")
+        if not self.topic_width > 0:
+            raise ValueError(f"--topic-width must be > 0, got {self.topic_width}")
+        if self.layers - 1 > MAX_LAYER:
+            raise ValueError(f"--layers must be at most {MAX_LAYER + 1}, got {self.layers}")
+
 
 def _fields(cfg: SynthConfig, rng: np.random.Generator, length: int) -> np.ndarray:
     """Importance log-field per layer, shape [layers, length]."""
@@ -62,7 +91,8 @@ def _fields(cfg: SynthConfig, rng: np.random.Generator, length: int) -> np.ndarr
 
 
 def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
-    """Generate an ``AccessStream`` (positions sorted per record)."""
+    """Generate an ``AccessStream`` (positions sorted per record; ``step`` = position)."""
+    cfg.check()
     rng = np.random.default_rng(cfg.seed)
     jit = rng.integers(-cfg.prompt_jitter, cfg.prompt_jitter + 1, cfg.requests)
     prompts = np.maximum(cfg.prompt_len + jit, cfg.topk // 2 + cfg.sink + cfg.window + 1)
@@ -89,7 +119,7 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
                     sel = fixed[:k]
                 req.append(r)
                 layer.append(li)
-                step.append(s)
+                step.append(n - 1)  # the position of the token being decoded
                 seq_len.append(n)
                 chunks.append(sel.astype(np.int64))
     lens = np.array([c.shape[0] for c in chunks], dtype=np.int64)
@@ -104,48 +134,80 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
         block_size=cfg.block_size)
 
 
-def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synth") -> Path:
-    """Write ``stream`` as a schema-valid ``trace_steps.jsonl`` (HBM-only ``kv_fetch``) and
-    its ``requests.jsonl`` (one line per request: its id, ``sample_id`` and prompt length),
-    so the CLI and readers can be exercised without the model."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = msgspec.json.Encoder()
-    first: dict[int, int] = {}
-    for i, r in enumerate(stream.req.tolist()):
-        first.setdefault(r, i)
-    lines = [enc.encode({"request_id": int(rid), "sample_id": f"synth-{rid}",
-                         "prompt_len": int(stream.seq_len[first[r]]) - 1 if r in first else None})
-             for r, rid in enumerate(stream.request_ids)]
-    (out / REQUESTS_FILE).write_bytes(b"".join(x + b"\n" for x in lines))
+def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synth", *,
+                dataset: str = "synthetic", kv_bytes_per_token: int = 656,
+                config: dict | None = None, force: bool = False) -> Path:
+    """Write ``stream`` as a trace directory that ``kvtier validate`` accepts and every reader
+    takes: ``trace_meta.json`` (``config`` merged into the tracer's keys), ``requests.jsonl``
+    (per request its id, ``sample_id`` and prompt length), ``trace_steps.jsonl`` and
+    ``summary.json``. ``kv_fetch`` is what the default ``HBMOnlyBackend`` answers (every block
+    an HBM hit, whole blocks of ``kv_bytes_per_token`` bytes per token read, no latency: there
+    is no wall time); ``prefix`` is empty (synthetic prompts have no token ids to hash).
+
+    ``stream.step`` must be the position of the token being decoded
+    (``seq_len - 1``, the schema's ``step_idx``), else ``ValueError``; an existing trace in
+    ``out_dir`` is refused (``FileExistsError``) unless ``force``. Returns the JSONL path.
+    """
+    from kvtier.backend import HBMOnlyBackend
+    from kvtier.sim.replay import iter_batches
+    from kvtier.trace.settings import TraceSettings
+    from kvtier.trace.summary import SummaryBuilder
+    from kvtier.trace.writer import RequestLog, TraceWriter, write_json_atomic
+
+    bad = np.flatnonzero(stream.step != stream.seq_len - 1)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"record {i + 1}: step_idx {int(stream.step[i])} is not the position of "
+                         f"the token being decoded (seq_len_current - 1 = "
+                         f"{int(stream.seq_len[i]) - 1})")
     bs = stream.block_size
-    buf = bytearray()
-    for i in range(len(stream)):
-        pos = stream.pos[stream.offsets[i]:stream.offsets[i + 1]]
-        cur = int(stream.seq_len[i]) - 1
-        blocks, per = np.unique(pos // bs, return_counts=True)
-        off = cur - pos if pos.shape[0] else np.zeros(1, np.int64)
-        rec = TopkRecord(
-            event="dsa_topk", run_name=run_name, dataset="synthetic", rank=0, world_size=1,
-            request_id=stream.request_ids[int(stream.req[i])], layer_id=int(stream.layer[i]),
-            step_idx=int(stream.step[i]), seq_len_current=int(stream.seq_len[i]),
-            unique_token_pos_count=int(pos.shape[0]), offset_min=int(off.min()),
-            offset_p50=float(np.percentile(off, 50)), offset_max=int(off.max()),
-            block_size_tokens=bs, selected_block_ids=blocks.tolist(),
-            unique_blocks=int(blocks.shape[0]),
-            tokens_per_touched_block=TokensPerBlock(
-                mean=float(per.mean()) if per.size else 0.0,
-                p50=float(np.percentile(per, 50)) if per.size else 0.0,
-                p95=float(np.percentile(per, 95)) if per.size else 0.0),
-            kv_fetch=KVFetch(
-                hbm=TierFetch(hit_blocks=blocks.tolist(), bytes_read=0, read_ops=1,
-                              latency_us=None, batch_size=int(blocks.shape[0])),
-                local_pool=empty_tier(), remote_pool=empty_tier()),
-            prefix=PrefixInfo(prefix_cache_hit=False, prefix_cached_blocks=0, prefix_key=None,
-                              intersection_ratio=0.0, intersection_blocks=[]),
-            selected_token_pos=pos.tolist(), scores_stats=None)
-        buf += enc.encode(rec)
-        buf += b"\n"
-    path = out / "trace_steps.jsonl"
-    path.write_bytes(bytes(buf))
-    return path
+    settings = TraceSettings(kv_block_size=bs, kv_bytes_per_token=kv_bytes_per_token)
+    full_config = {"kv_block_size_tokens": bs, "trace": settings.to_dict(),
+                   "kv_bytes_per_token": kv_bytes_per_token, "backend": HBMOnlyBackend.name,
+                   "rank": 0, "world_size": 1, **(config or {})}
+    out = Path(out_dir)
+    meta = TraceMeta(schema_version=SCHEMA_VERSION, run_name=run_name, dataset=dataset,
+                     config=full_config)
+    writer = TraceWriter(out, meta, force=force, background=False)
+    n = len(stream)
+    first = np.full(len(stream.request_ids), n, dtype=np.int64)
+    np.minimum.at(first, stream.req, np.arange(n, dtype=np.int64))
+    log = RequestLog(out)
+    log.write([{"request_id": int(rid), "sample_id": f"synth-{rid}",
+                "prompt_len": int(stream.step[first[r]]) if first[r] < n else None,
+                "prefix_key": None, "prefix_blocks": 0, "prefix_cached_blocks": 0}
+               for r, rid in enumerate(stream.request_ids)])
+    log.close()
+    backend = HBMOnlyBackend(kv_bytes_per_token)
+    builder = SummaryBuilder(run_name, dataset, full_config)
+    enc = record_encoder()
+    no_prefix = PrefixInfo(prefix_cache_hit=False, prefix_cached_blocks=0, prefix_key=None,
+                           intersection_ratio=0.0, intersection_blocks=[])
+    try:
+        for a, _b, access in iter_batches(stream):
+            recs = []
+            for j, kv in enumerate(backend.fetch(access)):
+                i = a + j
+                pos, blocks = access.token_pos[j], access.block_ids[j]
+                per = np.diff(np.flatnonzero(np.r_[True, np.diff(pos // bs) != 0, True]))
+                off = int(stream.step[i]) - pos
+                p50, p95 = np.percentile(per, [50, 95])
+                recs.append(TopkRecord(
+                    event=EVENT_DSA_TOPK, run_name=run_name, dataset=dataset, rank=0,
+                    world_size=1, request_id=int(access.request_ids[j]),
+                    layer_id=access.layer_id, step_idx=access.step_idx,
+                    seq_len_current=int(stream.seq_len[i]),
+                    unique_token_pos_count=int(pos.shape[0]), offset_min=int(off.min()),
+                    offset_p50=float(np.percentile(off, 50)), offset_max=int(off.max()),
+                    block_size_tokens=bs, selected_block_ids=blocks.tolist(),
+                    unique_blocks=int(blocks.shape[0]),
+                    tokens_per_touched_block=TokensPerBlock(
+                        mean=float(per.mean()), p50=float(p50), p95=float(p95)),
+                    kv_fetch=kv, prefix=no_prefix, selected_token_pos=pos.tolist(),
+                    scores_stats=None))
+            builder.add_records(recs)
+            writer.write(b"".join(enc.encode(r) + b"\n" for r in recs), len(recs))
+    finally:
+        writer.close()
+    write_json_atomic(out / SUMMARY_FILE, builder.build())
+    return out / TRACE_FILE
