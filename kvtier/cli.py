@@ -14,6 +14,7 @@ import sys
 
 #: subcommand module names under kvtier.commands, in --help order
 COMMANDS = (
+    "synth",
     "sanity",
     "validate",
     "summarize",

@@ -8,9 +8,17 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     from kvtier.trace.settings import add_trace_args
 
-    p = sub.add_parser("sanity", help="write a synthetic trace without torch and validate it",
-                       description="Drive the real tracer with a fake indexer (no torch, no model), "
-                                   "then validate the trace it wrote.")
+    p = sub.add_parser(
+        "sanity",
+        help="check the tracer end to end without torch: a fake indexer's trace, validated",
+        description="Drive the real tracer (points A-D, the writer, requests.jsonl, "
+        "summary.json) with a fake indexer, without torch or a model, then validate the trace "
+        "it wrote. Its trace is for checking the trace path and the readers (validate, "
+        "summarize, convert, replay's plumbing), not for comparing policies: beyond the sink "
+        "and a distance decay the fake indexer's selections are drawn afresh every step, so "
+        "each step reads nearly every block of a request, what one step reads says nothing "
+        "about the next, and LRU or FIFO hit ratios jump from 0 to all at one capacity (the "
+        "size of that loop). For a trace with temporal locality use kvtier synth.")
     p.add_argument("--out", default="runs/sanity", help="trace directory to write (default runs/sanity)")
     p.add_argument("--force", action="store_true", help="overwrite an existing trace in --out")
     p.add_argument("--requests", type=int, default=4, help="number of synthetic requests (default 4)")

@@ -90,8 +90,11 @@ def _fields(cfg: SynthConfig, rng: np.random.Generator, length: int) -> np.ndarr
     return base[None, :] + noise
 
 
-def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
-    """Generate an ``AccessStream`` (positions sorted per record; ``step`` = position)."""
+def synth_stream(cfg: SynthConfig = SynthConfig(), progress: bool = False) -> AccessStream:
+    """Generate an ``AccessStream`` (positions sorted per record; ``step`` = position);
+    ``progress`` shows a tqdm bar over decode steps."""
+    from tqdm import tqdm
+
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
     jit = rng.integers(-cfg.prompt_jitter, cfg.prompt_jitter + 1, cfg.requests)
@@ -99,7 +102,7 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
     fields = [_fields(cfg, rng, int(p) + cfg.steps + 1) for p in prompts]
     req, layer, step, seq_len, chunks = [], [], [], [], []
     total_steps = cfg.steps + cfg.stagger * (cfg.requests - 1)
-    for t in range(total_steps):
+    for t in tqdm(range(total_steps), desc="synth", unit="step", disable=not progress):
         for li in range(cfg.layers):
             for r in range(cfg.requests):
                 s = t - r * cfg.stagger
@@ -136,7 +139,8 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
 
 def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synth", *,
                 dataset: str = "synthetic", kv_bytes_per_token: int = 656,
-                config: dict | None = None, force: bool = False) -> Path:
+                config: dict | None = None, force: bool = False, progress: bool = False
+                ) -> Path:
     """Write ``stream`` as a trace directory that ``kvtier validate`` accepts and every reader
     takes: ``trace_meta.json`` (``config`` merged into the tracer's keys), ``requests.jsonl``
     (per request its id, ``sample_id`` and prompt length), ``trace_steps.jsonl`` and
@@ -146,8 +150,11 @@ def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synt
 
     ``stream.step`` must be the position of the token being decoded
     (``seq_len - 1``, the schema's ``step_idx``), else ``ValueError``; an existing trace in
-    ``out_dir`` is refused (``FileExistsError``) unless ``force``. Returns the JSONL path.
+    ``out_dir`` is refused (``FileExistsError``) unless ``force``; ``progress`` shows a tqdm
+    bar over records. Returns the JSONL path.
     """
+    from tqdm import tqdm
+
     from kvtier.backend import HBMOnlyBackend
     from kvtier.sim.replay import iter_batches
     from kvtier.trace.settings import TraceSettings
@@ -183,6 +190,7 @@ def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synt
     enc = record_encoder()
     no_prefix = PrefixInfo(prefix_cache_hit=False, prefix_cached_blocks=0, prefix_key=None,
                            intersection_ratio=0.0, intersection_blocks=[])
+    bar = tqdm(total=n, desc="write", unit="rec", disable=not progress)
     try:
         for a, _b, access in iter_batches(stream):
             recs = []
@@ -207,7 +215,9 @@ def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synt
                     scores_stats=None))
             builder.add_records(recs)
             writer.write(b"".join(enc.encode(r) + b"\n" for r in recs), len(recs))
+            bar.update(len(recs))
     finally:
         writer.close()
+        bar.close()
     write_json_atomic(out / SUMMARY_FILE, builder.build())
     return out / TRACE_FILE
