@@ -51,7 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status when stdout is closed early (``kvtier ... | head``): 128 + SIGPIPE, as a
+#: shell reports a tool that a broken pipe ended
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # also on argparse's exit after --help: a closed pipe shows up here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again on the way out.
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (tests)
+            pass
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
