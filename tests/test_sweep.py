@@ -134,8 +134,8 @@ def test_sweep_bad_trace(tmp_path, capsys):
 def test_mrc_command(trace, tmp_path):
     out = tmp_path / "mrc.csv"
     png = tmp_path / "mrc.png"
-    assert main(["mrc", str(trace), "--block-size", "16,64", "--out", str(out),
-                 "--plot", str(png)]) == 0
+    assert main(["mrc", str(trace), "--block-sizes", "16,64", "--all-capacities",
+                 "--out", str(out), "--plot", str(png)]) == 0
     rows = list(csv.DictReader(out.open()))
     stream = read_access_stream(trace)
     for bsz in (16, 64):
@@ -143,18 +143,74 @@ def test_mrc_command(trace, tmp_path):
         curve = lru_mrc(keys)
         mine = [r for r in rows if int(r["block_size"]) == bsz]
         assert [int(r["hits"]) for r in mine] == curve.hits.tolist()
+        assert [int(r["capacity_blocks"]) for r in mine] == list(range(len(mine)))
         for r in mine[:: max(1, len(mine) // 7)]:
             cap = int(r["capacity_blocks"])
             assert int(r["hits"]) == load_policy("lru")(cap).access_many(keys)
+        assert sum(r["knee"] == "true" for r in mine) == 1
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_mrc_points(trace, tmp_path):
+def brute_knee(hits: list[int]) -> int:
+    """The Kneedle knee written out: the capacity where the normalised hit curve is furthest
+    above the chord from (0, 0) to (working set, all reuse hits)."""
+    ws, top = len(hits) - 1, hits[-1]
+    gaps = [hits[c] / top - c / ws for c in range(1, ws + 1)]
+    return gaps.index(max(gaps)) + 1
+
+
+@pytest.fixture(scope="module")
+def big_trace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big")
+    write_trace(synth_stream(SynthConfig(requests=3, layers=3, steps=12, prompt_len=2000,
+                                         prompt_jitter=200, topk=128, block_size=16)), d)
+    return d
+
+
+def test_mrc_default_is_a_bounded_set_with_the_knee(big_trace, tmp_path, capsys):
+    trace = big_trace
     out = tmp_path / "mrc.csv"
     assert main(["mrc", str(trace), "--out", str(out), "--points", "10"]) == 0
+    printed = capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
-    assert 3 <= len(rows) <= 12
-    assert rows[0]["capacity_blocks"] == "0" and float(rows[-1]["capacity_fraction"]) == 1.0
+    curve = lru_mrc(rebucket(read_access_stream(trace), 16).keys())
+    ws = curve.hits.shape[0] - 1
+    assert ws > 100  # the bound matters
+    caps = [int(r["capacity_blocks"]) for r in rows]
+    assert caps == sorted(set(caps)) and caps[0] == 0 and caps[-1] == ws
+    assert len(rows) <= 10 + 4  # log-spaced points, 0, the working set, the knee and before
+    knee = brute_knee(curve.hits.tolist())
+    assert curve.knee() == knee
+    assert knee in caps and knee - 1 in caps
+    assert [int(r["capacity_blocks"]) for r in rows if r["knee"] == "true"] == [knee]
+    for r in rows:
+        assert int(r["hits"]) == curve.hits[int(r["capacity_blocks"])]
+    assert f"knee at {knee} blocks" in printed and "--all-capacities" in printed
+    # the default (64 points) is bounded too, far below one row per capacity
+    assert main(["mrc", str(trace), "--out", str(out)]) == 0
+    assert len(list(csv.DictReader(out.open()))) <= 64 + 4 < ws + 1
+
+
+def test_mrc_old_block_size_spelling(trace, tmp_path, capsys):
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    assert main(["mrc", str(trace), "--block-sizes", "16,64", "--out", str(new)]) == 0
+    capsys.readouterr()
+    assert main(["mrc", str(trace), "--block-size", "16,64", "--out", str(old)]) == 0
+    assert "--block-size is deprecated: use --block-sizes" in capsys.readouterr().err
+    assert old.read_bytes() == new.read_bytes()
+    assert main(["mrc", str(trace), "--block-size", "16", "--block-sizes", "16",
+                 "--out", str(old)]) == 2
+    assert "use --block-sizes only" in capsys.readouterr().err
+    assert main(["mrc", str(trace), "--points", "1", "--out", str(old)]) == 2
+    assert "--points: must be >= 2" in capsys.readouterr().err
+
+
+def test_knee_edge_cases():
+    assert lru_mrc(np.zeros(0, np.int64)).knee() is None
+    assert lru_mrc(np.array([1, 2, 3])).knee() is None  # no reuse: nothing to gain
+    assert lru_mrc(np.array([5, 5, 5])).knee() == 1
+    loop = np.tile(np.arange(50), 4)  # LRU's cliff: no hits below the loop size
+    assert lru_mrc(loop).knee() == 50
 
 
 def test_sweep_failing_cell_keeps_other_rows(trace, tmp_path, capsys):

@@ -144,6 +144,37 @@ class MissRatioCurve:
         out = self.hits[c]
         return int(out) if np.ndim(out) == 0 else out
 
+    @property
+    def working_set(self) -> int:
+        return int(self.hits.shape[0] - 1)
+
+    def knee(self) -> int | None:
+        """The capacity past which more blocks pay less than on average (Kneedle, Satopaa et
+        al. 2011, on the linear axes): the c maximising ``hits[c] / hits[ws] - c / ws``, the
+        point of the normalised hit curve furthest above its chord (the first such c >= 1).
+        For the cliffs of LRU on looping streams it is the loop size. None when no capacity
+        gives a hit (empty trace, or no key read twice)."""
+        ws = self.working_set
+        top = int(self.hits[-1])
+        if ws == 0 or top == 0:
+            return None
+        gap = self.hits[1:] / top - np.arange(1, ws + 1) / ws
+        return int(np.argmax(gap)) + 1
+
+    def sample(self, points: int) -> np.ndarray:
+        """A bounded set of capacities to tabulate: 0, about ``points`` log-spaced
+        capacities from 1 to the working set (its ends included), and the knee with the
+        capacity just below it (where a cliff shows); sorted, unique."""
+        if points < 2:
+            raise ValueError(f"points must be >= 2, got {points}")
+        ws = self.working_set
+        if ws == 0:
+            return np.zeros(1, dtype=np.int64)
+        logs = np.round(np.geomspace(1, ws, min(points, ws))).astype(np.int64)
+        knee = self.knee()
+        extra = [] if knee is None else [max(knee - 1, 0), knee]
+        return np.unique(np.concatenate([[0], logs, [ws], extra]).astype(np.int64))
+
 
 def lru_mrc(keys: np.ndarray) -> MissRatioCurve:
     """LRU hits for all capacities from one pass of stack distances."""
