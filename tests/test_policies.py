@@ -378,7 +378,7 @@ def test_docs_worked_example(tmp_path):
                                          prompt_jitter=20, topk=48)), trace)
     out = tmp_path / "t.csv"
     assert main(["sweep", str(trace), "--policies", f"lru,{f}:ClockPolicy", "--capacities",
-                 "20", "--out", str(out), "--no-progress"]) == 0
+                 "20blocks", "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert rows[1]["policy"].endswith("my_clock.py:ClockPolicy") and int(rows[1]["accesses"]) > 0
 

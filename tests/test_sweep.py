@@ -35,7 +35,7 @@ def test_split_policies():
 def test_sweep_policy_arguments(trace, tmp_path):
     out = tmp_path / "t.csv"
     assert main(["sweep", str(trace), "--policies",
-                 "dsa_aware,dsa_aware:half_life=1,admission=false", "--capacities", "48",
+                 "dsa_aware,dsa_aware:half_life=1,admission=false", "--capacities", "48blocks",
                  "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["policy"] for r in rows] == ["dsa_aware", "dsa_aware:half_life=1,admission=false"]
@@ -48,22 +48,43 @@ def test_sweep_policy_arguments(trace, tmp_path):
 
 def test_parse_capacity():
     assert parse_capacity("256") == CapacitySpec("256", blocks=256)
+    assert parse_capacity("101").blocks == 101
     assert parse_capacity("1k").blocks == 1024
     assert parse_capacity("2M").blocks == 2 * 1024**2
+    assert parse_capacity("30blocks") == CapacitySpec("30blocks", blocks=30)
+    assert parse_capacity("1 block").blocks == 1
+    assert parse_capacity("256blocks").blocks == 256
     assert parse_capacity("0.25").fraction == 0.25
     assert parse_capacity("25%").fraction == 0.25
     assert parse_capacity("100%").resolve(40) == 40
     assert parse_capacity("1%").resolve(10) == 1
-    for bad in ("abc", "1.5", "0%", "-3", "1kb"):
+    for bad in ("abc", "1.5", "0%", "-3", "1kb", "0blocks", "1.5blocks", "2kblocks"):
         with pytest.raises(ValueError, match="capacity"):
             parse_capacity(bad)
+
+
+@pytest.mark.parametrize("bare", ["1", "30", "64", "100"])
+def test_bare_numbers_up_to_100_are_ambiguous(bare):
+    """30 could mean 30 blocks or 30 % of the working set: refused, naming both spellings."""
+    with pytest.raises(ValueError, match=f"ambiguous.*{bare}%.*{bare}blocks"):
+        parse_capacity(bare)
+    assert parse_capacity(bare, bare="blocks").blocks == int(bare)  # a flag named for blocks
+
+
+def test_sweep_refuses_an_ambiguous_capacity(trace, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--capacities", "10%,30", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--capacities: capacity '30' is ambiguous" in err
+    assert "30%" in err and "30blocks" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sweep_table_matches_direct_simulation(trace, tmp_path, jobs):
     out = tmp_path / "table.csv"
     rc = main(["sweep", str(trace), "--policies", "lru,fifo,belady,dsa_aware",
-               "--capacities", "8,64,50%", "--block-sizes", "16,64", "--jobs", str(jobs),
+               "--capacities", "8blocks,64blocks,50%", "--block-sizes", "16,64", "--jobs", str(jobs),
                "--out", str(out), "--no-progress"])
     assert rc == 0
     rows = list(csv.DictReader(out.open()))
@@ -76,7 +97,7 @@ def test_sweep_table_matches_direct_simulation(trace, tmp_path, jobs):
         ws = int(np.unique(bs.keys()).shape[0])
         assert t["working_set"] == ws
         expect_cap = max(1, round(0.5 * ws)) if t["capacity_spec"] == "50%" else int(
-            t["capacity_spec"])
+            t["capacity_spec"].removesuffix("blocks"))
         assert t["capacity_blocks"] == expect_cap
         direct = simulate(load_policy(t["policy"])(expect_cap), bs)
         assert t["hits"] == direct.hits
@@ -88,7 +109,7 @@ def test_sweep_table_matches_direct_simulation(trace, tmp_path, jobs):
 
 def test_sweep_defaults_to_trace_block_size(trace, tmp_path):
     out = tmp_path / "t.csv"
-    assert main(["sweep", str(trace), "--policies", "lru", "--capacities", "16",
+    assert main(["sweep", str(trace), "--policies", "lru", "--capacities", "16blocks",
                  "--out", str(out), "--parquet", str(tmp_path / "x.parquet"),
                  "--no-progress"]) == 0
     t = pq.read_table(tmp_path / "x.parquet").to_pylist()
@@ -100,7 +121,7 @@ def test_sweep_user_policy_file(trace, tmp_path):
     f.write_text("from kvtier.policies.fifo import FIFOPolicy\n\n"
                  "class MyFIFO(FIFOPolicy):\n    name = 'myfifo'\n")
     out = tmp_path / "t.csv"
-    assert main(["sweep", str(trace), "--policies", f"fifo,{f}:MyFIFO", "--capacities", "32",
+    assert main(["sweep", str(trace), "--policies", f"fifo,{f}:MyFIFO", "--capacities", "32blocks",
                  "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert rows[0]["hits"] == rows[1]["hits"]
@@ -222,10 +243,10 @@ def test_sweep_failing_cell_keeps_other_rows(trace, tmp_path, capsys):
                  "            raise RuntimeError('boom at 7')\n"
                  "        return super().access_many(keys)\n")
     out = tmp_path / "t.csv"
-    rc = main(["sweep", str(trace), "--policies", f"{f}:Flaky", "--capacities", "5,7,9",
+    rc = main(["sweep", str(trace), "--policies", f"{f}:Flaky", "--capacities", "5blocks,7blocks,9blocks",
                "--out", str(out), "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "capacity=7: RuntimeError: boom at 7" in err and "1 of 3 cells failed" in err
+    assert "capacity=7blocks: RuntimeError: boom at 7" in err and "1 of 3 cells failed" in err
     rows = list(csv.DictReader(out.open()))
     assert [r["capacity_blocks"] for r in rows] == ["5", "9"]

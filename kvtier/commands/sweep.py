@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated eviction policies: built-in names, module:Class, "
                         "file.py:Class or entry points, each optionally with :k=v,k=v "
                         "constructor arguments (default: %(default)s)")
-    p.add_argument("--capacities", default="64,256,1k,4k",
-                   help="comma-separated capacities in blocks (256, 1k = 1024) or fractions of "
-                        "the working set at that block size (0.1, 25%%) (default: %(default)s)")
+    p.add_argument("--capacities", default="5%,10%,25%,50%",
+                   help="comma-separated capacities: shares of the working set at each block "
+                        "size (25%%, 0.25) or blocks (30blocks, 256, 1k = 1024); a bare number "
+                        "up to 100 is refused as ambiguous (default: %(default)s)")
     p.add_argument("--block-sizes", default=None,
                    help="comma-separated block sizes in tokens (default: the trace's own)")
     p.add_argument("--jobs", type=int, default=1,
