@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvtier.sim.sweep import parse_capacity, run_sweep, write_table
+from kvtier.sim.capacity import parse_capacity
+from kvtier.sim.sweep import run_sweep, write_table
 from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 
 POLICIES = ["lru", "fifo", "lfu", "arc", "s3fifo", "distance", "dsa_aware", "belady"]

@@ -12,7 +12,8 @@ from kvtier.cli import main
 from kvtier.policies import load_policy
 from kvtier.sim.access import read_access_stream, rebucket
 from kvtier.sim.cachesim import lru_mrc, simulate
-from kvtier.sim.sweep import CapacitySpec, parse_capacity, split_policies
+from kvtier.sim.capacity import CapacitySpec, parse_capacity
+from kvtier.sim.sweep import split_policies
 from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 
 CFG = SynthConfig(requests=2, layers=3, steps=10, prompt_len=600, prompt_jitter=100, topk=96,

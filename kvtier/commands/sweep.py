@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
     from kvtier.sim.access import TraceReadError, read_access_stream
+    from kvtier.sim.capacity import parse_capacity
     from kvtier.sim.sweep import (
         parse_block_size,
-        parse_capacity,
         parse_list,
         run_sweep,
         split_policies,

@@ -10,72 +10,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kvtier.sim.access import AccessStream, BlockStream, read_access_stream, rebucket
 from kvtier.sim.cachesim import simulate
+from kvtier.sim.capacity import CapacitySpec, working_set_blocks
 from kvtier.sim.tiers.specs import eviction_factory
 
 COLUMNS = (
     "block_size", "policy", "capacity_spec", "capacity_blocks", "working_set", "accesses",
     "hits", "misses", "hit_ratio", "miss_ratio", "seconds", "accesses_per_s",
 )
-
-_SUFFIX = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-#: bare numbers up to this could be read as blocks or as a percentage of the working set
-AMBIGUOUS_UP_TO = 100
-
-
-@dataclass(frozen=True, slots=True)
-class CapacitySpec:
-    """A capacity in blocks (``256``, ``30blocks``, ``1k`` = 1024) or a fraction of the
-    working set (``0.25``, ``25%``), resolved per block size."""
-
-    text: str
-    blocks: int | None = None
-    fraction: float | None = None
-
-    def resolve(self, working_set: int) -> int:
-        if self.blocks is not None:
-            return self.blocks
-        assert self.fraction is not None
-        return max(1, int(round(self.fraction * working_set)))
-
-
-def parse_capacity(text: str, bare: str = "reject_small") -> CapacitySpec:
-    """Parse one capacity; raises ``ValueError`` naming the bad value.
-
-    Blocks: ``30blocks`` (or ``1block``), ``1k``/``2m``/``1g`` (x 1024^n), or a bare integer
-    above ``AMBIGUOUS_UP_TO``. A fraction of the working set: ``25%`` or ``0.25``. A bare
-    integer up to 100 (``30``) could be either and is refused with both spellings, unless
-    ``bare="blocks"`` (a flag whose name says blocks, such as ``--hbm-blocks``)."""
-    t = text.strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(%?)", t)
-    if m and (m.group(2) or "." in m.group(1)):
-        frac = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
-        if not 0.0 < frac <= 1.0:
-            raise ValueError(f"capacity {text!r}: a fraction of the working set must be in (0, 1]")
-        return CapacitySpec(text.strip(), fraction=frac)
-    m = re.fullmatch(r"(\d+)\s*(?:([kmg])|blocks?)?", t)
-    if not m:
-        raise ValueError(f"capacity {text!r}: expected blocks (30blocks, 256, 1k, 2m) or a "
-                         f"fraction of the working set (25%, 0.25)")
-    n = int(m.group(1)) * _SUFFIX[m.group(2) or ""]
-    if n <= 0:
-        raise ValueError(f"capacity {text!r}: must be at least 1 block")
-    explicit = t != m.group(1)  # a unit suffix was written
-    if not explicit and n <= AMBIGUOUS_UP_TO and bare != "blocks":
-        raise ValueError(f"capacity {text!r} is ambiguous: write {n}% for a share of the "
-                         f"working set or {n}blocks for {n} blocks")
-    return CapacitySpec(text.strip(), blocks=n)
 
 
 def parse_list(text: str, item: Callable[[str], object], flag: str) -> list:
@@ -139,7 +87,7 @@ def _block_stream(block_size: int) -> tuple[BlockStream, int]:
     hit = _BLOCKS.get(block_size)
     if hit is None:
         bs = rebucket(_STREAM, block_size)
-        hit = _BLOCKS[block_size] = (bs, int(np.unique(bs.keys()).shape[0]))
+        hit = _BLOCKS[block_size] = (bs, working_set_blocks(bs))
     return hit
 
 
