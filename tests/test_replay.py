@@ -353,3 +353,103 @@ def test_replay_copies_unchanged_bytes(trace, tmp_path):
         cut = x.index(b'"kv_fetch": ')
         assert y[:cut] == x[:cut]
         assert y.endswith(x[x.index(b', "prefix": '):])
+
+
+# ------------------------------------------------------ HBM capacity against the working set
+
+
+def _working_set(trace: Path, bs: int = BS) -> int:
+    return len(set(key_stream(trace, bs).tolist()))
+
+
+def test_summary_and_output_give_hbm_as_a_share_of_the_working_set(trace, tmp_path, capsys):
+    ws = _working_set(trace)
+    out = tmp_path / "o"
+    assert _replay(str(trace), "--out", str(out), "--hbm-blocks", "40") == 0
+    printed = capsys.readouterr()
+    tiers = _summary(out).tiers
+    assert tiers["_totals"]["working_set_blocks"] == ws
+    assert tiers["hbm"]["capacity_blocks"] == 40
+    assert tiers["hbm"]["working_set_share"] == pytest.approx(40 / ws)
+    assert f"HBM 40 blocks = {40 / ws:.1%} of the working set ({ws} blocks)" in printed.out
+    assert "warning" not in printed.err
+    # the preset's HBM (16 GiB) holds every block of a small trace: said, and how to change it
+    big = tmp_path / "big"
+    assert _replay(str(trace), "--out", str(big)) == 0
+    printed = capsys.readouterr()
+    cap = _summary(big).tiers["hbm"]["capacity_blocks"]
+    assert cap > ws
+    warning = printed.err.strip().splitlines()
+    assert len(warning) == 1 and "warning" in warning[0] and "--hbm-blocks" in warning[0]
+    assert f"{cap / ws:.1%} of the working set" in warning[0]
+
+
+def test_hbm_blocks_takes_a_share_of_the_working_set(trace, tmp_path, capsys):
+    ws = _working_set(trace)
+    for text, want in (("25%", round(0.25 * ws)), ("0.5", round(0.5 * ws)), ("30", 30),
+                       ("30blocks", 30), ("1k", 1024)):
+        out = tmp_path / text
+        assert _replay(str(trace), "--out", str(out), "--hbm-blocks", text) == 0
+        assert _summary(out).tiers["hbm"]["capacity_blocks"] == want, text
+        meta = json.loads((out / "trace_meta.json").read_text())
+        assert str(meta["config"]["replay"]["hbm_blocks"]) == text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line
+        _replay(str(trace), "--out", str(tmp_path / "x"), "--hbm-blocks", "12x")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --hbm-blocks: capacity '12x'" in err and "25%" in err
+    assert not (tmp_path / "x").exists()
+    # the library call names the flag too, before writing anything
+    from kvtier.sim.replay import ReplayError, ReplaySettings, replay
+
+    with pytest.raises(ReplayError, match="--hbm-blocks: capacity '12x'"):
+        replay(trace, tmp_path / "y", ReplaySettings(hbm_blocks="12x"))
+    assert not (tmp_path / "y").exists()
+
+
+def _sweep_hits(trace: Path, policy: str, caps: str, tmp_path: Path) -> dict[int, int]:
+    import csv
+
+    out = tmp_path / f"sweep_{policy}.csv"
+    assert main(["sweep", str(trace), "--policies", policy, "--capacities", caps,
+                 "--out", str(out), "--no-progress"]) == 0
+    return {int(r["capacity_blocks"]): int(r["hits"]) for r in csv.DictReader(out.open())}
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "belady", "dsa_aware"])
+@pytest.mark.parametrize("preset", ["memfabric", "mooncake"])
+def test_replay_hbm_hits_equal_sweep_with_on_release_keep(trace, tmp_path, policy, preset):
+    """The documented equality (docs/TIERS.md): pools present, whole blocks, write-through,
+    no prefetch, no shared prefixes, --on-release keep: HBM hits are the sweep's."""
+    want = _sweep_hits(trace, policy, "5%,25%,50%,100%", tmp_path)
+    for cap, hits in want.items():
+        out = tmp_path / f"{preset}_{policy}_{cap}"
+        assert _replay(str(trace), "--out", str(out), "--tiers", preset, "--policy", policy,
+                       "--hbm-blocks", f"{cap}blocks", "--on-release", "keep") == 0
+        assert _summary(out).tiers["hbm"]["hit_blocks"] == hits, (cap, policy)
+
+
+def test_on_release_drop_equals_sweep_only_when_nothing_is_released_early(trace, tmp_path):
+    """--on-release drop (the default) frees a finished request's blocks: on staggered
+    requests LRU then hits more than the sweep (never less); with every request finishing in
+    the last step, or an HBM holding the working set, the hits are equal."""
+    ws = _working_set(trace)
+    want = _sweep_hits(trace, "lru", "25%,50%,100%", tmp_path)
+    got = {}
+    for cap in want:
+        out = tmp_path / f"drop{cap}"
+        assert _replay(str(trace), "--out", str(out), "--hbm-blocks", f"{cap}blocks") == 0
+        got[cap] = _summary(out).tiers["hbm"]["hit_blocks"]
+    assert all(got[c] >= want[c] for c in want)
+    assert got[ws] == want[ws]  # nothing evicted: only first reads miss
+    assert any(got[c] > want[c] for c in want if c < ws)  # the difference is real here
+    together = tmp_path / "together"
+    write_trace(synth_stream(SynthConfig(requests=3, layers=3, steps=8, prompt_len=512,
+                                         prompt_jitter=0, topk=64, block_size=BS, stagger=0,
+                                         seed=4)), together)
+    want = _sweep_hits(together, "lru", "10%,25%,50%", tmp_path)
+    for cap, hits in want.items():
+        out = tmp_path / f"together{cap}"
+        assert _replay(str(together), "--out", str(out), "--hbm-blocks", f"{cap}blocks") == 0
+        assert _summary(out).tiers["hbm"]["hit_blocks"] == hits

@@ -7,6 +7,17 @@ import argparse
 from kvtier.commands import positive_int
 
 
+def _hbm_blocks(text: str) -> int | str:
+    """argparse type of --hbm-blocks: checked at start; plain block counts as ints."""
+    from kvtier.sim.capacity import parse_capacity
+
+    try:
+        parse_capacity(text, bare="blocks")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return int(text) if text.strip().isdigit() else text.strip()
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay",
@@ -45,8 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=positive_int, default=None,
                    help="re-bucket the recorded token positions to this block size in tokens "
                         "(default: the trace's)")
-    p.add_argument("--hbm-blocks", type=positive_int, default=None,
-                   help="HBM capacity in blocks, overriding the tier config's hbm.capacity_bytes")
+    p.add_argument("--hbm-blocks", type=_hbm_blocks, default=None, metavar="N|P%",
+                   help="HBM capacity, overriding the tier config's hbm.capacity_bytes: blocks "
+                        "(4096, 4k, 30blocks; a bare number is blocks) or a share of the "
+                        "working set at the replay block size (25%%, 0.25); the summary gives "
+                        "it as a share of the working set either way")
     p.add_argument("--fetch-granularity", type=positive_int, default=None,
                    help="read only the touched sub-blocks of this many tokens (divides the "
                         "block size; default: whole blocks)")
@@ -86,4 +100,21 @@ def run(args: argparse.Namespace) -> int:
         tiers = res.summary["tiers"]
         hits = ", ".join(f"{n} {tiers[n]['hit_blocks']}" for n in tiers if n != "_totals")
         print(f"hit blocks: {hits}; stall {res.summary['stall']['total_us']:.1f} us")
+        _report_hbm(tiers["hbm"], res.working_set)
     return 0
+
+
+def _report_hbm(hbm: dict, working_set: int) -> None:
+    """HBM's capacity as a share of the working set, and a warning when it holds all of it."""
+    import sys
+
+    cap = hbm["capacity_blocks"]
+    if not working_set:
+        return
+    share = cap / working_set
+    print(f"HBM {cap} blocks = {share:.1%} of the working set ({working_set} blocks)")
+    if cap >= working_set:
+        print(f"kvtier replay: warning: HBM holds {share:.1%} of the working set: nothing is "
+              "ever evicted from it, so its misses are just first reads (accesses minus the "
+              "working set) and the eviction policy plays no part; give it less, e.g. "
+              "--hbm-blocks 25%", file=sys.stderr)

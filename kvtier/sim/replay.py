@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgspec
@@ -44,6 +44,7 @@ from kvtier.sim.access import (
     rebucket,
     stream_from_columns,
 )
+from kvtier.sim.capacity import parse_capacity, working_set_blocks
 from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.columnar import read_columns
 from kvtier.trace.reader import TraceError, find_trace, iter_records
@@ -68,7 +69,7 @@ class ReplaySettings:
     block_size: int | None = None
     fetch_granularity: int | None = None
     write_policy: str | None = None
-    hbm_blocks: int | None = None
+    hbm_blocks: int | str | None = None  # blocks, or a capacity text (25%, 1k)
     on_release: str | None = None
     model_config: str | None = None
     kv_bytes_per_token: int | None = None
@@ -86,6 +87,7 @@ class ReplayResult:
     seconds: float
     summary: dict | None
     loop_seconds: float = 0.0
+    working_set: int = 0  # distinct (request, layer, block) keys at the replay block size
 
 
 def _read_meta(trace: Path) -> dict:
@@ -382,10 +384,19 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     def hashes_for(r: int) -> list[int]:
         return prefix_hashes(key_of[r], int(prompt[r]), prefix_tokens, bs) if share else []
 
+    if bs == stream.block_size:  # the recorded selected_block_ids (validate checks them)
+        boff, blk = list_parts(table.column("selected_block_ids"))
+        blocked = BlockStream(stream, bs, boff, blk.astype(np.int64, copy=False))
+    else:
+        blocked = rebucket(stream, bs)
+    working_set = working_set_blocks(blocked)
+    hbm_blocks = hbm_capacity_blocks(settings.hbm_blocks, working_set)
+
     future = None
     if _needs_future(settings):
         future = aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)])
-    backend = build_backend(settings, stream, bs, future, meta_in)
+    backend = build_backend(replace(settings, hbm_blocks=hbm_blocks), stream, bs, future,
+                            meta_in)
     use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
     lines = _Lines(tf, n) if bs == stream.block_size and tf.format == "jsonl" else None
 
@@ -411,11 +422,6 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     builder = SummaryBuilder(run_name, dataset, config)
     enc = record_encoder()
 
-    if bs == stream.block_size:  # the recorded selected_block_ids (validate checks them)
-        boff, blk = list_parts(table.column("selected_block_ids"))
-        blocked = BlockStream(stream, bs, boff, blk.astype(np.int64, copy=False))
-    else:
-        blocked = rebucket(stream, bs)
     pos, poff, blk, boff = stream.pos, stream.offsets, blocked.blocks, blocked.offsets
     rids = np.asarray(stream.request_ids, dtype=np.int64)
     rec_ids = rids[stream.req].tolist() if n else []
@@ -484,12 +490,37 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     _add_summary(builder, stream, blocked, table, bs,
                  n_prefix_req[stream.req] if n else np.zeros(0, np.int64))
     back = backend.summary()
+    _add_working_set(back, working_set)
     summary = builder.build(**backend_sections(back))
     (out / SUMMARY_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
     accesses = int(getattr(backend, "accesses", 0))
     t_end = time.perf_counter()
     return ReplayResult(out_dir=out, records=n, accesses=accesses, seconds=t_end - t_start,
-                        summary=back, loop_seconds=t_end - t_loop)
+                        summary=back, loop_seconds=t_end - t_loop, working_set=working_set)
+
+
+def hbm_capacity_blocks(spec: int | str | None, working_set: int) -> int | None:
+    """``ReplaySettings.hbm_blocks`` in blocks: an int as is, a text in the capacity grammar
+    (``4096``, ``1k``, ``30blocks``, ``25%`` of ``working_set``; a bare number is blocks)."""
+    if spec is None or isinstance(spec, int):
+        return spec
+    try:
+        cap = parse_capacity(str(spec), bare="blocks")
+    except ValueError as exc:
+        raise ReplayError(f"--hbm-blocks: {exc}") from None
+    return cap.resolve(working_set)
+
+
+def _add_working_set(back: dict | None, working_set: int) -> None:
+    """Put the working set next to the tiered backend's HBM capacity in its summary: HBM's
+    ``working_set_share`` (capacity / working set; above 1, nothing is ever evicted) and
+    ``_totals.working_set_blocks``."""
+    tiers = (back or {}).get("tiers")
+    if not isinstance(tiers, dict) or "hbm" not in tiers:
+        return
+    hbm = tiers["hbm"]
+    hbm["working_set_share"] = (hbm["capacity_blocks"] / working_set if working_set else None)
+    tiers.setdefault("_totals", {})["working_set_blocks"] = working_set
 
 
 def _decode(line: bytes, tf, i: int):
