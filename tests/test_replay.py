@@ -453,3 +453,10 @@ def test_on_release_drop_equals_sweep_only_when_nothing_is_released_early(trace,
         out = tmp_path / f"together{cap}"
         assert _replay(str(together), "--out", str(out), "--hbm-blocks", f"{cap}blocks") == 0
         assert _summary(out).tiers["hbm"]["hit_blocks"] == hits
+
+
+def test_hbm_backend_counts_its_block_accesses(trace, tmp_path, capsys):
+    out = tmp_path / "hbm"
+    assert _replay(str(trace), "--out", str(out), "--backend", "hbm") == 0
+    n = sum(r.unique_blocks for r in _records(trace))
+    assert f"{n} block accesses" in capsys.readouterr().out
