@@ -251,3 +251,32 @@ def test_sweep_failing_cell_keeps_other_rows(trace, tmp_path, capsys):
     assert "capacity=7blocks: RuntimeError: boom at 7" in err and "1 of 3 cells failed" in err
     rows = list(csv.DictReader(out.open()))
     assert [r["capacity_blocks"] for r in rows] == ["5", "9"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sweep_times_cells_in_cpu_seconds_and_says_how_many_jobs(trace, tmp_path, jobs):
+    """A cell's time is its worker's CPU time, which other workers waiting for a core do not
+    inflate (wall time under --jobs would be); the table says how many jobs ran."""
+    out = tmp_path / "t.csv"
+    assert main(["sweep", str(trace), "--policies", "lru,fifo", "--capacities", "10%,50%",
+                 "--jobs", str(jobs), "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert "seconds" not in rows[0] and "accesses_per_s" not in rows[0]
+    for r in rows:
+        assert int(r["jobs"]) == jobs
+        cpu = float(r["cpu_seconds"])
+        assert cpu >= 0
+        if cpu > 0:
+            assert float(r["accesses_per_cpu_s"]) == pytest.approx(int(r["accesses"]) / cpu)
+
+
+def test_simulate_measures_process_time(monkeypatch):
+    """``SimResult.cpu_seconds`` comes from ``time.process_time`` (a fake clock here)."""
+    import itertools
+
+    from kvtier.sim import cachesim
+
+    clock = itertools.count(0.0, 2.5)
+    monkeypatch.setattr(cachesim.time, "process_time", lambda: next(clock))
+    res = simulate(load_policy("lru")(4), np.array([1, 2, 1, 3], dtype=np.int64))
+    assert res.cpu_seconds == 2.5 and res.accesses_per_cpu_s == 4 / 2.5

@@ -29,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-sizes", default=None,
                    help="comma-separated block sizes in tokens (default: the trace's own)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="worker processes (default: %(default)s; capped at the core count)")
+                   help="worker processes (default: %(default)s; capped at the core count); "
+                        "per-cell times are each worker's CPU time (cpu_seconds), which "
+                        "workers waiting for a core do not inflate, and the jobs column "
+                        "records how many ran")
     p.add_argument("--out", required=True, metavar="CSV", help="output CSV table")
     p.add_argument("--parquet", default=None, metavar="PATH",
                    help="output Parquet table (default: --out with suffix .parquet)")
