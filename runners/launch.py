@@ -12,6 +12,9 @@ from typing import Any
 
 import msgspec
 
+#: the datasets ``kvtier run`` replays as a server would see them (arrivals, FIFO, batches)
+SERVING_DATASETS = ("burstgpt",)
+
 
 class RunError(Exception):
     """An expected failure of ``kvtier run`` (missing dataset, bad flag or config)."""
@@ -135,25 +138,65 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         max_prompt_tokens=args.max_prompt_tokens, limit=args.limit or None,
         temperature=args.temperature, seed=args.seed, backend=args.backend, tiers=args.tiers,
         policy=args.policy, hbm_blocks=args.hbm_blocks, force=args.force,
-        serving=args.dataset == "burstgpt", time_scale=args.time_scale,
+        serving=args.dataset in SERVING_DATASETS, time_scale=args.time_scale,
         extra={"cli": _cli_flags(args)},
     )  # fmt: skip
     try:
+        # filter before the model loads (seconds to minutes): the length filter needs only
+        # the config's max_seq_len and the tokenizer
+        if bundle is None:
+            margs, tok = _model_args(args), _tokenizer(args.ckpt_path)
+        else:
+            margs, tok = bundle.args, bundle.tokenizer
+        loaded_skips = Counter(workload.skipped)
+        items = _admit(opts, workload, margs, tok)
         if bundle is None:
             bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=args.seed,
                                 max_batch_size=args.batch_size, max_seq_len=args.max_seq_len)  # fmt: skip
+            if (bundle.args.max_seq_len, bundle.args.vocab_size) != (margs.max_seq_len,
+                                                                     margs.vocab_size):
+                workload.skipped = loaded_skips  # the checkpoint changed the shape: refilter
+                items = _admit(opts, workload, bundle.args, bundle.tokenizer)
     except (ConfigError, FileNotFoundError, ValueError, TokenizerError) as exc:
         raise RunError(str(exc)) from None
     if args.batch_size > bundle.args.max_batch_size:
         raise RunError(f"--batch-size {args.batch_size} exceeds the model's max_batch_size")
     try:
-        res = execute(opts, workload, bundle, settings)
+        res = execute(opts, workload, bundle, settings, items=items)
     except FileExistsError as exc:
         raise RunError(str(exc)) from None
     if bundle.rank == 0:
         _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped,
                 res.wall_s, bundle.random_weights)  # fmt: skip
     return 0
+
+
+def _model_args(args: argparse.Namespace) -> Any:
+    """The model config the run will load (``--config``, ``--max-seq-len``), from its json
+    alone: no weights, no torch."""
+    from kvtier.model.args import ModelArgs
+    from kvtier.runners.model_setup import resolve_config
+
+    over = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+    return ModelArgs.from_json(resolve_config(args.config, args.ckpt_path), **over)
+
+
+def _tokenizer(ckpt_path: str | None) -> Any:
+    from kvtier.model.tokenizer import Tokenizer
+
+    return Tokenizer(ckpt_path)
+
+
+def _admit(opts: Any, workload: Any, margs: Any, tok: Any) -> list:
+    """Tokenize and length-filter the workload as the run will (``prepare``); the skips are
+    added to ``workload.skipped``."""
+    from kvtier.runners.prepare import prepare, prompt_budget
+
+    budget = prompt_budget(margs.max_seq_len, opts.max_new_tokens, opts.max_prompt_tokens)
+    return list(prepare(workload.requests, tok, max_prompt_tokens=budget,
+                        max_new_tokens=opts.max_new_tokens, limit=opts.limit, seed=opts.seed,
+                        bos_id=tok.bos_id, vocab_size=margs.vocab_size,
+                        skipped=workload.skipped))  # fmt: skip
 
 
 def _report(out_dir: Path, summary: Any, done: int, tokens: int, skipped: Counter, wall: float,

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kvtier.runners.model_setup import ModelBundle
-from kvtier.runners.prepare import Prepared, batches, prepare
+from kvtier.runners.prepare import Prepared, batches, prepare, prompt_budget
 from kvtier.runners.provenance import build_meta, utc_now, write_meta
 from kvtier.runners.requests import Workload
 from kvtier.runners.serving import SERVING_FILE, CompletedLog, replay, serving_section
@@ -148,21 +148,18 @@ class FetchTimer:
         return getattr(self.inner, name)
 
 
-def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any) -> RunResult:
-    """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring."""
+def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any,
+            items: list[Prepared] | None = None) -> RunResult:  # fmt: skip
+    """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring.
+
+    ``items``: the workload already through ``prepare`` (its skips counted in
+    ``workload.skipped``), so a caller can filter before it loads the model."""
     from kvtier.model.generate import generate
     from kvtier.trace.tracer import Tracer
 
     out_dir = Path(opts.out_dir)
     args = bundle.args
-    max_prompt = opts.max_prompt_tokens
-    if max_prompt is None:
-        max_prompt = args.max_seq_len - opts.max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(
-            f"--max-prompt-tokens: max_seq_len {args.max_seq_len} - max_new_tokens "
-            f"{opts.max_new_tokens} leaves no room for a prompt"
-        )
+    max_prompt = prompt_budget(args.max_seq_len, opts.max_new_tokens, opts.max_prompt_tokens)
     skipped: Counter = Counter(workload.skipped)
     backend = make_backend(opts, bundle, trace_settings)
     timer = FetchTimer(backend) if opts.backend == "sim" else None
@@ -186,7 +183,8 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
         write_meta(out_dir, meta)
     tok = bundle.tokenizer
     state = {"done": 0, "tokens": 0, "status": "finished"}
-    items: list[Prepared] = []
+    prepared = items
+    items = []
     served: list = []  # filled as batches finish, so an interrupted replay keeps its rows
     log = CompletedLog(out_dir / SERVING_FILE) if opts.serving and bundle.rank == 0 else None
     bar = tqdm(unit="req", desc=opts.dataset, disable=bundle.rank != 0)
@@ -222,7 +220,7 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
 
     summary = None
     try:
-        items = list(
+        items = prepared if prepared is not None else list(
             prepare(
                 workload.requests, tok, max_prompt_tokens=max_prompt,
                 max_new_tokens=opts.max_new_tokens, limit=opts.limit, seed=opts.seed,
