@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,32 @@ def load_workload(args: argparse.Namespace) -> Any:
         loader = ds.load_mooncake if args.arrivals == "mooncake" else ds.load_azure
         return loader(args.arrivals_file or data_dir, limit, progress=True)
     raise RunError(f"unknown dataset {args.dataset!r}")
+
+
+#: what to try when a reason skipped every row
+_SKIP_HINTS = {
+    "prompt_too_long": "raise --max-seq-len or --max-prompt-tokens",
+    "filtered_model": "no row has the --burstgpt-model value",
+    "filtered_length": "no item has the --lbv2-length category",
+    "invalid_json": "is the file JSON (an array or JSON Lines)?",
+    "not_an_object": "is the file JSON (an array or JSON Lines)?",
+}
+
+
+def nothing_to_run(workload: Any) -> RunError:
+    """The error of a run that keeps no request: how many rows were read and every skip
+    reason with its count (a run that keeps nothing must say why, loudly)."""
+    file = workload.source.get("file") or workload.name
+    skipped = Counter({k: v for k, v in workload.skipped.items() if v})
+    total = sum(skipped.values())
+    if not total:
+        return RunError(f"no request to run: {file} has no rows")
+    reasons = ", ".join(f"{k} {v}" for k, v in skipped.most_common())
+    hints = [h for k, h in _SKIP_HINTS.items() if k in skipped]
+    hint = f"; {'; '.join(dict.fromkeys(hints))}" if hints else ""
+    return RunError(f"no request to run: all {total} rows read from {file} were skipped "
+                    f"({reasons}){hint}; the reasons are listed in docs/WORKLOADS.md and "
+                    "docs/RUNNERS.md; nothing was written")
 
 
 def _out_dir(args: argparse.Namespace, dataset: str) -> Path:
@@ -150,6 +177,8 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
             margs, tok = bundle.args, bundle.tokenizer
         loaded_skips = Counter(workload.skipped)
         items = _admit(opts, workload, margs, tok)
+        if not items:
+            raise nothing_to_run(workload)
         if bundle is None:
             bundle = load_model(args.config, args.ckpt_path, device=args.device, seed=args.seed,
                                 max_batch_size=args.batch_size, max_seq_len=args.max_seq_len)  # fmt: skip
@@ -157,6 +186,8 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
                                                                      margs.vocab_size):
                 workload.skipped = loaded_skips  # the checkpoint changed the shape: refilter
                 items = _admit(opts, workload, bundle.args, bundle.tokenizer)
+                if not items:
+                    raise nothing_to_run(workload)
     except (ConfigError, FileNotFoundError, ValueError, TokenizerError) as exc:
         raise RunError(str(exc)) from None
     if args.batch_size > bundle.args.max_batch_size:
@@ -168,7 +199,22 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
     if bundle.rank == 0:
         _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped,
                 res.wall_s, bundle.random_weights)  # fmt: skip
+        if res.summary is not None and res.summary.records == 0:
+            _warn_no_records(res.requests_done, items, settings)
     return 0
+
+
+def _warn_no_records(done: int, items: list, settings: Any) -> None:
+    """A run that ran requests but recorded no decode step says why, on stderr."""
+    if items and max(p.max_new_tokens for p in items) <= 1:
+        why = ("every request's generation cap is 1 token (min(its own cap, "
+               "--max-new-tokens)): the prompt forward makes that token, and only decode "
+               "steps (from the 2nd token on) are traced")
+    elif settings.sample_rate < 1:
+        why = f"--trace-sample-rate {settings.sample_rate} sampled none of the decode steps"
+    else:
+        why = "no request reached a decode step"
+    print(f"WARNING: 0 trace records for {done} requests: {why}", file=sys.stderr)
 
 
 def _model_args(args: argparse.Namespace) -> Any:
@@ -243,6 +289,9 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
             skipped["prompt_too_long"] += 1
         else:
             requests.append(req)
+    if not requests:
+        workload.skipped = skipped
+        raise nothing_to_run(workload)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,

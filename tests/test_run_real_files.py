@@ -44,3 +44,81 @@ def test_requests_are_filtered_before_the_model_loads(tmp_path, monkeypatch):
                               str(tmp_path / "out"), "--max-new-tokens", "2"]))  # fmt: skip
     assert rc == 0
     assert events == ["prepare", "load_model"]
+
+
+def _ruler_tree(tmp_path):
+    d = tmp_path / "ruler" / "data" / "ruler" / "niah_single_1"
+    d.mkdir(parents=True)
+    row = {"index": 0, "input": "The sky is blue. " * 40, "outputs": ["7"], "length": 4096}
+    (d / "validation_4096.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    return ["ruler", "--ruler-tgz", str(tmp_path / "ruler"), "--max-prompt-tokens", "20"]
+
+
+def _lbv2(tmp_path):
+    item = {"_id": "66f36490821e116aacb2cc22", "domain": "d", "sub_domain": "s",
+            "difficulty": "easy", "length": "long", "question": "q?", "choice_A": "a",
+            "choice_B": "b", "choice_C": "c", "choice_D": "d", "answer": "A", "context": "x"}
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps([item]))
+    return ["longbench-v2", "--lbv2-json", str(p), "--lbv2-length", "short"]
+
+
+def _sharegpt(tmp_path):
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": ""}]},
+                             {"id": "b", "conversations": []}]))
+    return ["sharegpt", "--sharegpt-json", str(p)]
+
+
+def _burstgpt(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                 "5,ChatGPT,0,0,0,Conversation log\n45,ChatGPT,0,0,0,Conversation log\n")
+    return ["burstgpt", "--burstgpt-csv", str(p)]
+
+
+@pytest.mark.parametrize(("make", "reasons", "extra"), [
+    (_ruler_tree, "prompt_too_long 2", []),
+    (_lbv2, "filtered_length 1", []),
+    (_sharegpt, "empty_turn 1, empty_conversation 1", []),
+    (_burstgpt, "failed_request 2", []),
+    (_burstgpt, "failed_request 2", ["--model-free", "--decode-base-s", "0.01"]),
+])  # fmt: skip
+def test_a_run_that_keeps_nothing_fails_loudly(tmp_path, make, reasons, extra):
+    """Every row skipped: one error line with each reason and its count, no output
+    directory (it used to exit 0 with an empty trace and say nothing)."""
+    argv = [*make(tmp_path), *extra]
+    out = tmp_path / "out"
+    with pytest.raises(launch.RunError, match=f"no request to run: all .*\\({reasons}\\)"):
+        launch.launch(_args([*argv, "--trace-out", str(out)]), bundle=demo_bundle())
+    assert not out.exists()
+
+
+def test_keeps_nothing_exit_status_and_message(tmp_path, capsys):
+    from kvtier.cli import main
+
+    rc = main(["run", *_burstgpt(tmp_path), "--trace-out", str(tmp_path / "out"),
+               "--model-free", "--decode-base-s", "0.01"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no request to run: all 2 rows read from" in err and "failed_request 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_file_is_no_rows(tmp_path):
+    p = tmp_path / "sg.json"
+    p.write_text("[]")
+    with pytest.raises(launch.RunError, match="sg.json has no rows"):
+        launch.launch(_args(["sharegpt", "--sharegpt-json", str(p),
+                             "--trace-out", str(tmp_path / "o")]), bundle=demo_bundle())
+
+
+def test_requests_without_decode_steps_warn(tmp_path, capsys):
+    csv = tmp_path / "b.csv"
+    csv.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                   "5,ChatGPT,12,1,13,Conversation log\n")
+    rc = launch.launch(_args(["burstgpt", "--burstgpt-csv", str(csv), "--trace-out",
+                              str(tmp_path / "out")]), bundle=demo_bundle())  # fmt: skip
+    assert rc == 0
+    assert "WARNING: 0 trace records for 1 requests: every request's generation cap is 1" \
+        in capsys.readouterr().err
