@@ -115,6 +115,7 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
         raise RunError("--model-free and --arrivals apply to the burstgpt serving replay only")
     settings = _trace_settings(args)
     check_backend_flags(args)
+    cost = cost_model(args) if args.model_free else None  # refuse before reading the data
     try:
         workload = load_workload(args)
     except (DatasetNotFound, DatasetFormatError) as exc:
@@ -123,8 +124,8 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
         raise RunError(str(exc)) from None
     dataset = workload.name if args.dataset == "burstgpt" else args.dataset
     out_dir = _out_dir(args, dataset)
-    if args.model_free:
-        return _model_free(args, workload, dataset, out_dir)
+    if cost is not None:
+        return _model_free(args, workload, dataset, out_dir, cost)
     return _live(args, workload, dataset, out_dir, settings, bundle)
 
 
@@ -260,12 +261,15 @@ def _report(out_dir: Path, summary: Any, done: int, tokens: int, skipped: Counte
         print("NOTE: seeded random weights (no --ckpt-path): selections are not DeepSeek's")
 
 
-def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path) -> int:
-    """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
-    from kvtier.runners.provenance import build_meta, write_meta
-    from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace, simulate
-    from kvtier.trace.summary import SummaryBuilder, backend_sections
-    from kvtier.trace.writer import write_json_atomic
+COST_FLAGS = ("--prefill-base-s", "--prefill-s-per-token", "--decode-base-s",
+              "--decode-s-per-seq", "--decode-s-per-ctx-token")
+
+
+def cost_model(args: argparse.Namespace) -> Any:
+    """The model-free replay's step cost model: the cost flags, with the decode terms fitted
+    to a recorded trace's step times under ``--cost-from-trace``. There is no default: with
+    every term 0 each latency would be 0, so that is refused."""
+    from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace
 
     try:
         cost = StepCostModel(
@@ -275,11 +279,38 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         )  # fmt: skip
         if args.cost_from_trace:
             # the trace holds decode step times only; prefill terms stay as given
-            fitted = StepCostModel.calibrate(decode=decode_samples_from_trace(args.cost_from_trace))
+            samples = decode_samples_from_trace(args.cost_from_trace)
+            if not samples:
+                raise RunError(f"--cost-from-trace {args.cost_from_trace}: the trace has no "
+                               "decode step with a measured latency to fit")
+            fitted = StepCostModel.calibrate(decode=samples)
             decode = {k: v for k, v in fitted.to_dict().items() if k.startswith("decode")}
             cost = StepCostModel(**{**cost.to_dict(), **decode})
     except (ValueError, OSError) as exc:
         raise RunError(str(exc)) from None
+    if not any(cost.to_dict().values()):
+        raise RunError("--model-free needs a cost model, else every latency is 0: pass "
+                       "--cost-from-trace DIR (decode costs fitted to a recorded trace) and/or "
+                       f"the per-step costs {', '.join(COST_FLAGS)} (e.g. --decode-base-s "
+                       "0.02 --prefill-s-per-token 2e-5)")
+    return cost
+
+
+def describe_cost(cost: Any) -> str:
+    """The cost model in one line, as the replay uses it."""
+    return (f"prefill {cost.prefill_base_s:g} s + {cost.prefill_s_per_token:g} s/token; decode "
+            f"step {cost.decode_base_s:g} s + {cost.decode_s_per_seq:g} s/seq + "
+            f"{cost.decode_s_per_ctx_token:g} s/context token")
+
+
+def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path,
+                cost: Any) -> int:  # fmt: skip
+    """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
+    from kvtier.runners.provenance import build_meta, write_meta
+    from kvtier.runners.serving_sim import simulate
+    from kvtier.trace.summary import SummaryBuilder, backend_sections
+    from kvtier.trace.writer import write_json_atomic
+
     skipped: Counter = Counter(workload.skipped)
     requests = []
     for req in workload.requests:
@@ -325,6 +356,8 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     write_meta(out_dir, meta)
     lat = summary.serving.latency_ms
     print(f"model-free replay of {len(requests)} requests in {res.batches} batches -> {out_dir}")
+    fitted = f" (decode terms fitted to {args.cost_from_trace})" if args.cost_from_trace else ""
+    print(f"cost model{fitted}: {describe_cost(cost)}")
     if lat.p50 is not None:
         print(f"latency ms: p50 {lat.p50:.1f}  p95 {lat.p95:.1f}  p99 {lat.p99:.1f}  "
               f"max {lat.max:.1f}")  # fmt: skip

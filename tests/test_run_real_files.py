@@ -122,3 +122,30 @@ def test_requests_without_decode_steps_warn(tmp_path, capsys):
     assert rc == 0
     assert "WARNING: 0 trace records for 1 requests: every request's generation cap is 1" \
         in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not BURSTGPT.is_file(), reason="shared BurstGPT sample absent")
+def test_model_free_refuses_to_run_without_a_cost_model(tmp_path):
+    """All cost terms 0 gave all-zero latencies, silently."""
+    out = tmp_path / "out"
+    with pytest.raises(launch.RunError, match="needs a cost model.*--cost-from-trace DIR"):
+        launch.launch(_args(["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--model-free",
+                             "--trace-out", str(out)]))  # fmt: skip
+    assert not out.exists()
+    empty = tmp_path / "empty_trace"
+    empty.mkdir()
+    (empty / "trace_steps.jsonl").write_text("")
+    with pytest.raises(launch.RunError, match="no decode step with a measured latency"):
+        launch.launch(_args(["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--model-free",
+                             "--cost-from-trace", str(empty), "--trace-out", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not BURSTGPT.is_file(), reason="shared BurstGPT sample absent")
+def test_model_free_prints_its_cost_model(tmp_path, capsys):
+    rc = launch.launch(_args(["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--model-free",
+                              "--limit", "20", "--decode-base-s", "0.02",
+                              "--trace-out", str(tmp_path / "out")]))  # fmt: skip
+    assert rc == 0
+    assert ("cost model: prefill 0 s + 0 s/token; decode step 0.02 s + 0 s/seq + "
+            "0 s/context token") in capsys.readouterr().out
