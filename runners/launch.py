@@ -306,27 +306,31 @@ def describe_cost(cost: Any) -> str:
 def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path,
                 cost: Any) -> int:  # fmt: skip
     """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
+    from kvtier.model.args import ConfigError
+    from kvtier.runners.prepare import admit_length_only, prompt_budget
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import simulate
     from kvtier.trace.summary import SummaryBuilder, backend_sections
     from kvtier.trace.writer import write_json_atomic
 
+    # the live run's filter: prompts over max_seq_len - max_new_tokens (of the --config
+    # model) or --max-prompt-tokens are skipped, and the model's cache caps total_len
+    try:
+        margs = _model_args(args)
+        budget = prompt_budget(margs.max_seq_len, args.max_new_tokens, args.max_prompt_tokens)
+    except (ConfigError, ValueError) as exc:
+        raise RunError(str(exc)) from None
     skipped: Counter = Counter(workload.skipped)
-    requests = []
-    for req in workload.requests:
-        if req.prompt_len is None:
-            skipped["no_prompt_len"] += 1
-        elif args.max_prompt_tokens is not None and req.prompt_len > args.max_prompt_tokens:
-            skipped["prompt_too_long"] += 1
-        else:
-            requests.append(req)
+    requests = admit_length_only(workload.requests, max_prompt_tokens=budget,
+                                 max_new_tokens=args.max_new_tokens, skipped=skipped)  # fmt: skip
     if not requests:
         workload.skipped = skipped
         raise nothing_to_run(workload)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
-              "limit": args.limit, "cost_from_trace": args.cost_from_trace}  # fmt: skip
+              "limit": args.limit, "cost_from_trace": args.cost_from_trace,
+              "max_prompt_tokens_effective": budget, "max_seq_len": margs.max_seq_len}  # fmt: skip
     hook, sections = None, {}
     if args.backend == "sim":
         hook = _synthetic_kv(args, requests, config)
@@ -334,7 +338,7 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         res = simulate(requests, cost, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, time_scale=args.time_scale,
                        extra_step_time=hook, on_finish=hook.release if hook else None,
-                       progress=True)  # fmt: skip
+                       max_seq_len=margs.max_seq_len, progress=True)  # fmt: skip
     except ValueError as exc:
         raise RunError(str(exc)) from None
     if hook is not None:

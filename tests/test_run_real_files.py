@@ -149,3 +149,26 @@ def test_model_free_prints_its_cost_model(tmp_path, capsys):
     assert rc == 0
     assert ("cost model: prefill 0 s + 0 s/token; decode step 0.02 s + 0 s/seq + "
             "0 s/context token") in capsys.readouterr().out
+
+
+def test_live_and_model_free_admit_the_same_requests(tmp_path):
+    """Model-free applied no context limit: a prompt longer than max_seq_len -
+    max_new_tokens was simulated model-free but skipped live. Both now filter alike."""
+    csv = tmp_path / "b.csv"
+    csv.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                   "5,ChatGPT,10,2,12,Conversation log\n"
+                   "6,ChatGPT,4050,2,4052,Conversation log\n"  # > 4096 - 64 (demo config)
+                   "7,ChatGPT,12,3,15,Conversation log\n"
+                   "8,ChatGPT,0,0,0,Conversation log\n")
+    common = ["burstgpt", "--burstgpt-csv", str(csv), "--config", "demo", "--batch-size", "2"]
+    live, free = tmp_path / "live", tmp_path / "free"
+    assert launch.launch(_args([*common, "--trace-out", str(live)]), bundle=demo_bundle()) == 0
+    assert launch.launch(_args([*common, "--trace-out", str(free), "--model-free",
+                                "--decode-base-s", "0.01"])) == 0  # fmt: skip
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (live, free)]
+    assert summaries[0]["skipped"] == summaries[1]["skipped"] == {"failed_request": 1,
+                                                                  "prompt_too_long": 1}
+    assert summaries[0]["serving"]["requests"] == summaries[1]["serving"]["requests"] == 2
+    metas = [json.loads((d / "run_meta.json").read_text()) for d in (live, free)]
+    assert (metas[0]["config"]["max_prompt_tokens_effective"]
+            == metas[1]["config"]["max_prompt_tokens_effective"] == 4096 - 64)
