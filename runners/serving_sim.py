@@ -42,6 +42,7 @@ import msgspec
 import numpy as np
 
 from kvtier.runners.requests import Request, Workload
+from kvtier.runners.serving import serving_row
 from kvtier.schema import TRACE_FILE, LatencyMs, Serving
 
 #: ``extra_step_time(active_request_ids, step) -> seconds`` added to a decode step
@@ -222,14 +223,13 @@ class SimResult:
                        max_new_tokens_cap=self.max_new_tokens_cap)
 
     def per_request(self) -> list[dict]:
-        """One plain dict per request (for a CSV/JSONL dump)."""
-        wait, service = self.wait_s, self.service_s
+        """One ``serving_requests.jsonl`` line per request, in FIFO order: the live replay's
+        columns (``serving.SERVING_FIELDS``), times in seconds."""
+        sizes = np.bincount(self.batch_index) if len(self.batch_index) else np.zeros(0, int)
         return [
-            {"request_id": rid, "arrival_s": float(self.arrival_s[i]),
-             "start_s": float(self.start_s[i]), "finish_s": float(self.finish_s[i]),
-             "wait_s": float(wait[i]), "service_s": float(service[i]),
-             "latency_s": float(wait[i] + service[i]), "prompt_len": int(self.prompt_len[i]),
-             "gen_tokens": int(self.gen_tokens[i]), "batch": int(self.batch_index[i])}
+            serving_row(rid, self.arrival_s[i], self.start_s[i], self.finish_s[i],
+                        self.batch_index[i], sizes[self.batch_index[i]], self.prompt_len[i],
+                        self.gen_tokens[i])
             for i, rid in enumerate(self.request_ids)
         ]
 

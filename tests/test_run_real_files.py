@@ -172,3 +172,32 @@ def test_live_and_model_free_admit_the_same_requests(tmp_path):
     metas = [json.loads((d / "run_meta.json").read_text()) for d in (live, free)]
     assert (metas[0]["config"]["max_prompt_tokens_effective"]
             == metas[1]["config"]["max_prompt_tokens_effective"] == 4096 - 64)
+
+
+def test_serving_requests_one_schema_live_and_model_free(tmp_path):
+    """Live runs wrote queue_ms/latency_ms/prompt_tokens (ms), model-free wait_s/service_s/
+    prompt_len (s): one schema and one unit (seconds) for both, the same rows on the same
+    requests where the schedule does not depend on service times."""
+    from kvtier.runners.serving import SERVING_FIELDS, SERVING_FILE
+
+    csv = tmp_path / "b.csv"
+    csv.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                   "5,ChatGPT,10,2,12,Conversation log\n5,GPT-4,14,3,17,Conversation log\n"
+                   "5,ChatGPT,12,3,15,Conversation log\n")
+    common = ["burstgpt", "--burstgpt-csv", str(csv), "--batch-size", "2", "--time-scale", "0"]
+    live, free = tmp_path / "live", tmp_path / "free"
+    assert launch.launch(_args([*common, "--trace-out", str(live)]), bundle=demo_bundle()) == 0
+    assert launch.launch(_args([*common, "--trace-out", str(free), "--model-free",
+                                "--decode-base-s", "0.01"])) == 0  # fmt: skip
+    rows = {d.name: [json.loads(x) for x in (d / SERVING_FILE).read_text().splitlines()]
+            for d in (live, free)}
+    for got in rows.values():
+        assert [list(r) for r in got] == [list(SERVING_FIELDS)] * 3
+        for r in got:
+            assert r["queue_s"] == pytest.approx(r["start_s"] - r["arrival_s"])
+            assert r["service_s"] == pytest.approx(r["finish_s"] - r["start_s"])
+            assert r["latency_s"] == pytest.approx(r["finish_s"] - r["arrival_s"])
+    keys = ("arrival_s", "batch", "batch_size", "prompt_tokens", "max_new_tokens")
+    assert [[r[k] for k in keys] for r in rows["live"]] == \
+        [[r[k] for k in keys] for r in rows["free"]] == \
+        [[0.0, 0, 2, 10, 2], [0.0, 0, 2, 14, 3], [0.0, 1, 1, 12, 3]]
