@@ -167,7 +167,7 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         temperature=args.temperature, seed=args.seed, backend=args.backend, tiers=args.tiers,
         policy=args.policy, hbm_blocks=args.hbm_blocks, force=args.force,
         serving=args.dataset in SERVING_DATASETS, time_scale=args.time_scale,
-        extra={"cli": _cli_flags(args)},
+        warmup=not args.no_warmup, extra={"cli": _cli_flags(args)},
     )  # fmt: skip
     try:
         # filter before the model loads (seconds to minutes): the length filter needs only
@@ -200,6 +200,9 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
     if bundle.rank == 0:
         _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped,
                 res.wall_s, bundle.random_weights)  # fmt: skip
+        if res.warmup_s is not None:
+            print(f"warm-up: one untraced forward pass took {res.warmup_s:.3f} s before the "
+                  "first batch (in no latency or trace record; --no-warmup to include it)")
         if res.summary is not None and res.summary.records == 0:
             _warn_no_records(res.requests_done, items, settings)
     return 0

@@ -48,6 +48,7 @@ class RunOptions:
     force: bool = False
     serving: bool = False
     time_scale: float = 1.0
+    warmup: bool = True  # one untraced forward pass before the first batch (``warm_up``)
     extra: dict = field(default_factory=dict)  # CLI flags not listed above
 
     def to_config(self) -> dict[str, Any]:
@@ -64,6 +65,7 @@ class RunResult:
     new_tokens: int
     skipped: Counter
     wall_s: float
+    warmup_s: float | None = None  # the untraced warm-up, kept out of every measurement
 
 
 def default_out_dir(dataset: str, root: Path | str = "outputs") -> Path:
@@ -148,6 +150,36 @@ class FetchTimer:
         return getattr(self.inner, name)
 
 
+def warm_up(model: Any, items: Sequence[Prepared], batch_size: int, eos_id: int,
+            sync_cuda: bool = True) -> float:
+    """One untraced ``generate`` (a prefill and one decode step) on the first prompt, as many
+    rows as the first batch, before anything is measured; returns its seconds.
+
+    The first forward of a process pays one-time costs (CUDA context and kernel loading,
+    cuBLAS/Triton set-up, allocator growth): hundreds of ms against a ~17 ms decode step on
+    the GPU. Measured inside the first batch it lands in the first request's latency and in
+    everything queued behind it, and in the first trace record's step time that
+    ``--cost-from-trace`` fits. Greedy, so the sampling RNG is not advanced; the KV caches
+    it writes are overwritten by the next ``generate``.
+    """
+    from kvtier.model.generate import generate
+
+    rows = [items[0].tokens] * max(1, min(batch_size, len(items)))
+    t0 = time.perf_counter()
+    generate(model, rows, 2, eos_id, temperature=0.0, tracer=None, sync_cuda=sync_cuda)
+    if sync_cuda:
+        _cuda_sync(model)
+    return time.perf_counter() - t0
+
+
+def _cuda_sync(model: Any) -> None:
+    import torch
+
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.is_cuda:
+        torch.cuda.synchronize(param.device)
+
+
 def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any,
             items: list[Prepared] | None = None) -> RunResult:  # fmt: skip
     """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring.
@@ -182,7 +214,7 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
     if bundle.rank == 0:
         write_meta(out_dir, meta)
     tok = bundle.tokenizer
-    state = {"done": 0, "tokens": 0, "status": "finished"}
+    state = {"done": 0, "tokens": 0, "status": "finished", "warmup_s": None}
     prepared = items
     items = []
     served: list = []  # filled as batches finish, so an interrupted replay keeps its rows
@@ -227,6 +259,9 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
                 bos_id=tok.bos_id, vocab_size=args.vocab_size, skipped=skipped,
             )
         )  # fmt: skip
+        if opts.warmup and items:  # before the first measured forward (and the clock)
+            state["warmup_s"] = warm_up(bundle.model, items, opts.batch_size, tok.eos_id,
+                                        trace_settings.sync_cuda)  # fmt: skip
         bar.reset(total=len(items))
         bar.set_postfix(skipped=sum(skipped.values()))
         if opts.serving:
@@ -258,11 +293,13 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
             requests_prepared=len(items),
             new_tokens=state["tokens"],
             wall_s=round(wall, 3),
+            warmup_s=None if state["warmup_s"] is None else round(state["warmup_s"], 4),
             skipped=dict(sorted(skipped.items())),
         )
         if bundle.rank == 0:
             write_meta(out_dir, meta)
-    return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall)
+    return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall,
+                     state["warmup_s"])
 
 
 def _broadcast_from_rank0(value: float, device: str) -> float:

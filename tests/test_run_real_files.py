@@ -201,3 +201,41 @@ def test_serving_requests_one_schema_live_and_model_free(tmp_path):
     assert [[r[k] for k in keys] for r in rows["live"]] == \
         [[r[k] for k in keys] for r in rows["free"]] == \
         [[0.0, 0, 2, 10, 2], [0.0, 0, 2, 14, 3], [0.0, 1, 1, 12, 3]]
+
+
+@pytest.mark.parametrize("no_warmup", [False, True])
+def test_warm_up_runs_before_the_serving_clock(tmp_path, monkeypatch, no_warmup):
+    """The first forward's one-time cost (hundreds of ms on a GPU) landed in the first
+    request's latency and in the first step time --cost-from-trace fits: an untraced warm-up
+    forward now runs before the first measured batch."""
+    import kvtier.model.generate as gen_mod
+    import kvtier.runners.run as run_mod
+
+    events = []
+    real_generate, real_replay = gen_mod.generate, run_mod.replay
+
+    def generate(model, prompts, *a, tracer=None, **k):
+        events.append(("traced" if tracer is not None else "untraced", len(prompts)))
+        return real_generate(model, prompts, *a, tracer=tracer, **k)
+
+    def replay(*a, **k):
+        events.append(("clock",))
+        return real_replay(*a, **k)
+
+    monkeypatch.setattr(gen_mod, "generate", generate)
+    monkeypatch.setattr(run_mod, "replay", replay)
+    csv = tmp_path / "b.csv"
+    csv.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                   "5,ChatGPT,10,2,12,Conversation log\n5,GPT-4,14,3,17,Conversation log\n"
+                   "9,ChatGPT,12,3,15,Conversation log\n")
+    out = tmp_path / "out"
+    argv = ["burstgpt", "--burstgpt-csv", str(csv), "--batch-size", "2", "--trace-out", str(out)]
+    assert launch.launch(_args(argv + ["--no-warmup"] * no_warmup), bundle=demo_bundle()) == 0
+    meta = json.loads((out / "run_meta.json").read_text())
+    if no_warmup:
+        assert events == [("clock",), ("traced", 2), ("traced", 1)]
+        assert meta["warmup_s"] is None
+    else:  # as many rows as the first batch, untraced, before the clock starts
+        assert events == [("untraced", 2), ("clock",), ("traced", 2), ("traced", 1)]
+        assert meta["warmup_s"] > 0
+        assert meta["config"]["warmup"] is True

@@ -60,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "directory's name)")
     r.add_argument("--force", action="store_true",
                    help="overwrite a trace already in the output directory")
+    r.add_argument("--no-warmup", action="store_true",
+                   help="skip the untraced warm-up forward pass (one prefill + one decode "
+                        "step on the first prompt) that runs before the first measured batch; "
+                        "without it one-time start-up costs land in the first batch's step "
+                        "times and serving latencies")
 
     b = p.add_argument_group("KV backend")
     b.add_argument("--backend", choices=("hbm", "sim"), default="hbm",
