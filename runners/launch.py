@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections import Counter
@@ -268,12 +269,14 @@ COST_FLAGS = ("--prefill-base-s", "--prefill-s-per-token", "--decode-base-s",
               "--decode-s-per-seq", "--decode-s-per-ctx-token")
 
 
-def cost_model(args: argparse.Namespace) -> Any:
+def cost_model(args: argparse.Namespace) -> tuple[Any, dict]:
     """The model-free replay's step cost model: the cost flags, with the decode terms fitted
-    to a recorded trace's step times under ``--cost-from-trace``. There is no default: with
-    every term 0 each latency would be 0, so that is refused."""
+    to a recorded trace's step times under ``--cost-from-trace``, and how it was fitted
+    (``{}`` without a trace). There is no default: with every term 0 each latency would be 0,
+    so that is refused."""
     from kvtier.runners.serving_sim import StepCostModel, decode_samples_from_trace
 
+    fit: dict = {}
     try:
         cost = StepCostModel(
             prefill_base_s=args.prefill_base_s, prefill_s_per_token=args.prefill_s_per_token,
@@ -286,6 +289,15 @@ def cost_model(args: argparse.Namespace) -> Any:
             if not samples:
                 raise RunError(f"--cost-from-trace {args.cost_from_trace}: the trace has no "
                                "decode step with a measured latency to fit")
+            if len(samples) > 1 and not _recorded_warm(args.cost_from_trace):
+                # its first forward paid the process's one-time start-up costs
+                first, samples = samples[0], samples[1:]
+                median = sorted(s[2] for s in samples)[len(samples) // 2]
+                print(f"--cost-from-trace: the trace was recorded without a warm-up; its first "
+                      f"decode step ({first[2] * 1e3:.1f} ms, median {median * 1e3:.1f} ms) "
+                      "is left out of the fit", file=sys.stderr)
+                fit["dropped_first_step_s"] = first[2]
+            fit["decode_samples"] = len(samples)
             fitted = StepCostModel.calibrate(decode=samples)
             decode = {k: v for k, v in fitted.to_dict().items() if k.startswith("decode")}
             cost = StepCostModel(**{**cost.to_dict(), **decode})
@@ -296,7 +308,18 @@ def cost_model(args: argparse.Namespace) -> Any:
                        "--cost-from-trace DIR (decode costs fitted to a recorded trace) and/or "
                        f"the per-step costs {', '.join(COST_FLAGS)} (e.g. --decode-base-s "
                        "0.02 --prefill-s-per-token 2e-5)")
-    return cost
+    return cost, fit
+
+
+def _recorded_warm(trace: str) -> bool:
+    """Whether the run that recorded ``trace`` warmed up before its first measured forward
+    (``warmup_s`` in its run_meta.json; traces from before the warm-up have none)."""
+    path = Path(trace)
+    meta = (path if path.is_dir() else path.parent) / "run_meta.json"
+    try:
+        return json.loads(meta.read_text()).get("warmup_s") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def describe_cost(cost: Any) -> str:
@@ -307,8 +330,9 @@ def describe_cost(cost: Any) -> str:
 
 
 def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path,
-                cost: Any) -> int:  # fmt: skip
+                cost_fit: tuple[Any, dict]) -> int:  # fmt: skip
     """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
+    cost, fit = cost_fit
     from kvtier.model.args import ConfigError
     from kvtier.runners.prepare import admit_length_only, prompt_budget
     from kvtier.runners.provenance import build_meta, write_meta
@@ -333,7 +357,8 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace,
-              "max_prompt_tokens_effective": budget, "max_seq_len": margs.max_seq_len}  # fmt: skip
+              "max_prompt_tokens_effective": budget, "max_seq_len": margs.max_seq_len,
+              "cost_fit": fit}  # fmt: skip
     hook, sections = None, {}
     if args.backend == "sim":
         hook = _synthetic_kv(args, requests, config)

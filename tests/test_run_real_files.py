@@ -239,3 +239,40 @@ def test_warm_up_runs_before_the_serving_clock(tmp_path, monkeypatch, no_warmup)
         assert events == [("untraced", 2), ("clock",), ("traced", 2), ("traced", 1)]
         assert meta["warmup_s"] > 0
         assert meta["config"]["warmup"] is True
+
+
+def _step_trace(path, latencies_ms, warm):
+    """Records of a batch-1 run, one per decode step (first layer only), with the HBM step
+    time the tracer records; run_meta.json as a run with or without a warm-up writes it."""
+    path.mkdir()
+    lines = [json.dumps({"layer_id": 0, "step_idx": 100 + k, "seq_len_current": 101 + k,
+                         "kv_fetch": {"hbm": {"latency_us": ms * 1e3, "batch_size": 1}}})
+             for k, ms in enumerate(latencies_ms)]
+    (path / "trace_steps.jsonl").write_text("\n".join(lines) + "\n")
+    (path / "run_meta.json").write_text(json.dumps({"warmup_s": 0.4} if warm else {}))
+    return path
+
+
+@pytest.mark.skipif(not BURSTGPT.is_file(), reason="shared BurstGPT sample absent")
+@pytest.mark.parametrize("warm", [False, True])
+def test_cost_fit_leaves_out_a_cold_first_step(tmp_path, capsys, warm):
+    """A trace recorded without a warm-up has its start-up cost in its first step (400 ms
+    against 17 ms here): fitted as is, it triples the decode step cost."""
+    trace = _step_trace(tmp_path / "t", [400.0] + [17.0] * 9, warm)
+    out = tmp_path / "out"
+    assert launch.launch(_args(["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--limit", "5",
+                                "--model-free", "--cost-from-trace", str(trace),
+                                "--trace-out", str(out)])) == 0  # fmt: skip
+    config = json.loads((out / "summary.json").read_text())["config"]
+    err = capsys.readouterr().err
+    c = config["cost_model"]
+    one_row = c["decode_base_s"] + c["decode_s_per_seq"]  # a 1-row step (ctx term below)
+    if warm:  # a warmed-up run's first step is a sample like any other
+        assert config["cost_fit"] == {"decode_samples": 10}
+        assert one_row == pytest.approx((0.4 + 9 * 0.017) / 10)
+    else:
+        assert "recorded without a warm-up; its first decode step (400.0 ms" in err
+        assert config["cost_fit"] == {"dropped_first_step_s": pytest.approx(0.4),
+                                      "decode_samples": 9}
+        assert one_row == pytest.approx(0.017)
+        assert c["decode_s_per_ctx_token"] == pytest.approx(0, abs=1e-12)
