@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 #: the datasets ``kvtier run`` replays as a server would see them (arrivals, FIFO, batches)
-SERVING_DATASETS = ("burstgpt",)
+SERVING_DATASETS = ("burstgpt", "mooncake", "azure")
 
 
 class RunError(Exception):
@@ -54,14 +54,37 @@ def load_workload(args: argparse.Namespace) -> Any:
         return ds.load_sharegpt(args.sharegpt_json or data_dir, limit,
                                 turn_mode=args.sharegpt_turn_mode, progress=True)  # fmt: skip
     if args.dataset == "burstgpt":
-        if args.arrivals == "burstgpt":
-            return ds.load_burstgpt(args.burstgpt_csv or data_dir, limit,
-                                    model=args.burstgpt_model, progress=True)  # fmt: skip
-        if args.arrivals_file is None and data_dir is None:
-            raise RunError(f"--arrivals {args.arrivals} needs --arrivals-file FILE")
-        loader = ds.load_mooncake if args.arrivals == "mooncake" else ds.load_azure
-        return loader(args.arrivals_file or data_dir, limit, progress=True)
+        return ds.load_burstgpt(args.burstgpt_csv or data_dir, limit,
+                                model=args.burstgpt_model, progress=True)  # fmt: skip
+    if args.dataset == "mooncake":
+        return ds.load_mooncake(args.mooncake_jsonl or data_dir, limit, progress=True)
+    if args.dataset == "azure":
+        return ds.load_azure(args.azure_csv or data_dir, limit, progress=True)
     raise RunError(f"unknown dataset {args.dataset!r}")
+
+
+def _deprecated_arrivals(args: argparse.Namespace) -> None:
+    """``burstgpt --arrivals mooncake|azure --arrivals-file F`` (the old spelling) becomes
+    ``mooncake --mooncake-jsonl F`` / ``azure --azure-csv F``, with a note on stderr."""
+    if args.arrivals == "burstgpt" and args.arrivals_file is None:
+        return
+    if args.dataset != "burstgpt":
+        raise RunError("--arrivals/--arrivals-file apply to burstgpt only (and are deprecated: "
+                       "use kvtier run mooncake --mooncake-jsonl FILE or kvtier run azure "
+                       "--azure-csv FILE)")
+    if args.arrivals == "burstgpt":
+        raise RunError("--arrivals-file needs --arrivals mooncake|azure (deprecated: use "
+                       "kvtier run mooncake --mooncake-jsonl FILE or kvtier run azure "
+                       "--azure-csv FILE)")
+    flag = "--mooncake-jsonl" if args.arrivals == "mooncake" else "--azure-csv"
+    if args.arrivals_file is None and args.data_dir is None:
+        raise RunError(f"--arrivals {args.arrivals} needs a file: kvtier run {args.arrivals} "
+                       f"{flag} FILE")
+    print(f"kvtier run: --arrivals is deprecated; running it as: kvtier run {args.arrivals} "
+          f"{flag} {args.arrivals_file or '(from --data-dir)'}", file=sys.stderr)
+    args.dataset = args.arrivals
+    setattr(args, flag[2:].replace("-", "_"), args.arrivals_file)
+    args.arrivals, args.arrivals_file = "burstgpt", None
 
 
 #: what to try when a reason skipped every row
@@ -112,8 +135,10 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
 
     if args.data_dir:
         os.environ["DATAS_DIR"] = str(Path(args.data_dir).expanduser())
-    if args.dataset != "burstgpt" and (args.model_free or args.arrivals != "burstgpt"):
-        raise RunError("--model-free and --arrivals apply to the burstgpt serving replay only")
+    _deprecated_arrivals(args)
+    if args.model_free and args.dataset not in SERVING_DATASETS:
+        raise RunError("--model-free applies to the serving replays only "
+                       f"({', '.join(SERVING_DATASETS)})")
     settings = _trace_settings(args)
     check_backend_flags(args)
     cost = cost_model(args) if args.model_free else None  # refuse before reading the data
@@ -123,7 +148,7 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
         raise RunError(str(exc)) from None
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    dataset = workload.name if args.dataset == "burstgpt" else args.dataset
+    dataset = args.dataset
     out_dir = _out_dir(args, dataset)
     if cost is not None:
         return _model_free(args, workload, dataset, out_dir, cost)

@@ -85,16 +85,16 @@ def test_burstgpt_model_free_on_the_real_sample(tmp_path):
     assert meta["model_free"] is True and meta["dataset"]["sha256"]
 
 
-@pytest.mark.parametrize(("arrivals", "rel", "rows"), [
-    ("mooncake", "mooncake/synthetic_trace.jsonl", 3993),
-    ("azure", "azure_llm/AzureLLMInferenceTrace_code.csv", 8819),
+@pytest.mark.parametrize(("arrivals", "flag", "rel", "rows"), [
+    ("mooncake", "--mooncake-jsonl", "mooncake/synthetic_trace.jsonl", 3993),
+    ("azure", "--azure-csv", "azure_llm/AzureLLMInferenceTrace_code.csv", 8819),
 ])  # fmt: skip
-def test_model_free_other_arrival_processes(tmp_path, arrivals, rel, rows):
+def test_model_free_other_arrival_processes(tmp_path, arrivals, flag, rel, rows):
     trace = SHARED_DATA / rel
     if not trace.is_file():
         pytest.skip(f"shared {arrivals} sample not present")
     out = tmp_path / arrivals
-    rc = run_cli(["burstgpt", "--arrivals", arrivals, "--arrivals-file", str(trace),
+    rc = run_cli([arrivals, flag, str(trace), "--config", "671B_v3.2",
                   "--trace-out", str(out), "--limit", "0", "--model-free", "--batch-size", "8",
                   "--decode-base-s", "0.01", "--time-scale", "0.5"])  # fmt: skip
     assert rc == 0

@@ -276,3 +276,55 @@ def test_cost_fit_leaves_out_a_cold_first_step(tmp_path, capsys, warm):
                                       "decode_samples": 9}
         assert one_row == pytest.approx(0.017)
         assert c["decode_s_per_ctx_token"] == pytest.approx(0, abs=1e-12)
+
+
+MOONCAKE = SHARED_DATA / "mooncake" / "synthetic_trace.jsonl"
+AZURE = SHARED_DATA / "azure_llm" / "AzureLLMInferenceTrace_code.csv"
+
+
+def test_run_help_lists_mooncake_and_azure(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "{ruler,longbench-v2,sharegpt,burstgpt,mooncake,azure}" in text
+    assert "--mooncake-jsonl FILE" in text and "--azure-csv FILE" in text
+
+
+@pytest.mark.skipif(not MOONCAKE.is_file(), reason="shared Mooncake trace absent")
+def test_mooncake_live_serving_replay(tmp_path):
+    """The first 30 real rows; only the short prompts fit --max-prompt-tokens 64."""
+    rows = MOONCAKE.read_text().splitlines()[:30]
+    short = sum(json.loads(r)["input_length"] <= 64 for r in rows)
+    part = tmp_path / "mooncake30.jsonl"
+    part.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    rc = launch.launch(_args(["mooncake", "--mooncake-jsonl", str(part), "--trace-out", str(out),
+                              "--max-new-tokens", "2", "--max-prompt-tokens", "64",
+                              "--time-scale", "0", "--batch-size", "4"]),
+                       bundle=demo_bundle())  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "mooncake" and short == 7
+    assert summary["skipped"] == {"prompt_too_long": 30 - short}
+    assert summary["serving"]["requests"] == short and summary["records"] > 0
+    served = (out / "serving_requests.jsonl").read_text().splitlines()
+    assert sorted(json.loads(r)["prompt_tokens"] for r in served) == sorted(
+        json.loads(r)["input_length"] for r in rows if json.loads(r)["input_length"] <= 64)
+
+
+@pytest.mark.skipif(not AZURE.is_file(), reason="shared Azure trace absent")
+def test_deprecated_arrivals_spelling_still_runs(tmp_path, capsys):
+    common = ["--limit", "100", "--model-free", "--decode-base-s", "0.01", "--batch-size", "4"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert launch.launch(_args(["azure", "--azure-csv", str(AZURE), "--trace-out", str(new),
+                                *common])) == 0  # fmt: skip
+    assert launch.launch(_args(["burstgpt", "--arrivals", "azure", "--arrivals-file",
+                                str(AZURE), "--trace-out", str(old), *common])) == 0
+    assert "--arrivals is deprecated; running it as: kvtier run azure --azure-csv" \
+        in capsys.readouterr().err
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (new, old))
+    assert a["dataset"] == b["dataset"] == "azure"
+    assert a["serving"] == b["serving"] and a["skipped"] == b["skipped"]
+    assert a["serving"]["requests"] + sum(a["skipped"].values()) == 100
+    assert (new / "serving_requests.jsonl").read_text() == \
+        (old / "serving_requests.jsonl").read_text()

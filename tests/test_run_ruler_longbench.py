@@ -90,7 +90,8 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
     (["--backend", "sim", "--policy", "belady"], "offline policy"),
     (["--backend", "sim", "--tiers", "nope"], "unknown tier preset"),
     (["--kv-block-size", "0"], "--kv-block-size"),
-    (["--model-free"], "burstgpt serving replay only"),
+    (["--model-free"], "serving replays only"),
+    (["--arrivals", "mooncake"], "apply to burstgpt only"),
 ])  # fmt: skip
 def test_bad_flags_fail_before_anything_runs(tmp_path, flags, match):
     data = tmp_path / "sg.json"
