@@ -412,7 +412,9 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
                 skipped=dict(sorted(skipped.items())))  # fmt: skip
     write_meta(out_dir, meta)
     lat = summary.serving.latency_ms
-    print(f"model-free replay of {len(requests)} requests in {res.batches} batches -> {out_dir}")
+    skips = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+    print(f"model-free replay of {len(requests)} requests in {res.batches} batches -> {out_dir}; "
+          f"skipped: {skips}")
     fitted = f" (decode terms fitted to {args.cost_from_trace})" if args.cost_from_trace else ""
     print(f"cost model{fitted}: {describe_cost(cost)}")
     if lat.p50 is not None:

@@ -147,8 +147,12 @@ def test_model_free_prints_its_cost_model(tmp_path, capsys):
                               "--limit", "20", "--decode-base-s", "0.02",
                               "--trace-out", str(tmp_path / "out")]))  # fmt: skip
     assert rc == 0
+    out = capsys.readouterr().out
     assert ("cost model: prefill 0 s + 0 s/token; decode step 0.02 s + 0 s/seq + "
-            "0 s/context token") in capsys.readouterr().out
+            "0 s/context token") in out
+    skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    assert "skipped: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none") \
+        in out
 
 
 def test_live_and_model_free_admit_the_same_requests(tmp_path):
