@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvtier.runners.model_setup import ModelBundle
+from kvtier.runners.model_setup import ModelBundle, kv_bytes_per_token
 from kvtier.runners.prepare import Prepared, batches, prepare, prompt_budget
 from kvtier.runners.provenance import build_meta, utc_now, write_meta
 from kvtier.runners.requests import Workload
@@ -151,23 +151,42 @@ class FetchTimer:
 
 
 def warm_up(model: Any, items: Sequence[Prepared], batch_size: int, eos_id: int,
-            sync_cuda: bool = True) -> float:
-    """One untraced ``generate`` (a prefill and one decode step) on the first prompt, as many
-    rows as the first batch, before anything is measured; returns its seconds.
+            settings: Any, kvb: int, rank: int = 0, world_size: int = 1) -> float:
+    """One throw-away traced ``generate`` (a prefill and one decode step) on the first prompt,
+    as many rows as the first batch, before anything is measured; returns its seconds.
+    ``kvb``: KV bytes per token (the throw-away HBM backend's).
 
-    The first forward of a process pays one-time costs (CUDA context and kernel loading,
-    cuBLAS/Triton set-up, allocator growth): hundreds of ms against a ~17 ms decode step on
-    the GPU. Measured inside the first batch it lands in the first request's latency and in
-    everything queued behind it, and in the first trace record's step time that
-    ``--cost-from-trace`` fits. Greedy, so the sampling RNG is not advanced; the KV caches
-    it writes are overwritten by the next ``generate``.
+    The first forward of a process pays one-time costs: CUDA context, kernel loading,
+    cuBLAS/Triton set-up and allocator growth on the GPU (hundreds of ms against a ~17 ms
+    decode step), and on every device the tracer's first decode step (its numba kernels
+    load or compile: ~0.4 s on the 2-core dev box against a ~25 ms step). Measured inside
+    the first batch they land in the first request's latency, in everything queued behind
+    it and in the first step time ``--cost-from-trace`` fits. The warm-up traces into a
+    temporary directory with an HBM-only backend, so the run's trace and backend never see
+    it; it is greedy (the sampling RNG is not advanced) and the KV caches it writes are
+    overwritten by the next ``generate``.
     """
+    import tempfile
+
+    import msgspec
+
+    from kvtier.backend import HBMOnlyBackend
     from kvtier.model.generate import generate
+    from kvtier.trace.tracer import Tracer
 
     rows = [items[0].tokens] * max(1, min(batch_size, len(items)))
+    settings = msgspec.structs.replace(settings, sample_rate=1.0)  # trace its one step
     t0 = time.perf_counter()
-    generate(model, rows, 2, eos_id, temperature=0.0, tracer=None, sync_cuda=sync_cuda)
-    if sync_cuda:
+    with tempfile.TemporaryDirectory(prefix="kvtier-warmup-") as tmp:
+        tracer = Tracer(settings, tmp, run_name="warmup", dataset="warmup",
+                        backend=HBMOnlyBackend(kvb), rank=rank, world_size=world_size,
+                        kv_bytes_per_token=kvb)  # fmt: skip
+        try:
+            generate(model, rows, 2, eos_id, temperature=0.0, tracer=tracer,
+                     request_ids=list(range(len(rows))), sync_cuda=settings.sync_cuda)  # fmt: skip
+        finally:
+            tracer.close()
+    if settings.sync_cuda:
         _cuda_sync(model)
     return time.perf_counter() - t0
 
@@ -260,8 +279,11 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
             )
         )  # fmt: skip
         if opts.warmup and items:  # before the first measured forward (and the clock)
-            state["warmup_s"] = warm_up(bundle.model, items, opts.batch_size, tok.eos_id,
-                                        trace_settings.sync_cuda)  # fmt: skip
+            state["warmup_s"] = warm_up(
+                bundle.model, items, opts.batch_size, tok.eos_id, trace_settings,
+                trace_settings.kv_bytes_per_token or kv_bytes_per_token(args),
+                bundle.rank, bundle.world_size,
+            )  # fmt: skip
         bar.reset(total=len(items))
         bar.set_postfix(skipped=sum(skipped.values()))
         if opts.serving:

@@ -209,9 +209,10 @@ def test_serving_requests_one_schema_live_and_model_free(tmp_path):
 
 @pytest.mark.parametrize("no_warmup", [False, True])
 def test_warm_up_runs_before_the_serving_clock(tmp_path, monkeypatch, no_warmup):
-    """The first forward's one-time cost (hundreds of ms on a GPU) landed in the first
-    request's latency and in the first step time --cost-from-trace fits: an untraced warm-up
-    forward now runs before the first measured batch."""
+    """The first forward's one-time costs (CUDA set-up on a GPU, the tracer's numba kernels
+    everywhere) landed in the first request's latency and in the first step time
+    --cost-from-trace fits: a throw-away traced forward now runs before the first measured
+    batch, and nothing of it reaches the run's trace."""
     import kvtier.model.generate as gen_mod
     import kvtier.runners.run as run_mod
 
@@ -219,7 +220,7 @@ def test_warm_up_runs_before_the_serving_clock(tmp_path, monkeypatch, no_warmup)
     real_generate, real_replay = gen_mod.generate, run_mod.replay
 
     def generate(model, prompts, *a, tracer=None, **k):
-        events.append(("traced" if tracer is not None else "untraced", len(prompts)))
+        events.append((type(tracer).__name__, len(prompts)))
         return real_generate(model, prompts, *a, tracer=tracer, **k)
 
     def replay(*a, **k):
@@ -237,12 +238,20 @@ def test_warm_up_runs_before_the_serving_clock(tmp_path, monkeypatch, no_warmup)
     assert launch.launch(_args(argv + ["--no-warmup"] * no_warmup), bundle=demo_bundle()) == 0
     meta = json.loads((out / "run_meta.json").read_text())
     if no_warmup:
-        assert events == [("clock",), ("traced", 2), ("traced", 1)]
+        assert events == [("clock",), ("CappedTracer", 2), ("CappedTracer", 1)]
         assert meta["warmup_s"] is None
-    else:  # as many rows as the first batch, untraced, before the clock starts
-        assert events == [("untraced", 2), ("clock",), ("traced", 2), ("traced", 1)]
+    else:  # as many rows as the first batch, its own tracer, before the clock starts
+        assert events == [("Tracer", 2), ("clock",), ("CappedTracer", 2), ("CappedTracer", 1)]
         assert meta["warmup_s"] > 0
         assert meta["config"]["warmup"] is True
+    from kvtier.trace.validate import validate_trace
+
+    report = validate_trace(out)
+    assert report.ok, report.messages
+    records = [json.loads(x) for x in (out / "trace_steps.jsonl").read_text().splitlines()]
+    # 3 requests generating 2, 3 and 3 tokens: 1 + 2 + 2 decode steps in every layer
+    assert len(records) == 5 * demo_bundle().args.n_layers
+    assert {r["run_name"] for r in records} == {"out"}
 
 
 def _step_trace(path, latencies_ms, warm):
