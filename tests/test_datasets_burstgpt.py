@@ -94,6 +94,17 @@ def test_missing_column_and_missing_file(tmp_path):
         load_burstgpt(tmp_path / "empty_dir_missing")
 
 
+def test_binary_file_is_one_clear_error(tmp_path):
+    """A binary file used to report its undecodable header bytes as the missing header."""
+    p = write(tmp_path, b"\x8f9\xc0\xa38\xd3T\xdf,\xd9\n\x00\x01,\x02\n")
+    with pytest.raises(DatasetFormatError, match="line 1: not UTF-8 text, expected a CSV header"):
+        load_burstgpt(p)
+    from kvtier.runners.datasets import load_azure
+
+    with pytest.raises(DatasetFormatError, match="line 1: not UTF-8 text"):
+        load_azure(p)
+
+
 def test_directory_lookup(tmp_path):
     write(tmp_path, V11, "BurstGPT_1.csv")
     assert len(load_burstgpt(tmp_path).requests) == 2

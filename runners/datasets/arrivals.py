@@ -163,10 +163,14 @@ def load_azure(
         header = next(reader, None)
         if header is None:
             raise DatasetFormatError(f"{file}: line 1: empty file, expected a CSV header")
+        if has_bad_utf8(header):
+            raise DatasetFormatError(f"{file}: line 1: not UTF-8 text, expected the CSV header "
+                                     "TIMESTAMP,ContextTokens,GeneratedTokens")
         col = {h.strip().lstrip("\ufeff"): i for i, h in enumerate(header)}
         for need in ("TIMESTAMP", "ContextTokens", "GeneratedTokens"):
             if need not in col:
-                raise DatasetFormatError(f"{file}: line 1: missing column {need!r}")
+                raise DatasetFormatError(f"{file}: line 1: missing column {need!r} "
+                                         f"(header: {','.join(col)})")
         rows = tqdm(reader, desc="azure", unit="row", disable=not progress)
         for row in rows:
             if limit is not None and len(wl.requests) >= limit:

@@ -136,6 +136,9 @@ def _header(file) -> list[str]:
         header = next(csv.reader(f), None)
     if header is None:
         raise DatasetFormatError(f"{file}: line 1: empty file, expected a CSV header")
+    if has_bad_utf8(header):
+        raise DatasetFormatError(f"{file}: line 1: not UTF-8 text, expected a CSV header "
+                                 f"({','.join(REQUIRED)}, ...)")
     names = [h.strip().lstrip("\ufeff") for h in header]
     for need in REQUIRED:
         if need not in names:
