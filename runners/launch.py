@@ -227,8 +227,9 @@ def _live(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path, 
         _report(res.out_dir, res.summary, res.requests_done, res.new_tokens, res.skipped,
                 res.wall_s, bundle.random_weights)  # fmt: skip
         if res.warmup_s is not None:
-            print(f"warm-up: one untraced forward pass took {res.warmup_s:.3f} s before the "
-                  "first batch (in no latency or trace record; --no-warmup to include it)")
+            print(f"warm-up: a throw-away traced prefill + decode step took {res.warmup_s:.3f} s "
+                  "before the first batch (in no latency or trace record; --no-warmup to "
+                  "measure it)")
         if res.summary is not None and res.summary.records == 0:
             _warn_no_records(res.requests_done, items, settings)
     return 0
