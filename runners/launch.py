@@ -94,6 +94,9 @@ _SKIP_HINTS = {
     "filtered_length": "no item has the --lbv2-length category",
     "invalid_json": "is the file JSON (an array or JSON Lines)?",
     "not_an_object": "is the file JSON (an array or JSON Lines)?",
+    "bad_utf8": "the rows are not UTF-8 text (a binary or re-encoded file?)",
+    "missing_field": "rows lack fields {name} needs: is it a {name} file?",
+    "wrong_type": "fields have the wrong type: is it a {name} file?",
 }
 
 
@@ -106,7 +109,7 @@ def nothing_to_run(workload: Any) -> RunError:
     if not total:
         return RunError(f"no request to run: {file} has no rows")
     reasons = ", ".join(f"{k} {v}" for k, v in skipped.most_common())
-    hints = [h for k, h in _SKIP_HINTS.items() if k in skipped]
+    hints = [h.format(name=workload.name) for k, h in _SKIP_HINTS.items() if k in skipped]
     hint = f"; {'; '.join(dict.fromkeys(hints))}" if hints else ""
     return RunError(f"no request to run: all {total} rows read from {file} were skipped "
                     f"({reasons}){hint}; the reasons are listed in docs/WORKLOADS.md and "

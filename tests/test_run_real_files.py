@@ -12,6 +12,8 @@ from kvtier.cli import build_parser
 from kvtier.runners import launch
 
 BURSTGPT = SHARED_DATA / "burstgpt" / "BurstGPT_1.head400.csv"
+MOONCAKE = SHARED_DATA / "mooncake" / "synthetic_trace.jsonl"
+AZURE = SHARED_DATA / "azure_llm" / "AzureLLMInferenceTrace_code.csv"
 
 
 def _args(argv):
@@ -103,6 +105,15 @@ def test_keeps_nothing_exit_status_and_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no request to run: all 2 rows read from" in err and "failed_request 2" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not MOONCAKE.is_file(), reason="shared Mooncake trace absent")
+def test_another_datasets_file_is_named_as_such(tmp_path):
+    """The Mooncake trace passed as ShareGPT: every row lacks `conversations`."""
+    with pytest.raises(launch.RunError, match=r"\(missing_field 3993\); rows lack fields "
+                                              r"sharegpt needs: is it a sharegpt file\?"):
+        launch.launch(_args(["sharegpt", "--sharegpt-json", str(MOONCAKE), "--trace-out",
+                             str(tmp_path / "o")]), bundle=demo_bundle())  # fmt: skip
 
 
 def test_an_empty_file_is_no_rows(tmp_path):
@@ -289,10 +300,6 @@ def test_cost_fit_leaves_out_a_cold_first_step(tmp_path, capsys, warm):
                                       "decode_samples": 9}
         assert one_row == pytest.approx(0.017)
         assert c["decode_s_per_ctx_token"] == pytest.approx(0, abs=1e-12)
-
-
-MOONCAKE = SHARED_DATA / "mooncake" / "synthetic_trace.jsonl"
-AZURE = SHARED_DATA / "azure_llm" / "AzureLLMInferenceTrace_code.csv"
 
 
 def test_run_help_lists_mooncake_and_azure(capsys):
