@@ -25,8 +25,8 @@ tiered backend's KV fetch time). Two engines serve a batch:
   step ``s`` runs only the requests still generating (context ``prompt + s + 1``); a
   request finishes after its own ``g - 1`` steps, the batch when its longest one does.
 
-Per request: queue wait = batch start - arrival, service = finish - batch start,
-latency = wait + service. Percentiles use numpy's default linear method.
+Per request: queue (``queue_s``) = batch start - arrival, service = finish - batch start,
+latency = queue + service. Percentiles use numpy's default linear method.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class SimResult:
     max_new_tokens_cap: int
 
     @property
-    def wait_s(self) -> np.ndarray:
+    def queue_s(self) -> np.ndarray:
         return self.start_s - self.arrival_s
 
     @property
@@ -205,7 +205,7 @@ class SimResult:
 
     @property
     def latency_s(self) -> np.ndarray:
-        return self.wait_s + self.service_s
+        return self.queue_s + self.service_s
 
     @property
     def batches(self) -> int:
