@@ -63,6 +63,26 @@ def load_workload(args: argparse.Namespace) -> Any:
     raise RunError(f"unknown dataset {args.dataset!r}")
 
 
+#: dataset flags (default None) and the one dataset each belongs to
+_DATASET_FLAGS = {
+    "ruler_tgz": "ruler", "ruler_tasks": "ruler", "ruler_lengths": "ruler",
+    "lbv2_json": "longbench-v2", "lbv2_length": "longbench-v2",
+    "sharegpt_json": "sharegpt",
+    "burstgpt_csv": "burstgpt", "burstgpt_model": "burstgpt",
+    "mooncake_jsonl": "mooncake",
+    "azure_csv": "azure",
+}
+
+
+def check_dataset_flags(args: argparse.Namespace) -> None:
+    """A file flag of another dataset (``kvtier run burstgpt --mooncake-jsonl F``) would be
+    ignored while the run looks for its own file: one line naming the right command."""
+    for key, dataset in _DATASET_FLAGS.items():
+        if getattr(args, key, None) is not None and args.dataset != dataset:
+            flag = "--" + key.replace("_", "-")
+            raise RunError(f"{flag} applies to kvtier run {dataset}, not {args.dataset}")
+
+
 def _deprecated_arrivals(args: argparse.Namespace) -> None:
     """``burstgpt --arrivals mooncake|azure --arrivals-file F`` (the old spelling) becomes
     ``mooncake --mooncake-jsonl F`` / ``azure --azure-csv F``, with a note on stderr."""
@@ -139,6 +159,7 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
     if args.data_dir:
         os.environ["DATAS_DIR"] = str(Path(args.data_dir).expanduser())
     _deprecated_arrivals(args)
+    check_dataset_flags(args)
     if args.model_free and args.dataset not in SERVING_DATASETS:
         raise RunError("--model-free applies to the serving replays only "
                        f"({', '.join(SERVING_DATASETS)})")
