@@ -142,6 +142,23 @@ def _out_dir(args: argparse.Namespace, dataset: str) -> Path:
     return Path(args.trace_out) if args.trace_out else default_out_dir(dataset)
 
 
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an output directory that holds an earlier run (its trace, summary.json,
+    run_meta.json or serving_requests.jsonl) unless ``--force``: a model-free replay would
+    otherwise overwrite a live run's summary, and a live run would find out only after the
+    model has loaded."""
+    from kvtier.runners.serving import SERVING_FILE
+    from kvtier.trace.writer import existing_trace_files
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir} exists and is not a directory")
+    old = existing_trace_files(out_dir) + [p for p in (out_dir / "run_meta.json",
+                                                        out_dir / SERVING_FILE) if p.is_file()]
+    if old and not force:
+        raise RunError(f"{out_dir} already holds a run ({old[0].name}); use --force to "
+                       "overwrite it or --trace-out another directory")
+
+
 def _trace_settings(args: argparse.Namespace) -> Any:
     from kvtier.trace.settings import TraceSettings
 
@@ -174,6 +191,7 @@ def launch(args: argparse.Namespace, bundle: Any = None) -> int:
         raise RunError(str(exc)) from None
     dataset = args.dataset
     out_dir = _out_dir(args, dataset)
+    check_out_dir(out_dir, args.force)  # before the model loads, not after
     if cost is not None:
         return _model_free(args, workload, dataset, out_dir, cost)
     return _live(args, workload, dataset, out_dir, settings, bundle)
@@ -388,7 +406,7 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import simulate
     from kvtier.trace.summary import SummaryBuilder, backend_sections
-    from kvtier.trace.writer import write_json_atomic
+    from kvtier.trace.writer import prepare_out_dir, write_json_atomic
 
     # the live run's filter: prompts over max_seq_len - max_new_tokens (of the --config
     # model) or --max-prompt-tokens are skipped, and the model's cache caps total_len
@@ -403,7 +421,7 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
     if not requests:
         workload.skipped = skipped
         raise nothing_to_run(workload)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir, force=args.force)  # --force: an old trace goes, as live runs do
     config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace,

@@ -348,3 +348,31 @@ def test_deprecated_arrivals_spelling_still_runs(tmp_path, capsys):
     assert a["serving"]["requests"] + sum(a["skipped"].values()) == 100
     assert (new / "serving_requests.jsonl").read_text() == \
         (old / "serving_requests.jsonl").read_text()
+
+
+@pytest.mark.skipif(not BURSTGPT.is_file(), reason="shared BurstGPT sample absent")
+def test_an_earlier_run_is_never_overwritten_without_force(tmp_path, monkeypatch):
+    """A model-free replay wrote over whatever summary.json and serving_requests.jsonl the
+    directory held (a live run's included); a live run found the old trace only after the
+    model had loaded."""
+    import kvtier.runners.model_setup as model_setup
+
+    out = tmp_path / "out"
+    free = ["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--limit", "10", "--model-free",
+            "--decode-base-s", "0.01", "--trace-out", str(out)]
+    assert launch.launch(_args(free)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(launch.RunError, match="already holds a run .*use --force"):
+        launch.launch(_args([*free, "--decode-base-s", "0.5"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(model_setup, "load_model", no_model)
+    with pytest.raises(launch.RunError, match="already holds a run"):
+        launch.launch(_args(["burstgpt", "--burstgpt-csv", str(BURSTGPT), "--limit", "10",
+                             "--trace-out", str(out)]))  # fmt: skip
+    assert launch.launch(_args([*free, "--decode-base-s", "0.5", "--force"])) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["cost_model"][
+        "decode_base_s"] == 0.5
