@@ -400,13 +400,14 @@ def describe_cost(cost: Any) -> str:
 def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: Path,
                 cost_fit: tuple[Any, dict]) -> int:  # fmt: skip
     """Serving replay in simpy virtual time from a step cost model; no model, no trace."""
-    cost, fit = cost_fit
     from kvtier.model.args import ConfigError
     from kvtier.runners.prepare import admit_length_only, prompt_budget
     from kvtier.runners.provenance import build_meta, write_meta
     from kvtier.runners.serving_sim import simulate
     from kvtier.trace.summary import SummaryBuilder, backend_sections
     from kvtier.trace.writer import prepare_out_dir, write_json_atomic
+
+    cost, fit = cost_fit
 
     # the live run's filter: prompts over max_seq_len - max_new_tokens (of the --config
     # model) or --max-prompt-tokens are skipped, and the model's cache caps total_len
