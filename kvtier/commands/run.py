@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "omitted: seeded random weights of --config")
     m.add_argument("--config", default=None, metavar="JSON|NAME",
                    help="model config json or builtin name (demo, tiny, 671B_v3.2; default: "
-                        "671B_v3.2 with --ckpt-path, demo without)")
+                        "671B_v3.2 with --ckpt-path, demo without); --model-free takes its "
+                        "max_seq_len for the prompt filter")
     m.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
     m.add_argument("--max-seq-len", type=positive_int, default=None, metavar="N",
@@ -53,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=nonneg_int, default=64, metavar="N",
                    help="read at most N requests from the dataset (default 64; 0 = all)")
     r.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
-                   help="generation cap per request (BurstGPT: min(Response tokens, N); "
-                        "default 64)")
+                   help="generation cap per request (serving replays: min(the trace's "
+                        "response length, N); default 64)")
     r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="requests per generate() batch (default 1)")
     r.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
@@ -66,10 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run name recorded in every trace record (default: the output "
                         "directory's name)")
     r.add_argument("--force", action="store_true",
-                   help="overwrite a trace already in the output directory")
+                   help="overwrite an earlier run (trace, summary, serving log) in the output "
+                        "directory")
     r.add_argument("--no-warmup", action="store_true",
-                   help="skip the untraced warm-up forward pass (one prefill + one decode "
-                        "step on the first prompt) that runs before the first measured batch; "
+                   help="skip the throw-away traced warm-up (one prefill + one decode step "
+                        "on the first prompt) that runs before the first measured batch; "
                         "without it one-time start-up costs land in the first batch's step "
                         "times and serving latencies")
 
@@ -131,9 +133,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--arrivals-file", default=None, metavar="FILE",
                    help="deprecated, with --arrivals")
     s.add_argument("--model-free", action="store_true",
-                   help="no model: simulate service times from the step cost model below")
+                   help="no model: simulate service times from the step cost model below "
+                        "(required: --cost-from-trace or a non-zero cost flag)")
     s.add_argument("--cost-from-trace", default=None, metavar="DIR",
-                   help="calibrate the decode cost model from a recorded trace's step times")
+                   help="fit the decode cost terms to a recorded trace's step times (its "
+                        "first step is left out if it was recorded without a warm-up)")
     s.add_argument("--prefill-base-s", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: seconds per batched prefill (default 0)")
     s.add_argument("--prefill-s-per-token", type=nonneg_float, default=0.0, metavar="S",
