@@ -23,7 +23,8 @@ SERVING_FILE = "serving_requests.jsonl"
 #: the columns of ``serving_requests.jsonl``, live and model-free alike: one line per served
 #: request, every time in seconds on the virtual clock (0 = the first arrival)
 SERVING_FIELDS = (
-    "request_id",
+    "request_id",  # the trace's integer id (requests.jsonl maps it to the dataset row)
+    "sample_id",  # the loader's id of the request
     "arrival_s",  # arrival (trace time x --time-scale)
     "start_s",  # its batch starts
     "finish_s",  # it is done
@@ -37,11 +38,12 @@ SERVING_FIELDS = (
 )
 
 
-def serving_row(request_id, arrival_s: float, start_s: float, finish_s: float, batch: int,
-                batch_size: int, prompt_tokens: int, max_new_tokens: int) -> dict:  # fmt: skip
+def serving_row(request_id: int | None, sample_id: str, arrival_s: float, start_s: float,
+                finish_s: float, batch: int, batch_size: int, prompt_tokens: int,
+                max_new_tokens: int) -> dict:  # fmt: skip
     """One line of ``serving_requests.jsonl`` (``SERVING_FIELDS``, in that order)."""
     arrival_s, start_s, finish_s = float(arrival_s), float(start_s), float(finish_s)
-    return {"request_id": request_id, "arrival_s": arrival_s, "start_s": start_s,
+    return {"request_id": request_id, "sample_id": sample_id, "arrival_s": arrival_s, "start_s": start_s,
             "finish_s": finish_s, "queue_s": start_s - arrival_s,
             "service_s": finish_s - start_s, "latency_s": finish_s - arrival_s,
             "batch": int(batch), "batch_size": int(batch_size),
@@ -52,7 +54,8 @@ def serving_row(request_id, arrival_s: float, start_s: float, finish_s: float, b
 class Completed:
     """One served request on the virtual clock (seconds from the first arrival)."""
 
-    request_id: str
+    request_id: int | None  # the trace's request id (None if the batch never began)
+    sample_id: str  # the loader's id (requests.jsonl maps one to the other)
     arrival_s: float
     start_s: float
     finish_s: float
@@ -115,7 +118,8 @@ def replay(
             raise ValueError(f"serve() returned a negative service time {service}")
         finished = [
             Completed(
-                request_id=items[i].request_id,
+                request_id=items[i].trace_id,
+                sample_id=items[i].request_id,
                 arrival_s=float(arrivals[i]),
                 start_s=clock,
                 finish_s=clock + service,
@@ -164,8 +168,8 @@ class CompletedLog:
 
     def write(self, rows: Sequence[Completed]) -> None:
         for c in rows:
-            row = serving_row(c.request_id, c.arrival_s, c.start_s, c.finish_s, c.batch,
-                              c.batch_size, c.prompt_tokens, c.max_new_tokens)  # fmt: skip
+            row = serving_row(c.request_id, c.sample_id, c.arrival_s, c.start_s, c.finish_s,
+                              c.batch, c.batch_size, c.prompt_tokens, c.max_new_tokens)  # fmt: skip
             self._fh.write(self._enc.encode(row) + b"\n")
         self._fh.flush()
 

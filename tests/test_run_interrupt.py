@@ -34,9 +34,12 @@ def _interrupt_after(monkeypatch, n_calls: int, warm_up: bool = False) -> None:
     monkeypatch.setattr(Tracer, "on_topk", on_topk)
 
 
-def _check_consistent(out):
+def _check_consistent(out, empty: bool = False):
+    from spec52 import check_trace_dir
+
     report = validate_trace(out)
     assert report.ok, report.messages
+    assert check_trace_dir(out) == (["0 records"] if empty else [])
     summary = read_summary(out)
     assert summary.records == len(trace_lines(out)) == report.records
     again = recompute_summary(out, keep_from=summary)
@@ -79,7 +82,7 @@ def test_interrupt_during_serving_replay(tmp_path, monkeypatch):
     summary, meta = _check_consistent(tmp_path / "out")
     assert summary.records == 2 * layers
     rows = [json.loads(x) for x in (tmp_path / "out" / "serving_requests.jsonl").read_text().splitlines()]
-    assert [r["request_id"] for r in rows] == ["b0"]
+    assert [r["sample_id"] for r in rows] == ["b0"]
     assert summary.serving.requests == 1 == meta["requests_run"]
 
 
@@ -92,5 +95,5 @@ def test_interrupt_during_warm_up(tmp_path, monkeypatch):
                       max_new_tokens=4, limit=None)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         execute(opts, wl, bundle, TraceSettings())
-    summary, meta = _check_consistent(tmp_path / "out")
+    summary, meta = _check_consistent(tmp_path / "out", empty=True)
     assert summary.records == 0 and meta["requests_run"] == 0 and meta["warmup_s"] is None
