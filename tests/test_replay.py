@@ -288,6 +288,16 @@ def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
         assert _replay(str(src), "--out", str(out), "--tiers", str(path), "--hbm-blocks", "60",
                        "--on-release", "keep", "--policy", policy) == 0
         assert _summary(out).tiers["hbm"]["hit_blocks"] == ref, policy
+    # the working set replay reports is HBM's: shared prefix blocks count once, so an HBM
+    # holding it misses only first reads
+    ws = len(np.unique(keys))
+    out = tmp_path / "all"
+    assert _replay(str(src), "--out", str(out), "--tiers", str(path), "--hbm-blocks",
+                   str(ws), "--on-release", "keep") == 0
+    tiers = _summary(out).tiers
+    assert tiers["_totals"]["working_set_blocks"] == ws
+    assert tiers["hbm"]["working_set_share"] == 1.0
+    assert tiers["hbm"]["hit_blocks"] == len(keys) - ws
 
 
 # ---------------------------------------------------------------- kv_fetch splicing

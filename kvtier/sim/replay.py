@@ -389,12 +389,18 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         blocked = BlockStream(stream, bs, boff, blk.astype(np.int64, copy=False))
     else:
         blocked = rebucket(stream, bs)
-    working_set = working_set_blocks(blocked)
+    # HBM's working set: shared prefix blocks (requests with one prefix key) count once
+    keyed = [k for k in key_of if k]
+    aliased = (aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)])
+               if share and len(set(keyed)) < len(keyed) else None)
+    working_set = (int(np.unique(aliased).shape[0]) if aliased is not None
+                   else working_set_blocks(blocked))
     hbm_blocks = hbm_capacity_blocks(settings.hbm_blocks, working_set)
 
     future = None
     if _needs_future(settings):
-        future = aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)])
+        future = (aliased if aliased is not None else
+                  aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)]))
     backend = build_backend(replace(settings, hbm_blocks=hbm_blocks), stream, bs, future,
                             meta_in)
     use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
