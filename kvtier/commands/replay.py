@@ -112,9 +112,11 @@ def _report_hbm(hbm: dict, working_set: int) -> None:
     if not working_set:
         return
     share = cap / working_set
-    print(f"HBM {cap} blocks = {share:.1%} of the working set ({working_set} blocks)")
+    # 25.0% of the working set, or 2,227x the working set
+    ratio = f"{share:.1%} of" if share < 10 else f"{share:,.0f}x"
+    print(f"HBM {cap:,} blocks = {ratio} the working set ({working_set:,} blocks)")
     if cap >= working_set:
-        print(f"kvtier replay: warning: HBM holds {share:.1%} of the working set: nothing is "
+        print(f"kvtier replay: warning: HBM holds {ratio} the working set: nothing is "
               "ever evicted from it, so its misses are just first reads (accesses minus the "
               "working set) and the eviction policy plays no part; give it less, e.g. "
               "--hbm-blocks 25%", file=sys.stderr)
