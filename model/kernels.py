@@ -166,6 +166,12 @@ def sparse_mla(
     return _impl("sparse_mla", q)(q, kv, pe, indices, start, scale)
 
 
+def grouped_block_m(n_pairs: int, n_experts: int) -> int:
+    """Row block of the grouped GEMM: 16 when experts get a few rows each (decode), 64 for
+    prefill chunks (fewer padded rows than blocks of 128, still large MMA tiles)."""
+    return 16 if n_pairs <= 4 * n_experts else 64
+
+
 def moe_align(
     experts: torch.Tensor, n_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

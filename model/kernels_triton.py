@@ -248,12 +248,6 @@ def _grouped_kernel(a_ptr, as_ptr, rows_ptr, be_ptr, b_ptr, bs_ptr, c_ptr, N, K,
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=rn[None, :] < N)
 
 
-def grouped_block_m(n_rows: int, n_experts: int) -> int:
-    """Row block of ``moe_align`` for this routing size: 16 for decode-sized batches (few rows
-    per expert), 64 for prefill chunks."""
-    return 16 if n_rows <= 4 * n_experts else 64
-
-
 def fp8_grouped_gemm(a, a_s, rows, b, b_s, block_expert, block_m):
     e, n, k = b.shape
     if k % 128 or b.dtype != K.FP8 or not _ok(a, b) or block_m not in (16, 32, 64, 128):

@@ -283,11 +283,18 @@ def test_decode_equals_prefill_when_topk_covers_context(fp32):
     torch.testing.assert_close(step[-1], full, rtol=1e-4, atol=1e-4)
 
 
-def test_prefill_at_nonzero_start_pos_is_rejected(fp32):
+def test_reference_prefill_only_at_start_pos_zero(fp32):
+    """The reference's masked-dense prefill cannot continue a prompt; the chunked sparse
+    prefill can (tests/test_model_fastpath.py checks it equals the one-shot prefill)."""
     model = build(dtype="fp32")
     model(torch.zeros(1, 4, dtype=torch.long), 0)
-    with pytest.raises(ValueError, match="only at start_pos 0"):
-        model(torch.zeros(1, 4, dtype=torch.long), 4)
+    M.MLA.sparse_prefill = False
+    try:
+        with pytest.raises(ValueError, match="only at start_pos 0"):
+            model(torch.zeros(1, 4, dtype=torch.long), 4)
+    finally:
+        M.MLA.sparse_prefill = True
+    assert model(torch.zeros(1, 4, dtype=torch.long), 4).shape == (1, 1024)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 1, dtype=torch.long), 256)
 
