@@ -793,6 +793,34 @@ class Transformer(nn.Module):
         self._forwards = 0
         self._warned_no_check = False
 
+    def resize_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Re-allocate every KV cache as ``[max_batch_size, max_seq_len, ...]`` (contents
+        dropped): one model serves a batch of 8 at 16K and then one 128K sequence without
+        holding both sizes. Refused where it would change YaRN (the attention scale)."""
+        new = ModelArgs.from_dict({**self.args.to_dict(), "max_batch_size": max_batch_size,
+                                   "max_seq_len": max_seq_len})  # fmt: skip
+        if new.yarn != self.args.yarn:
+            raise ValueError(f"max_seq_len {max_seq_len}: YaRN would switch {'on' if new.yarn else 'off'} "
+                             f"(it applies above original_seq_len {self.args.original_seq_len})")
+        dev = self.freqs_cis.device
+        for layer in self.layers:
+            for mod, names in ((layer.attn, ("kv_cache", "pe_cache")),
+                               (layer.attn.indexer, ("k_cache", "k_scale_cache"))):  # fmt: skip
+                for name in names:
+                    old = getattr(mod, name)
+                    setattr(mod, name, None)  # free first: the two sizes never coexist
+                    buf = torch.zeros(max_batch_size, max_seq_len, *old.shape[2:], dtype=old.dtype,
+                                      device=dev)  # fmt: skip
+                    if name == "k_scale_cache":
+                        buf.fill_(1.0)
+                    mod.register_buffer(name, buf, persistent=False)
+                    del old
+        self.args = new
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.register_buffer("freqs_cis", precompute_freqs_cis(new, dev), persistent=False)
+        self.register_buffer("positions", torch.arange(max_seq_len, device=dev), persistent=False)
+        self._graphs = None  # captured graphs point at the old caches
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         bsz, seqlen = tokens.shape
