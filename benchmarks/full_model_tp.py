@@ -172,7 +172,7 @@ def main() -> int:
             logits = model(tokens, 0)
             sync()
             prefill_s = time.perf_counter() - t0
-            tracer.begin_batch([f"{ctx}-{i}" for i in range(bsz)], prompts)
+            tracer.begin_batch(None, prompts)
             model.tracer = tracer
             step_ms = []
             nxt = logits.argmax(-1)

@@ -490,7 +490,7 @@ def trace_section(model, vocab: int, steps: int = 24) -> dict:
     tee = Tee()
     with Mode():
         prefill(model, tokens, ctx)
-        tracer.begin_batch(["r0"], [tokens[0, :ctx].tolist()])
+        tracer.begin_batch([0], [tokens[0, :ctx].tolist()])
         p = ctx
         for _ in range(3):  # warm-up (graph capture), traced once
             model.tracer = tee

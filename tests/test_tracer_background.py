@@ -20,7 +20,7 @@ def drive(tr: Tracer, seed: int, with_scores: bool, batches: int = 2, steps: int
     rng = np.random.default_rng(seed)
     n = 0
     for b in range(batches):
-        ids = [f"b{b}r{i}" for i in range(3)]
+        ids = list(range(3 * b, 3 * b + 3))
         prompts = [rng.integers(0, 40, int(rng.integers(20, 90))).tolist() for _ in ids]
         tr.begin_batch(ids, prompts)
         for step in range(90, 90 + steps):
@@ -89,7 +89,7 @@ class FailingBackend(HBMOnlyBackend):
 def test_builder_errors_reach_the_caller(tmp_path):
     tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d",
                 backend=FailingBackend(10), build_in_background="always")
-    tr.begin_batch(["a"], [[1, 2, 3]])
+    tr.begin_batch([0], [[1, 2, 3]])
     for step in (3, 4):  # 2 layers per step: the 3rd fetch (step 4) fails on the builder
         tr.start_step(step)
         tr.on_topk(0, np.array([[0, 1]]))
