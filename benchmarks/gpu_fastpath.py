@@ -50,8 +50,8 @@ RESULTS: dict = {"sections": {}, "errors": {}}
 T0 = time.perf_counter()
 DEV = "cuda"  # "cpu" with --small (a smoke run of the model sections on the tiny config)
 #: (context, batch, steps, dense baseline) of the decode/prefill section, agreement contexts
-PLAN = [(4096, 1, 32, True), (16384, 1, 32, True), (16384, 8, 32, False), (32768, 1, 16, False),
-        (65536, 1, 16, True), (131072, 1, 8, False)]  # fmt: skip
+PLAN = [(4096, 1, 32, True), (16384, 1, 32, True), (16384, 8, 32, False), (65536, 1, 16, True),
+        (131072, 1, 8, False), (32768, 1, 8, False)]  # fmt: skip
 AGREE = [(4096, True), (8192, False)]
 TRACE_CTX = 16384
 
@@ -604,14 +604,14 @@ def main() -> int:
     vocab = model.args.vocab_size if model is not None else 0
     if "agree" in sections:
         run("agree", lambda: agree_section(model, vocab))
+    if "trace" in sections:
+        run("trace", lambda: trace_section(model, vocab))
     if "decode" in sections:
         def both():
             d, p = decode_section(model, vocab, budget_end)
             RESULTS["sections"]["prefill"] = p
             return d
         run("decode", both)
-    if "trace" in sections:
-        run("trace", lambda: trace_section(model, vocab))
     if model is not None and model._graphs is not None:
         RESULTS["graphs"] = {"captures": model._graphs.captures, "replays": model._graphs.replays}
     (out / "gpu_fastpath.json").write_text(json.dumps(RESULTS, indent=1, default=str))

@@ -875,8 +875,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """One forward over ``span`` (no validation; ``forward`` is the entry point).
         ``submit=False`` (graph capture) leaves the rank-check flags in ``last_rank_flags``."""
-        if span.index is not None:
-            freqs_cis = self.freqs_cis.index_select(0, span.index)
+        if span.index is not None:  # (as real pairs: index_select of complex is not everywhere)
+            pairs = torch.view_as_real(self.freqs_cis).index_select(0, span.index)
+            freqs_cis = torch.view_as_complex(pairs)
         else:
             freqs_cis = self.freqs_cis[span.start : span.end]
         h, residual = self.embed(tokens), None
