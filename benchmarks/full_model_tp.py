@@ -210,6 +210,11 @@ def main() -> int:
                            summary_written=(out / name / "summary.json").is_file())  # fmt: skip
             results.append(row)
             log(row)
+            if rank == 0:  # after every run, so a run cut short keeps what finished
+                (out / "full_model_tp.json").write_text(json.dumps(
+                    dict(gpus=world, layers=opts.layers, experts=opts.experts, steps=opts.steps,
+                         build_s=round(build_s, 1), command=" ".join(sys.argv), runs=results),
+                    indent=1, default=str))  # fmt: skip
             del tokens, logits
             if cuda:
                 torch.cuda.empty_cache()

@@ -74,11 +74,37 @@ def log(*a) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
 
 
-def bench(fn, warmup: int = 3, rep: int = 20) -> float:
-    """Median ms of ``fn`` with CUDA events (after warm-up)."""
+def bench(fn, warmup: int = 3, rep: int = 20, graph: bool = True) -> float:
+    """Median ms of ``fn``: replays of a CUDA graph of 10 calls (the GPU time, without the
+    Python launch cost, as inside the model's captured decode step), else CUDA events around
+    eager calls (functions that synchronise with the host cannot be captured)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(10):
+                    fn()
+            g.replay()
+            times = []
+            for _ in range(max(5, rep // 2)):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 10)
+            del g
+            return statistics.median(times)
+        except Exception:  # not capturable: time it eagerly
+            torch.cuda.synchronize()
     times = []
     for _ in range(rep):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -195,6 +221,32 @@ class KernelChecks:
                  speedup=round(t_ref / t_fast, 1),
                  tflops=round(flops / (t_fast * 1e-3) / 1e12, 1))  # fmt: skip
 
+    def norm_rope(self) -> None:
+        for shape, res in [((1, 1, 7168), True), ((1, 2048, 7168), True), ((8, 1, 1536), False)]:
+            x = self.randn(*shape).to(torch.bfloat16)
+            r = self.randn(*shape).to(torch.bfloat16) if res else None
+            w = 1 + 0.05 * self.randn(shape[-1])
+            got = self.KT.rms_norm(x, w, 1e-6, r)
+            ref = K.torch_rms_norm(x, w, 1e-6, r)
+            pairs = zip(got if res else [got], ref if res else [ref], strict=True)
+            err = max(rel(a.float(), b.float()) for a, b in pairs)
+            t_fast = bench(lambda x=x, w=w, r=r: self.KT.rms_norm(x, w, 1e-6, r))
+            t_ref = bench(lambda x=x, w=w, r=r: K.torch_rms_norm(x, w, 1e-6, r))
+            self.row(kernel="rms_norm", shape=list(shape), residual=res, err=round(err, 6), bound=4e-3,
+                     ok=err < 4e-3, fast_us=round(t_fast * 1e3, 1), ref_us=round(t_ref * 1e3, 1),
+                     speedup=round(t_ref / t_fast, 2))  # fmt: skip
+        for b, s, h, il in [(1, 1, 128, True), (1, 1, 64, False), (1, 2048, 128, True)]:
+            full = self.randn(b, s, h, 192).to(torch.bfloat16)
+            x = full[..., 128:]
+            ang = torch.rand(s, 32, device="cuda", generator=self.g) * 6
+            f = torch.polar(torch.ones_like(ang), ang)
+            err = rel(self.KT.rotary(x, f, il).float(), K.torch_rotary(x, f, il).float())
+            t_fast = bench(lambda x=x, f=f, il=il: self.KT.rotary(x, f, il))
+            t_ref = bench(lambda x=x, f=f, il=il: K.torch_rotary(x, f, il))
+            self.row(kernel="rotary", shape=[b, s, h, 64], interleaved=il, err=round(err, 6),
+                     bound=4e-3, ok=err < 4e-3, fast_us=round(t_fast * 1e3, 1),
+                     ref_us=round(t_ref * 1e3, 1), speedup=round(t_ref / t_fast, 2))  # fmt: skip
+
     def mla(self, label, b, s, total, configs) -> tuple[dict, float] | None:
         """Sparse MLA for each tile configuration; returns the fastest correct one."""
         scale = 0.135234
@@ -210,6 +262,7 @@ class KernelChecks:
         ref32 = K.torch_sparse_mla(q.float(), kv.float(), pe.float(), idx, start, scale)
         refbf = K.torch_sparse_mla(q, kv, pe, idx, start, scale)
         t_ref = bench(lambda: K.torch_sparse_mla(q, kv, pe, idx, start, scale), warmup=1, rep=5)
+        start = torch.tensor([start], device="cuda")  # a device position, as in the model
         flops = 2 * b * s * 128 * 2048 * (576 + 512)
         best = None
         for cfg in configs:
@@ -267,6 +320,7 @@ def kernel_section(quick: bool) -> list[dict]:
 
     for shape in [(1, 7168), (8, 1536), (4096, 7168), (2048, 64, 128)]:
         guard("act_quant", c.act_quant, shape)
+    guard("rms_norm", c.norm_rope)
     shapes = {
         "wq_a": (1536, 7168), "wq_b": (24576, 1536), "wkv_a": (576, 7168), "wo": (7168, 16384),
         "w1": (18432, 7168), "w2": (7168, 18432), "idx.wq_b": (8192, 1536), "idx.wk": (128, 7168),
@@ -402,7 +456,13 @@ def agree_section(model, vocab: int) -> list[dict]:
         if with_torch:
             modes["torch path"] = Mode(torch_kernels=True, dense_prefill=True, loop_moe=True,
                                        graphs=False)  # fmt: skip
+        captured: dict[int, tuple] = {}
+        hooks = []
         for name, mode in modes.items():
+            if name == "torch path":  # keep each layer's indexer inputs of the last step
+                hooks = [layer.attn.indexer.register_forward_pre_hook(
+                    lambda mod, args, li=li, c=captured: c.__setitem__(li, args))
+                    for li, layer in enumerate(model.layers)]  # fmt: skip
             with mode:
                 rec = Recorder()
                 t0 = time.perf_counter()
@@ -411,6 +471,22 @@ def agree_section(model, vocab: int) -> list[dict]:
                 runs[name] = (torch.stack([lp] + outs).float(), rec.steps,
                               time.perf_counter() - t0)  # fmt: skip
             log(f"agree ctx={ctx} {name}: {runs[name][2]:.1f} s")
+            for h in hooks:
+                h.remove()
+            hooks = []
+        if captured:  # per layer, same inputs and caches: torch kernels vs Triton kernels
+            iso = []
+            with torch.inference_mode():
+                for li in sorted(captured):
+                    ind = model.layers[li].attn.indexer
+                    with Mode(torch_kernels=True):
+                        a = ind(*captured[li])[0]
+                    with Mode():
+                        b = ind(*captured[li])[0]
+                    iso.append(round(topk_iou(a, b), 4))
+            rows.append(dict(context=ctx, against="torch kernels, same layer inputs",
+                             iou_per_layer=iso, iou_min=min(iso)))  # fmt: skip
+            log(rows[-1])
         fast = runs["fast"]
         for name, other in runs.items():
             if name == "fast":
@@ -447,21 +523,53 @@ def decode_section(model, vocab: int, budget_end: float) -> tuple[list[dict], li
             _, fast_ms = decode(model, tokens, ctx, steps, skip=2)
         r = dict(context=ctx, batch=bsz, fast_ms=round(statistics.median(fast_ms), 3),
                  fast_ms_min=round(min(fast_ms), 3))  # fmt: skip
-        if dense:
+        if dense:  # the reference's masked-dense decode, same weights, graphs both ways
+            with Mode(dense_decode=True):
+                _, dense_ms = decode(model, tokens, ctx, 10, skip=2)
             with Mode(graphs=False):
                 _, eager_ms = decode(model, tokens, ctx, 8, skip=2)
             with Mode(dense_decode=True, graphs=False):
-                _, dense_ms = decode(model, tokens, ctx, 8, skip=2)
-            r.update(eager_sparse_ms=round(statistics.median(eager_ms), 3),
-                     dense_ms=round(statistics.median(dense_ms), 3))
+                _, dense_eager = decode(model, tokens, ctx, 8, skip=2)
+            r.update(dense_ms=round(statistics.median(dense_ms), 3),
+                     eager_sparse_ms=round(statistics.median(eager_ms), 3),
+                     eager_dense_ms=round(statistics.median(dense_eager), 3))  # fmt: skip
             r["dense_over_fast"] = round(r["dense_ms"] / r["fast_ms"], 2)
-            r["dense_over_eager_sparse"] = round(r["dense_ms"] / r["eager_sparse_ms"], 2)
         dec.append(r)
         log(r)
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return dec, pre
+
+
+def profile_section(model, vocab: int) -> dict:
+    """Where a decode step's GPU time goes: kernels of eager steps at 16K (torch.profiler;
+    kernel durations are device-side, so the eager launch gaps do not count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ctx = TRACE_CTX
+    g = torch.Generator(device=DEV).manual_seed(17)
+    tokens = torch.randint(0, vocab, (1, ctx + 8), device=DEV, generator=g)
+    with Mode(graphs=False):
+        prefill(model, tokens, ctx)
+        decode(model, tokens, ctx, 2, skip=2)
+        act = ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[act]) as prof:
+            decode(model, tokens, ctx + 2, 3, skip=3)
+    steps = 3
+    rows = []
+    for ev in prof.key_averages():
+        t = (getattr(ev, "self_device_time_total", 0) if DEV == "cuda"
+             else getattr(ev, "self_cpu_time_total", 0))  # fmt: skip
+        if t > 0:
+            rows.append((ev.key, ev.count / steps, t / steps))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    res = dict(context=ctx, kernels_per_step=round(sum(r[1] for r in rows)),
+               gpu_us_per_step=round(total, 1),
+               top=[dict(kernel=k[:70], calls=round(c, 1), us=round(t, 1)) for k, c, t in rows[:15]])  # fmt: skip
+    log(res)
+    return res
 
 
 def trace_section(model, vocab: int, steps: int = 24) -> dict:
@@ -545,8 +653,8 @@ def table(title: str, rows: list[dict], cols: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="directory for gpu_fastpath.json")
-    ap.add_argument("--sections", default="kernels,agree,decode,trace",
-                    help="comma list of kernels, agree, decode (includes prefill), trace")
+    ap.add_argument("--sections", default="kernels,agree,trace,profile,decode",
+                    help="comma list of kernels, agree, trace, profile, decode (with prefill)")
     ap.add_argument("--layers", type=int, default=4, help="layers of the 671B config")
     ap.add_argument("--dense-layers", type=int, default=1, help="how many of them are dense")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and configurations")
@@ -594,7 +702,7 @@ def main() -> int:
     if "kernels" in sections:
         run("kernels", lambda: kernel_section(opts.quick))
     model = None
-    if any(s in sections for s in ("agree", "decode", "trace")):
+    if any(s in sections for s in ("agree", "decode", "trace", "profile")):
         t0 = time.perf_counter()
         model = build_model(config, opts.layers, opts.dense_layers, max_batch, max_seq)
         RESULTS["build_s"] = round(time.perf_counter() - t0, 1)
@@ -606,6 +714,8 @@ def main() -> int:
         run("agree", lambda: agree_section(model, vocab))
     if "trace" in sections:
         run("trace", lambda: trace_section(model, vocab))
+    if "profile" in sections:
+        run("profile", lambda: profile_section(model, vocab))
     if "decode" in sections:
         def both():
             d, p = decode_section(model, vocab, budget_end)
@@ -621,7 +731,7 @@ def main() -> int:
           f"{opts.layers} layers ({opts.dense_layers} dense); total {time.perf_counter() - T0:.0f} s")
     if "kernels" in s:
         ks = s["kernels"]
-        print(table("kernels", [r for r in ks if r["kernel"] in ("act_quant", "fp8_index")],
+        print(table("kernels", [r for r in ks if r["kernel"] in ("act_quant", "fp8_index", "rms_norm", "rotary")],
                     ["kernel", "shape", "b", "m", "n", "err", "ok", "fast_us", "ref_us", "speedup", "tflops"]))
         print(table("fp8 GEMM", [r for r in ks if r["kernel"] == "fp8_gemm"],
                     ["name", "m", "err", "ok", "fast_us", "ref_us", "bf16_us", "vs_bf16", "weight_GBs", "tflops"]))
@@ -636,8 +746,13 @@ def main() -> int:
         print(table("prefill", s["prefill"], ["context", "batch", "seconds", "seconds_per_layer",
                                               "tokens_per_s", "peak_gib"]))
     if "decode" in s:
-        print(table("decode", s["decode"], ["context", "batch", "fast_ms", "eager_sparse_ms", "dense_ms",
-                                            "dense_over_fast", "dense_over_eager_sparse"]))
+        print(table("decode", s["decode"], ["context", "batch", "fast_ms", "dense_ms", "dense_over_fast",
+                                            "eager_sparse_ms", "eager_dense_ms"]))
+    if "profile" in s:
+        p = s["profile"]
+        print(f"\n## eager decode step at {p['context']}: {p['kernels_per_step']} kernels, "
+              f"{p['gpu_us_per_step']} us of GPU time")
+        print(table("top kernels", p["top"], ["kernel", "calls", "us"]))
     if "trace" in s:
         print(table("trace", [s["trace"]], ["context", "plain_ms", "traced_ms", "ratio", "records",
                                             "positions_equal", "validate_errors"]))

@@ -58,7 +58,7 @@ class DecodeGraphs:
     def __init__(self, model) -> None:
         self.model = model
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
+        self.graphs: OrderedDict[tuple[int, int, bool], _Graph] = OrderedDict()
         self.captures = 0
         self.replays = 0
 
@@ -66,9 +66,12 @@ class DecodeGraphs:
         return min(-(-end // self.bucket) * self.bucket, self.model.max_seq_len)
 
     def run(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        from .model import MLA
+
         model = self.model
         end = start_pos + 1
-        key = (tokens.size(0), self.kv_len(end))
+        # the attention path is baked into a graph: sparse and masked-dense get their own
+        key = (tokens.size(0), self.kv_len(end), MLA.sparse_decode)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(tokens, start_pos, key[1])

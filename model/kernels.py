@@ -7,7 +7,9 @@ The model calls the module-level functions below; each dispatches to the active 
 * ``fp8_grouped_gemm``: every routed expert's fp8 GEMM in one call (rows sorted by expert,
   each expert's rows padded to ``block_m``), so the MoE needs no Python loop over experts;
 * ``sparse_mla``: absorbed (MQA) attention of each query over only its own top-k cache rows,
-  for decode and chunked prefill alike (no ``[S, S, heads]`` tensor anywhere).
+  for decode and chunked prefill alike (no ``[S, S, heads]`` tensor anywhere);
+* ``rms_norm`` (with the fused residual add) and ``rotary``: the model's elementwise chains,
+  one kernel each on the GPU instead of 7-10 small ones (a decode step is launch-bound).
 
 The ``"torch"`` backend below is the reference path (CPU and CUDA, plain math). The default
 backend ``"auto"`` uses ``"triton"`` (``kernels_triton.py``, registered on first use when Triton
@@ -30,6 +32,7 @@ FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 KERNEL_NAMES = (
     "act_quant", "fp8_gemm", "fp8_index", "hadamard", "fp8_grouped_gemm", "sparse_mla",
+    "rms_norm", "rotary",
 )  # fmt: skip
 
 _REGISTRY: dict[str, dict[str, Callable]] = {"torch": {}}
@@ -170,6 +173,21 @@ def grouped_block_m(n_pairs: int, n_experts: int) -> int:
     """Row block of the grouped GEMM: 16 when experts get a few rows each (decode), 64 for
     prefill chunks (fewer padded rows than blocks of 128, still large MMA tiles)."""
     return 16 if n_pairs <= 4 * n_experts else 64
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
+    """``weight·x/sqrt(mean(x²)+eps)`` in fp32, in ``x``'s dtype; with ``residual`` the sum
+    ``r = x + residual`` (fp32) is normalised and ``(norm(r), r)`` returned, both in ``x``'s
+    dtype (the reference's fused residual)."""
+    return _impl("rms_norm", x)(x, weight, eps, residual)
+
+
+def rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate ``x[b, s, h, d]`` by ``freqs_cis[s, d/2]`` (complex) in fp32, in ``x``'s dtype:
+    pairs ``(x[2i], x[2i+1])`` if ``interleaved``, else ``(x[i], x[i+d/2])``."""
+    return _impl("rotary", x)(x, freqs_cis, interleaved)
 
 
 def moe_align(
@@ -356,6 +374,31 @@ def torch_sparse_mla(
     return out
 
 
+def torch_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
+    def norm(v: torch.Tensor) -> torch.Tensor:
+        return weight * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+
+    dtype = x.dtype
+    if residual is None:
+        return norm(x.float()).to(dtype)
+    r = x.float() + residual.float()
+    return norm(r).to(dtype), r.to(dtype)
+
+
+def torch_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True):
+    dtype, shape = x.dtype, x.shape
+    xf = x.float()
+    if not interleaved:
+        xf = xf.view(*shape[:-1], 2, -1).transpose(-1, -2)
+    xc = torch.view_as_complex(xf.reshape(*shape[:-1], -1, 2).contiguous())
+    y = torch.view_as_real(xc * freqs_cis.view(1, x.size(1), 1, -1)).flatten(-2)
+    if not interleaved:
+        y = torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
+    return y.to(dtype)
+
+
 def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform of the last dim in fp32: the in-place butterfly
     over strides 1, 2, ..., n/2 with (a, b) -> (a + b, a - b), natural Sylvester order."""
@@ -416,3 +459,5 @@ register_kernel("torch", "fp8_index", torch_fp8_index)
 register_kernel("torch", "hadamard", default_hadamard)
 register_kernel("torch", "fp8_grouped_gemm", torch_fp8_grouped_gemm)
 register_kernel("torch", "sparse_mla", torch_sparse_mla)
+register_kernel("torch", "rms_norm", torch_rms_norm)
+register_kernel("torch", "rotary", torch_rotary)

@@ -24,6 +24,8 @@ What each kernel buys (H200 figures in docs/BENCHMARKS.md):
 * ``sparse_mla``: flash-attention over the gathered top-k latent rows (576-wide q·k, 512-wide
   p·v), online softmax in fp32; decode splits the K selected rows across programs and merges
   the partial softmaxes.
+* ``rms_norm`` / ``rotary``: one kernel per call instead of the 7-10 elementwise torch ops
+  (they dominate the launch count of a decode step).
 """
 
 from __future__ import annotations
@@ -440,7 +442,96 @@ def sparse_mla(q, kv, pe, indices, start, scale, splits: int | None = None):
     return out.to(q.dtype).view(b, s, h, c_dim)
 
 
+# ------------------------------------------------------------------- RMSNorm and RoPE
+@triton.jit
+def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, N, sx, sr, eps,
+                HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(x_ptr + row * sx + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = x + tl.load(r_ptr + row * sr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(ro_ptr + row * N + cols, x.to(ro_ptr.dtype.element_ty), mask=m)
+    ms = tl.sum(x * x, axis=0) / N
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)
+    y = w * (x * tl.math.rsqrt(ms + eps))
+    tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``t`` as ``[rows, n]`` with unit column stride, without copying (None if impossible)."""
+    if t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        return None
+
+
+def rms_norm(x, weight, eps, residual=None):
+    n = x.size(-1)
+    x2 = _rows(x, n)
+    r2 = None if residual is None else _rows(residual, n)
+    if (x2 is None or (residual is not None and r2 is None) or weight.dtype != torch.float32
+            or not _ok(x) or x.numel() == 0 or n > 16384):  # fmt: skip
+        return K.torch_rms_norm(x, weight, eps, residual)
+    rows = x2.size(0)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ro = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
+    block = _pow2(n, 16)
+    _rms_kernel[(rows,)](
+        x2, r2 if r2 is not None else x2, weight, y, ro, n, x2.stride(0),
+        r2.stride(0) if r2 is not None else 0, float(eps), HAS_RES=residual is not None,
+        BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
+    return y if residual is None else (y, ro)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, f_ptr, y_ptr, S, H, sxb, sxs, sxh,
+                 HALF: tl.constexpr, HB: tl.constexpr, INTERLEAVED: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # batch row * S + position
+    b = pid // S
+    s = pid % S
+    h = tl.program_id(1) * HB + tl.arange(0, HB)
+    hm = h < H
+    i = tl.arange(0, HALF)
+    c = tl.load(f_ptr + s * (2 * HALF) + 2 * i)
+    sn = tl.load(f_ptr + s * (2 * HALF) + 2 * i + 1)
+    if INTERLEAVED:
+        ia = 2 * i
+        ib = 2 * i + 1
+    else:
+        ia = i
+        ib = i + HALF
+    src = x_ptr + b * sxb + s * sxs + h[:, None].to(tl.int64) * sxh
+    a = tl.load(src + ia[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
+    bb = tl.load(src + ib[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
+    dst = y_ptr + (pid * H + h[:, None].to(tl.int64)) * (2 * HALF)
+    ty = y_ptr.dtype.element_ty
+    tl.store(dst + ia[None, :], (a * c[None, :] - bb * sn[None, :]).to(ty), mask=hm[:, None])
+    tl.store(dst + ib[None, :], (a * sn[None, :] + bb * c[None, :]).to(ty), mask=hm[:, None])
+
+
+def rotary(x, freqs_cis, interleaved=True):
+    b, s, h, d = x.shape
+    half = d // 2
+    if (d % 2 or half & (half - 1) or x.stride(-1) != 1 or freqs_cis.dtype != torch.complex64
+            or not _ok(x)):  # fmt: skip
+        return K.torch_rotary(x, freqs_cis, interleaved)
+    f = torch.view_as_real(freqs_cis.reshape(s, half)).contiguous()  # [s, half, 2] fp32
+    y = torch.empty(b, s, h, d, dtype=x.dtype, device=x.device)
+    hb = min(_pow2(h), 64)
+    _rope_kernel[(b * s, triton.cdiv(h, hb))](
+        x, f, y, s, h, x.stride(0), x.stride(1), x.stride(2), HALF=half, HB=hb,
+        INTERLEAVED=interleaved, num_warps=4,
+    )  # fmt: skip
+    return y
+
+
 for _name, _fn in (("act_quant", act_quant), ("fp8_gemm", fp8_gemm),
                    ("fp8_grouped_gemm", fp8_grouped_gemm), ("fp8_index", fp8_index),
-                   ("sparse_mla", sparse_mla)):  # fmt: skip
+                   ("sparse_mla", sparse_mla), ("rms_norm", rms_norm),
+                   ("rotary", rotary)):  # fmt: skip
     K.register_kernel("triton", _name, _fn)

@@ -215,15 +215,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        dtype = x.dtype
-        if residual is None:
-            return self._norm(x.float()).to(dtype)
-        r = x.float() + residual.float()
-        return self._norm(r).to(dtype), r.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):
@@ -271,15 +264,7 @@ def apply_rotary_emb(
     interleaved: pairs (x[2i], x[2i+1]) (MLA, v1 indexer); otherwise pairs (x[i], x[i+d/2])
     (NeoX rotate-half, the v2 indexer).
     """
-    dtype, shape = x.dtype, x.shape
-    xf = x.float()
-    if not interleaved:
-        xf = xf.view(*shape[:-1], 2, -1).transpose(-1, -2)
-    xc = torch.view_as_complex(xf.reshape(*shape[:-1], -1, 2).contiguous())
-    y = torch.view_as_real(xc * freqs_cis.view(1, x.size(1), 1, -1)).flatten(-2)
-    if not interleaved:
-        y = torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
-    return y.to(dtype)
+    return kernels.rotary(x, freqs_cis, interleaved)
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -506,15 +491,15 @@ class MLA(nn.Module):
                 self.softmax_scale,
             )
         else:  # the reference: dense scores over every cached position, masked to the top-k
-            end_pos = span.end
-            kv_all = self.kv_cache[:bsz, :end_pos].to(cdt)
+            n_keys = span.kv_len  # = end; a graph's bucket: rows past the query are never selected
+            kv_all = self.kv_cache[:bsz, :n_keys].to(cdt)
             scores = (
                 torch.einsum("bshc,btc->bsht", q_abs, kv_all)
                 + torch.einsum(
-                    "bshr,btr->bsht", q_pe.to(cdt), self.pe_cache[:bsz, :end_pos].to(cdt)
+                    "bshr,btr->bsht", q_pe.to(cdt), self.pe_cache[:bsz, :n_keys].to(cdt)
                 )
             ) * self.softmax_scale
-            index_mask = torch.full((bsz, 1, end_pos), float("-inf"), device=x.device).scatter_(
+            index_mask = torch.full((bsz, 1, n_keys), float("-inf"), device=x.device).scatter_(
                 -1, topk, 0
             )
             scores = scores + index_mask.unsqueeze(2).to(scores.dtype)
@@ -860,7 +845,6 @@ class Transformer(nn.Module):
         return (
             self.cuda_graphs
             and tokens.is_cuda
-            and MLA.sparse_decode
             and end >= self.args.index_topk
             and torch.cuda.is_current_stream_capturing() is False
         )

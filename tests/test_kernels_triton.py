@@ -156,3 +156,37 @@ def test_sparse_mla_matches_torch(b, s, h, k, start, splits):
     got = KT.sparse_mla(q, kv, pe, idx, start, 0.3, splits=splits)
     ref = K.torch_sparse_mla(q, kv, pe, idx, start, 0.3)
     assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, strided, residual", [((3, 7, 512), False, False),
+                                                     ((2, 5, 512), True, True), ((4, 96), False, True)])
+def test_rms_norm_matches_torch(dtype, shape, strided, residual):
+    g = _gen(len(shape) + strided)
+    n = shape[-1]
+    base = torch.randn(*shape[:-1], n + 64 if strided else n, generator=g).to(dtype)
+    x = base[..., :n]  # a split view, as MLA's kv
+    w = 1 + 0.1 * torch.randn(n, generator=g)
+    r = torch.randn(*shape, generator=g).to(dtype) if residual else None
+    got = KT.rms_norm(x, w, 1e-6, r)
+    ref = K.torch_rms_norm(x, w, 1e-6, r)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    for a, b in zip(got if residual else [got], ref if residual else [ref], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("b, s, h, d", [(1, 1, 1, 64), (2, 5, 4, 32), (1, 3, 70, 64)])
+def test_rotary_matches_torch(interleaved, b, s, h, d):
+    g = _gen(b * s * h + d)
+    full = torch.randn(b, s, h, d + 96, generator=g).to(torch.bfloat16)
+    x = full[..., 96:]  # the rope part of q, a strided view
+    ang = torch.rand(s, d // 2, generator=g) * 6
+    f = torch.polar(torch.ones_like(ang), ang)
+    got = KT.rotary(x, f, interleaved)
+    ref = K.torch_rotary(x, f, interleaved)
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert _rel(got.float(), ref.float()) < 8e-3  # bf16 output rounding
+    got32 = KT.rotary(x.float(), f, interleaved)
+    assert _rel(got32, K.torch_rotary(x.float(), f, interleaved)) < 1e-6
