@@ -145,6 +145,8 @@ def main() -> int:
     with torch.device(opts.device):
         model = M.Transformer(cfg)
     init_random_(model, seed=opts.seed).eval()
+    with torch.no_grad():  # the checkpoints store the head in bf16: values exactly bf16
+        model.head.weight.copy_(model.head.weight.to(torch.bfloat16).float())
     sync()
     build_s = time.perf_counter() - t0
     mem = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")

@@ -32,7 +32,7 @@ FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 KERNEL_NAMES = (
     "act_quant", "fp8_gemm", "fp8_index", "hadamard", "fp8_grouped_gemm", "sparse_mla",
-    "rms_norm", "rotary",
+    "rms_norm", "rotary", "linear_bf16w",
 )  # fmt: skip
 
 _REGISTRY: dict[str, dict[str, Callable]] = {"torch": {}}
@@ -188,6 +188,13 @@ def rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True) -
     """Rotate ``x[b, s, h, d]`` by ``freqs_cis[s, d/2]`` (complex) in fp32, in ``x``'s dtype:
     pairs ``(x[2i], x[2i+1])`` if ``interleaved``, else ``(x[i], x[i+d/2])``."""
     return _impl("rotary", x)(x, freqs_cis, interleaved)
+
+
+def linear_bf16w(x: torch.Tensor, w_bf16: torch.Tensor) -> torch.Tensor:
+    """``x @ wᵀ`` in fp32 for fp32 ``x`` and a bf16 copy of fp32 weights whose values are
+    exactly bf16 (the fp32 ``head``, stored in bf16 by the checkpoints): the fp32 GEMM's
+    function (only the summation order differs) reading half the bytes."""
+    return _impl("linear_bf16w", x)(x, w_bf16)
 
 
 def moe_align(
@@ -399,6 +406,10 @@ def torch_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = T
     return y.to(dtype)
 
 
+def torch_linear_bf16w(x: torch.Tensor, w_bf16: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), w_bf16.float())
+
+
 def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform of the last dim in fp32: the in-place butterfly
     over strides 1, 2, ..., n/2 with (a, b) -> (a + b, a - b), natural Sylvester order."""
@@ -461,3 +472,4 @@ register_kernel("torch", "fp8_grouped_gemm", torch_fp8_grouped_gemm)
 register_kernel("torch", "sparse_mla", torch_sparse_mla)
 register_kernel("torch", "rms_norm", torch_rms_norm)
 register_kernel("torch", "rotary", torch_rotary)
+register_kernel("torch", "linear_bf16w", torch_linear_bf16w)

@@ -395,8 +395,10 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, pe_ptr, idx_ptr, start_ptr, o_ptr, m_ptr, 
                  out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
-#: (heads per program, selected rows per step, warps, stages); the benchmark sweeps others
-MLA_CONFIG = {"hb": 64, "bk": 32, "warps": 8, "stages": 2}
+#: (heads per program, selected rows per step, warps, stages): the fastest of the four
+#: configurations benchmarks/gpu_fastpath.py sweeps (H200: 182 TFLOP/s in prefill; decode
+#: differs by < 15% between them); it sweeps them again on every run
+MLA_CONFIG = {"hb": 64, "bk": 64, "warps": 8, "stages": 1}
 
 
 def sparse_mla(q, kv, pe, indices, start, scale, splits: int | None = None):
@@ -530,8 +532,39 @@ def rotary(x, freqs_cis, interleaved=True):
     return y
 
 
+# ---------------------------------------------------- fp32 x bf16-exact weights (the head)
+@triton.jit
+def _gemv_bf16w_kernel(x_ptr, w_ptr, o_ptr, N, K, M: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+    """o[m, n] = Σ_k x[m, k]·w[n, k] with fp32 FMAs (w converted exactly), M <= 8 rows."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    nm = rn < N
+    rk = tl.arange(0, BK)
+    for m in tl.static_range(M):
+        acc = tl.zeros([BN], tl.float32)
+        for k0 in range(0, K, BK):
+            km = k0 + rk < K
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k0 + rk[None, :],
+                        mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + m * K + k0 + rk, mask=km, other=0.0)
+            acc += tl.sum(w * xv[None, :], axis=1)
+        tl.store(o_ptr + m * N + rn, acc, mask=nm)
+
+
+def linear_bf16w(x, w_bf16):
+    n, k = w_bf16.shape
+    x2 = x.reshape(-1, k)
+    m = x2.size(0)
+    if m > 8 or x.dtype != torch.float32 or w_bf16.dtype != torch.bfloat16 or not _ok(x):
+        return K.torch_linear_bf16w(x, w_bf16)
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    _gemv_bf16w_kernel[(triton.cdiv(n, 64),)](x2.contiguous(), w_bf16, out, n, k, M=m, BN=64,
+                                              BK=128, num_warps=4)  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
 for _name, _fn in (("act_quant", act_quant), ("fp8_gemm", fp8_gemm),
                    ("fp8_grouped_gemm", fp8_grouped_gemm), ("fp8_index", fp8_index),
                    ("sparse_mla", sparse_mla), ("rms_norm", rms_norm),
-                   ("rotary", rotary)):  # fmt: skip
+                   ("rotary", rotary), ("linear_bf16w", linear_bf16w)):  # fmt: skip
     K.register_kernel("triton", _name, _fn)

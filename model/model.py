@@ -868,7 +868,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h, residual = layer(h, residual, span, freqs_cis, mask, tracer)
         h, _ = self.norm(h, residual)
-        logits = self.head(h[:, -1].float())
+        logits = self._head(h[:, -1].float())
         self.last_rank_flags = None
         if _tp_active():
             parts = [torch.empty_like(logits) for _ in range(world_size)]
@@ -880,6 +880,22 @@ class Transformer(nn.Module):
         return logits
 
     last_rank_flags: torch.Tensor | None = None
+    _head_shadow: tuple | None = None
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 head. On CUDA, when every weight is exactly a bf16 value (checkpoints
+        store the head in bf16), a bf16 copy is read instead (``kernels.linear_bf16w``: fp32
+        math, half the bytes; the fp32 head is a quarter of a 4-layer decode step). Checked
+        once per weight version (one host sync); otherwise the fp32 GEMM as the reference."""
+        w = self.head.weight
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing() and self._head_shadow is None:
+            return self.head(x)
+        key = (w.data_ptr(), w._version)
+        if self._head_shadow is None or self._head_shadow[0] != key:
+            wb = w.detach().to(torch.bfloat16)
+            self._head_shadow = (key, wb if torch.equal(wb.float(), w.detach()) else None)
+        shadow = self._head_shadow[1]
+        return self.head(x) if shadow is None else kernels.linear_bf16w(x, shadow)
 
     # ------------------------------------------------------------- TP top-k rank check
     def _rank_check_flags(self) -> torch.Tensor | None:

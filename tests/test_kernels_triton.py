@@ -190,3 +190,13 @@ def test_rotary_matches_torch(interleaved, b, s, h, d):
     assert _rel(got.float(), ref.float()) < 8e-3  # bf16 output rounding
     got32 = KT.rotary(x.float(), f, interleaved)
     assert _rel(got32, K.torch_rotary(x.float(), f, interleaved)) < 1e-6
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 300, 256), (3, 64, 200), (8, 129, 384)])
+def test_linear_bf16w_matches_fp32_linear(m, n, k):
+    g = _gen(m * n + k)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)  # exactly bf16 values
+    x = torch.randn(m, k, generator=g)
+    got = KT.linear_bf16w(x, w)
+    ref = torch.nn.functional.linear(x, w.float())  # the fp32 head on the same values
+    assert got.dtype == torch.float32 and _rel(got, ref) < 1e-6
