@@ -155,6 +155,7 @@ def sparse_mla(
     indices: torch.Tensor,
     start: int | torch.Tensor,
     scale: float,
+    score_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention of each query over only its selected cache rows.
 
@@ -163,10 +164,12 @@ def sparse_mla(
     ``indices[b, s, K]`` int64 cache positions per query. Query ``i`` sits at position
     ``start + i`` and only selected positions ``0 <= p <= start + i`` take part (the causal and
     -inf top-k slots of the reference's mask). Returns ``o[b, s, H, C] = softmax(scale·q·k)·kv``
-    in ``q``'s dtype: the reference's masked softmax over all positions, restricted to the
-    positions it does not mask.
+    in ``kv``'s dtype: the reference's masked softmax over all positions, restricted to the
+    positions it does not mask. ``score_dtype`` (default ``q``'s): the dtype of the scores and
+    the softmax (v1: fp32), whose probabilities are cast to ``kv``'s dtype for ``P·V``; the
+    Triton kernel always scores in fp32.
     """
-    return _impl("sparse_mla", q)(q, kv, pe, indices, start, scale)
+    return _impl("sparse_mla", q)(q, kv, pe, indices, start, scale, score_dtype)
 
 
 def grouped_block_m(n_pairs: int, n_experts: int) -> int:
@@ -351,33 +354,35 @@ def torch_sparse_mla(
     indices: torch.Tensor,
     start: int | torch.Tensor,
     scale: float,
+    score_dtype: torch.dtype | None = None,
     chunk_elems: int = 1 << 27,
 ) -> torch.Tensor:
-    """Gather the selected rows and run a masked softmax over them, in ``q``'s dtype, chunked
-    over queries so the gathered ``[b, c, K, C+R]`` rows stay bounded."""
+    """Gather the selected rows and run a masked softmax over them (scores in ``score_dtype``,
+    P·V in ``kv``'s dtype), chunked over queries so the gathered rows stay bounded."""
     b, s, h, d = q.shape
     c_dim = kv.size(-1)
     k = indices.size(-1)
-    dtype = q.dtype
+    dtype = score_dtype or q.dtype
     rows = torch.arange(b, device=q.device)[:, None, None]
     pos = torch.arange(s, device=q.device) + (
         start.reshape(()) if isinstance(start, torch.Tensor) else start
     )
-    out = torch.empty(b, s, h, c_dim, dtype=dtype, device=q.device)
+    out = torch.empty(b, s, h, c_dim, dtype=kv.dtype, device=q.device)
     step = max(1, chunk_elems // max(1, b * k * d))
     for i in range(0, s, step):
         idx = indices[:, i : i + step]
         valid = (idx >= 0) & (idx <= pos[i : i + step, None])
         safe = idx.clamp_min(0)
-        kv_sel = kv[rows, safe].to(dtype)  # [b, c, K, C]
-        pe_sel = pe[rows, safe].to(dtype)
-        qc = q[:, i : i + step]
+        kv_sel = kv[rows, safe]  # [b, c, K, C]
+        pe_sel = pe[rows, safe]
+        qc = q[:, i : i + step].to(dtype)
         scores = (
-            torch.einsum("bshc,bskc->bshk", qc[..., :c_dim], kv_sel)
-            + torch.einsum("bshr,bskr->bshk", qc[..., c_dim:], pe_sel)
+            torch.einsum("bshc,bskc->bshk", qc[..., :c_dim], kv_sel.to(dtype))
+            + torch.einsum("bshr,bskr->bshk", qc[..., c_dim:], pe_sel.to(dtype))
         ) * scale
         scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        out[:, i : i + step] = torch.einsum("bshk,bskc->bshc", scores.softmax(dim=-1), kv_sel)
+        probs = scores.softmax(dim=-1).to(kv.dtype)
+        out[:, i : i + step] = torch.einsum("bshk,bskc->bshc", probs, kv_sel)
     return out
 
 
@@ -427,24 +432,14 @@ def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape)
 
 
-_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
-    """``H_n / sqrt(n)`` in fp32 (the butterfly applied to the identity), cached per device."""
-    key = (n, device)
-    if key not in _HADAMARD:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            _HADAMARD[key] = hadamard_butterfly(torch.eye(n, device=device)) * n**-0.5
-    return _HADAMARD[key]
-
-
 def torch_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x · H_n / sqrt(n)`` in fp32 (one matmul with the symmetric Sylvester matrix), in bf16."""
+    """``x · H_n / sqrt(n)`` rounded as ``fast_hadamard_transform`` rounds it: the exact fp32
+    butterfly (same stride order as the kernel), then one fp32 multiply by ``n^-0.5``, then
+    bf16. Scaling the matrix first would round every term before the sum and flip ~1 in 6,000
+    bf16 outputs, enough to move fp8-quantised indexer rows
+    (tests/test_model_kernels.py::test_hadamard_rounds_once_like_the_kernel)."""
     n = x.size(-1)
-    if n & (n - 1):
-        raise ValueError(f"hadamard: last dim {n} is not a power of two")
-    return (x.float() @ _hadamard_matrix(n, x.device)).to(torch.bfloat16)
+    return (hadamard_butterfly(x) * n**-0.5).to(torch.bfloat16)
 
 
 @lru_cache(maxsize=1)

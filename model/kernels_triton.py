@@ -401,14 +401,14 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, pe_ptr, idx_ptr, start_ptr, o_ptr, m_ptr, 
 MLA_CONFIG = {"hb": 64, "bk": 64, "warps": 8, "stages": 1}
 
 
-def sparse_mla(q, kv, pe, indices, start, scale, splits: int | None = None):
+def sparse_mla(q, kv, pe, indices, start, scale, score_dtype=None, splits: int | None = None):
     b, s, h, d = q.shape
     c_dim, r_dim = kv.size(-1), pe.size(-1)
     k = indices.size(-1)
     if (d != c_dim + r_dim or c_dim & (c_dim - 1) or r_dim & (r_dim - 1) or kv.stride(-1) != 1
             or pe.stride(-1) != 1 or kv.dtype != q.dtype or pe.dtype != q.dtype
             or not _ok(q, kv)):  # fmt: skip
-        return K.torch_sparse_mla(q, kv, pe, indices, start, scale)
+        return K.torch_sparse_mla(q, kv, pe, indices, start, scale, score_dtype)
     cfg = MLA_CONFIG
     hb = min(cfg["hb"], _pow2(h, 16))
     bk = cfg["bk"]
