@@ -382,7 +382,10 @@ class MLA(nn.Module):
     """
 
     sparse_decode = True
-    sparse_prefill = True
+    #: None: chunked sparse prefill for CUDA inputs and for prompts continued at start_pos > 0
+    #: (which the reference cannot do); the reference's masked-dense prefill otherwise, so CPU
+    #: runs keep the reference's numerics bit for bit (tests/test_reference_numerics.py)
+    sparse_prefill: bool | None = None
 
     def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
@@ -811,7 +814,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         bsz, seqlen = tokens.shape
-        if seqlen > 1 and start_pos != 0 and not MLA.sparse_prefill:
+        if seqlen > 1 and start_pos != 0 and MLA.sparse_prefill is False:
             raise ValueError(
                 f"prefill of {seqlen} tokens at start_pos {start_pos}: the reference's "
                 "masked-dense prefill (MLA.sparse_prefill = False) runs only at start_pos 0"
@@ -833,7 +836,10 @@ class Transformer(nn.Module):
                 return self._graphs.run(tokens, start_pos)
             span = Span(start_pos, end, end, index=self.positions[start_pos:end])
             return self.run_span(tokens, span, None, self.tracer)
-        if not MLA.sparse_prefill:  # the reference: one masked-dense forward at start 0
+        sparse = MLA.sparse_prefill
+        if sparse is None:
+            sparse = tokens.is_cuda or start_pos > 0
+        if not sparse:  # the reference: one masked-dense forward at start 0
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu_(1)
             return self.run_span(tokens, Span(0, seqlen, seqlen), mask, None)
         logits = None
@@ -887,10 +893,14 @@ class Transformer(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 head. On CUDA, when every weight is exactly a bf16 value (checkpoints
         store the head in bf16), a bf16 copy is read instead (``kernels.linear_bf16w``: fp32
-        math, half the bytes; the fp32 head is a quarter of a 4-layer decode step). Checked
-        once per weight version (one host sync); otherwise the fp32 GEMM as the reference."""
+        math, half the bytes; the fp32 head is a quarter of a 4-layer decode step), for one row
+        (batch 1: H200 0.45 vs 0.87 ms; at 8 rows the kernel re-reads the weights per row and
+        is 2x slower than cuBLAS). Checked once per weight version (one host sync); otherwise
+        the fp32 GEMM as the reference."""
         w = self.head.weight
-        if not x.is_cuda or torch.cuda.is_current_stream_capturing() and self._head_shadow is None:
+        if x.size(0) != 1 or not x.is_cuda:  # measured faster than cuBLAS fp32 at one row only
+            return self.head(x)
+        if torch.cuda.is_current_stream_capturing() and self._head_shadow is None:
             return self.head(x)
         key = (w.data_ptr(), w._version)
         if self._head_shadow is None or self._head_shadow[0] != key:

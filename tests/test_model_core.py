@@ -295,12 +295,12 @@ def test_reference_prefill_only_at_start_pos_zero(fp32):
     prefill can (tests/test_model_fastpath.py checks it equals the one-shot prefill)."""
     model = build(dtype="fp32")
     model(torch.zeros(1, 4, dtype=torch.long), 0)
-    M.MLA.sparse_prefill = False
+    prev, M.MLA.sparse_prefill = M.MLA.sparse_prefill, False
     try:
         with pytest.raises(ValueError, match="only at start_pos 0"):
             model(torch.zeros(1, 4, dtype=torch.long), 4)
     finally:
-        M.MLA.sparse_prefill = True
+        M.MLA.sparse_prefill = prev
     assert model(torch.zeros(1, 4, dtype=torch.long), 4).shape == (1, 1024)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 1, dtype=torch.long), 256)
