@@ -169,6 +169,9 @@ def generate(
         model.tracer = saved_tracer
         if tracer is not None:
             tracer.end_batch()
+    check = getattr(model, "check_ranks", None)
+    if check is not None:  # the TP top-k check of the last steps (asynchronous per step)
+        check()
 
     completions = []
     for i, row in enumerate(tokens.tolist()):

@@ -262,11 +262,12 @@ def test_sparse_decode_equals_masked_dense(fp32, exact):
     assert rec_s.calls[-1][1].shape == (2, 16)
 
 
-def test_sparse_decode_equals_masked_dense_bf16_fp8():
+@pytest.mark.parametrize("v1", [False, True])  # v1: fp32 scores and softmax
+def test_sparse_decode_equals_masked_dense_bf16_fp8(v1):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = build()
+        model = build(v1=v1)
         tokens = torch.randint(0, 1024, (1, 40), generator=torch.Generator().manual_seed(4))
         sparse = _decode_logits(model, tokens, 24, 6)
         M.MLA.sparse_decode = False
@@ -289,11 +290,18 @@ def test_decode_equals_prefill_when_topk_covers_context(fp32):
     torch.testing.assert_close(step[-1], full, rtol=1e-4, atol=1e-4)
 
 
-def test_prefill_at_nonzero_start_pos_is_rejected(fp32):
+def test_reference_prefill_only_at_start_pos_zero(fp32):
+    """The reference's masked-dense prefill cannot continue a prompt; the chunked sparse
+    prefill can (tests/test_model_fastpath.py checks it equals the one-shot prefill)."""
     model = build(dtype="fp32")
     model(torch.zeros(1, 4, dtype=torch.long), 0)
-    with pytest.raises(ValueError, match="only at start_pos 0"):
-        model(torch.zeros(1, 4, dtype=torch.long), 4)
+    prev, M.MLA.sparse_prefill = M.MLA.sparse_prefill, False
+    try:
+        with pytest.raises(ValueError, match="only at start_pos 0"):
+            model(torch.zeros(1, 4, dtype=torch.long), 4)
+    finally:
+        M.MLA.sparse_prefill = prev
+    assert model(torch.zeros(1, 4, dtype=torch.long), 4).shape == (1, 1024)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 1, dtype=torch.long), 256)
 
