@@ -129,8 +129,10 @@ def belady_hits(keys, cap):
     return hits
 
 
-def reference_analysis(trace, settings, tier_cfg, kvb_default=None):
-    """``settings``: a checked ``AnalysisSettings``; ``tier_cfg``: the loaded tier preset."""
+def reference_analysis(trace, settings, tier_cfg, kvb_default=None, shared=True):
+    """``settings``: a checked ``AnalysisSettings``; ``tier_cfg``: the loaded tier preset;
+    ``shared=False`` leaves out the shared-cache curves (their list-scan LRU stack is
+    quadratic)."""
     raw, bad_lines, tf = iter_raw_records(trace)
     meta_cfg = (tf.meta.config if tf.meta is not None else {}) or {}
     kvb = settings.kv_bytes_per_token or meta_cfg.get("kv_bytes_per_token") or kvb_default
@@ -183,7 +185,7 @@ def reference_analysis(trace, settings, tier_cfg, kvb_default=None):
         "layers": len({r["layer_id"] for r in recs}), "block_size_recorded": rec_bs,
         "kv_bytes_per_token": kvb,
         "skipped": {"malformed_lines": bad_lines, **skipped},
-        "results": [block_size_section(recs, bs, settings) for bs in sizes],
+        "results": [block_size_section(recs, bs, settings, shared) for bs in sizes],
         "read_amplification": amplification(recs, tier_cfg, kvb),
         "offsets": offsets_section(recs),
         "prefix": prefix_section(recs, rec_bs),
@@ -335,7 +337,7 @@ def union_records(recs):
     return out
 
 
-def block_size_section(recs, bs, s):
+def block_size_section(recs, bs, s, with_shared=True):
     per_layer = s.key_mode == "request_layer" and not s.step_union
     srecs = union_records(recs) if s.step_union else recs
     st = {k: D() for k in ("ub", "span", "dens", "tpb", "ent", "gini", "mbd", "jac")}
@@ -451,7 +453,8 @@ def block_size_section(recs, bs, s):
         prev[q] = (r["step_idx"], r["layer_id"], bset)
         keys.extend((q << 32) | (r["layer_id"] << 24) | b for b in blocks)
     n_streams = len(prev_set)
-    shared = shared_section(keys, cache_sim, n_streams, per_layer and not s.step_union)
+    shared = (shared_section(keys, cache_sim, n_streams, per_layer and not s.step_union)
+              if with_shared else None)
     layers = sorted(ub_layer)
     d_max = max(d for d, _ in heat) + 1
     l_max = max(lv for _, lv in heat) + 1
@@ -481,7 +484,7 @@ def block_size_section(recs, bs, s):
         "read_amplification": {"ratio": amp_b * bs / amp_t, "per_record": amp_r.out()},
         "cross_layer_overlap": {"iou": iou.out(), "by_layer_pair": [
             {"layers": [lv - 1, lv], **iou_pair[lv].out()} for lv in sorted(iou_pair)]},
-        "shared_cache": shared,
+        **({"shared_cache": shared} if with_shared else {}),
         "by_layer": {"layers": layers,
                      "unique_blocks_mean": [ub_layer[lv].out()["mean"] for lv in layers],
                      "step_jaccard_mean": ([jac_layer[lv].out()["mean"] if jac_layer[lv].v else 0.0

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from kvtier.analysis.kernels import AMP_LEVELS, NUMPY, clogc_table, numba_kernels
+from kvtier.analysis.kernels import AMP_LEVELS, NUMPY, numba_kernels
 from kvtier.analysis.state import IoUState, StreamState
 from kvtier.policies.belady import BeladyPolicy
 from kvtier.sim.cachesim import simulate
@@ -153,25 +153,30 @@ def positions(rng, n, ctx):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_token_and_block_pass_equal_loops(seed):
+def test_records_pass_equals_loops(seed):
     rng = np.random.default_rng(seed)
     pos, off, seq = positions(rng, 50, 5000)
     edges = np.array([0, 1, 3, 10, 100, 4000], dtype=np.int64)
     cut = rng.integers(0, 500, 50).astype(np.int64)
     wins = np.array([0, 2, 9], dtype=np.int64)
+    sizes = [1, 7, 16, 64]
+    # one record with a position past seq_len
+    pos[off[4] - 1] = seq[3] + 5  # still ascending
     sets = [k for k in (NUMPY, numba_kernels()) if k is not None]
     for kern in sets:
-        ge, amp, below = kern.token_pass(pos, off, seq, edges, cut)
+        rp = kern.records_pass(pos, off, seq, edges, cut, sizes, wins, {})
+        assert rp.bad.tolist() == [i == 3 for i in range(50)] and not rp.unsorted
         for i in range(50):
             p = pos[off[i]:off[i + 1]]
             offs = seq[i] - 1 - p
-            assert ge[i].tolist() == [int((offs >= e).sum()) for e in edges]
-            assert amp[i].tolist() == [len(set((p >> lv).tolist())) for lv in range(AMP_LEVELS)]
-            assert below[i] == int((p < cut[i]).sum())
-        for bs in (1, 7, 16, 64):
-            boff, blocks, counts, span, slogc, gini, nearb, sumdist = kern.block_pass(
-                pos, off, seq, bs, wins, clogc_table(bs))
+            assert rp.ge[i].tolist() == [int((offs >= e).sum()) for e in edges]
+            assert rp.amp[i].tolist() == [len(set((p >> lv).tolist())) for lv in range(AMP_LEVELS)]
+            assert rp.below[i] == int((p < cut[i]).sum())
+        for bs in sizes:
+            boff, blocks, counts, span, slogc, gini, nearb, sumdist = rp.blocks[bs]
             for i in range(50):
+                if i == 3:
+                    continue
                 p = pos[off[i]:off[i + 1]]
                 b, c = np.unique(p // bs, return_counts=True)
                 assert blocks[boff[i]:boff[i + 1]].tolist() == b.tolist()
@@ -185,6 +190,9 @@ def test_token_and_block_pass_equal_loops(seed):
                 cur = (seq[i] - 1) // bs
                 assert nearb[i].tolist() == [int((cur - b <= w).sum()) for w in wins]
                 assert sumdist[i] == int((cur - b).sum())
+        swapped = pos.copy()
+        swapped[off[5]], swapped[off[5] + 1] = swapped[off[5] + 1], swapped[off[5]]
+        assert kern.records_pass(swapped, off, seq, edges, cut, sizes, wins).unsorted
 
 
 @pytest.mark.parametrize("seed", range(4))

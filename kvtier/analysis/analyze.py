@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.analysis.amplification import ReadAmplification
-from kvtier.analysis.chunk import ALL_COLUMNS, Chunk, ChunkBuilder, list_values
+from kvtier.analysis.chunk import ALL_COLUMNS, Chunk, ChunkBuilder, list_values, normalise
 from kvtier.analysis.kernels import kernels
 from kvtier.analysis.locality import BlockSizeAnalysis, Records
 from kvtier.analysis.prefix import PrefixOverlap
@@ -28,9 +28,9 @@ from kvtier.analysis.union import StepUnion
 from kvtier.trace.reader import TraceError, find_trace
 
 FORMAT_VERSION = 1
-#: offset histogram edges (tokens): 0, 1, 2, 3, then 4 bins per octave up to 2**24
+#: offset histogram edges (tokens): 0, 1, 2, then 2 bins per octave up to 2**24
 OFFSET_EDGES = np.unique(np.concatenate([
-    [0], np.floor(2.0 ** (np.arange(0, 97) / 4.0)).astype(np.int64)]))
+    [0], np.floor(2.0 ** (np.arange(0, 49) / 2.0)).astype(np.int64)]))
 
 
 class AnalysisError(ValueError):
@@ -144,6 +144,7 @@ class Analyzer:
         self.filter_streams = StreamIndex(settings.key_mode == "request_layer")
         self.filter_ord = StepOrdinals()
         self.analysed = 0
+        self.scratch: dict = {}
 
     def _sizes(self, c: Chunk) -> dict[int, BlockSizeAnalysis]:
         if not self.sizes:
@@ -167,54 +168,67 @@ class Analyzer:
         c = self.builder.build(table)
         if c is None:
             return
-        if self.s.max_steps_per_stream:
+        sizes = self._sizes(c)
+        # old traces give prefix.intersection_blocks as a count: the blocks at the recorded
+        # size are needed to name them
+        rec_bs = c.block_size if (c.block_size and list_values(
+            c.table, "prefix.intersection_blocks") is None) else None
+        rp = self._pass(c, rec_bs)
+        redo = False
+        if rp.bad.any():
+            self.builder.skipped.invalid += int(rp.bad.sum())
+            c = c.take(~rp.bad)
+            redo = True
+        if c.n and rp.unsorted:
+            normalise(c)
+            redo = True
+        if c.n and self.s.max_steps_per_stream:
             o = self.filter_ord(self.filter_streams(c.req, c.layer), c.step)
             keep = o < self.s.max_steps_per_stream
-            self.builder.skipped.max_steps_per_stream += int((~keep).sum())
-            if not keep.any():
-                return
-            c = c.take(keep)
+            if not keep.all():
+                self.builder.skipped.max_steps_per_stream += int((~keep).sum())
+                c = c.take(keep)
+                redo = True
+        if c.n == 0:
+            return
+        if redo:
+            rp = self._pass(c, rec_bs)
         self.analysed += c.n
         d = self._decode_steps(c)
         k = c.lens()
-        ge, amp, below = self.k.token_pass(c.pos, c.offsets, c.seq_len, self.q_edges,
-                                           self.prefix.cut(c))
-        near = k[:, None] - ge[:, self.near_idx]
-        self.amp.add(amp, k)
-        self._offsets(c.layer, ge)
-        sizes = self._sizes(c)
-        recorded = None
-        if c.block_size and list_values(c.table, "prefix.intersection_blocks") is None:
-            recorded = self._blocks(c, c.block_size)[:2]
-        self.prefix.add(c, d, below, recorded)
+        near = k[:, None] - rp.ge[:, self.near_idx]
+        self.amp.add(rp.amp, k)
+        self._offsets(c.layer, rp.ge)
+        recorded = rp.blocks[rec_bs][:2] if rec_bs else None
+        self.prefix.add(c, d, rp.below, recorded)
         self.tiers.add(c)
         recs = Records(c.req, c.layer, c.step, c.seq_len, c.offsets, c.pos, c.gidx, near)
         virt = None
         if self.union is not None:
-            virt = self._virtual(self.union.feed(c.req, c.step, c.seq_len, c.offsets, c.pos))
+            virt = self.union.feed(c.req, c.step, c.seq_len, c.offsets, c.pos)
+        vp = self._pass(virt, None, slot="union") if virt is not None else None
         for bs, a in sizes.items():
-            bd = self._blocks(c, bs)
+            bd = rp.blocks[bs]
             a.trace_records(recs, bd, d)
             if self.union is None:
                 a.stream_records(recs, bd)
             elif virt is not None:
-                a.stream_records(virt, self._blocks(virt, bs, a.clogc))
+                a.stream_records(virt, vp.blocks[bs])
 
-    def _blocks(self, r, bs: int, clogc=None):
-        from kvtier.analysis.kernels import clogc_table
-
-        a = self.sizes.get(bs)
-        table = clogc if clogc is not None else (a.clogc if a is not None else clogc_table(bs))
+    def _pass(self, r, extra_bs: int | None, slot: str = "real"):
+        """``kernels.records_pass`` over records ``r`` at every analysed block size (and
+        ``extra_bs``); fills ``r.near`` for virtual records. Block arrays live in a scratch
+        per slot, valid until the next pass of that slot."""
+        sizes = list(self.sizes)
+        if extra_bs and extra_bs not in self.sizes:
+            sizes.append(extra_bs)
+        cut = self.prefix.cut(r) if slot == "real" else np.zeros(r.n, dtype=np.int64)
         wins = np.asarray(self.s.recent_block_windows, dtype=np.int64)
-        return self.k.block_pass(r.pos, r.offsets, r.seq_len, bs, wins, table)
-
-    def _virtual(self, v: Records | None) -> Records | None:
-        if v is None:
-            return None
-        ge, _, _ = self.k.token_pass(v.pos, v.offsets, v.seq_len, self.q_edges,
-                                     np.zeros(v.n, dtype=np.int64))
-        v.near = np.diff(v.offsets)[:, None] - ge[:, self.near_idx]
-        return v
+        rp = self.k.records_pass(r.pos, r.offsets, r.seq_len, self.q_edges, cut, sizes, wins,
+                                 self.scratch.setdefault(slot, {}))
+        if slot != "real":
+            r.near = np.diff(r.offsets)[:, None] - rp.ge[:, self.near_idx]
+        return rp
 
     def _offsets(self, layer: np.ndarray, ge: np.ndarray) -> None:
         g = ge[:, self.bin_idx]
@@ -228,10 +242,11 @@ class Analyzer:
 
     def finish(self) -> None:
         if self.union is not None:
-            virt = self._virtual(self.union.flush())
+            virt = self.union.flush()
             if virt is not None:
+                vp = self._pass(virt, None, slot="union")
                 for bs, a in self.sizes.items():
-                    a.stream_records(virt, self._blocks(virt, bs, a.clogc))
+                    a.stream_records(virt, vp.blocks[bs])
 
     def result(self, meta: dict) -> dict:
         s = self.s

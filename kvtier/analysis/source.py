@@ -27,9 +27,9 @@ import pyarrow as pa
 from kvtier.trace.reader import TraceError, TraceFiles, find_trace
 
 #: bytes of JSONL parsed per chunk (the chunk is split at a line boundary)
-JSONL_CHUNK_BYTES = 32 << 20
+JSONL_CHUNK_BYTES = 8 << 20
 #: records per chunk for Parquet and the columnar twin
-CHUNK_RECORDS = 2048
+CHUNK_RECORDS = 1024
 
 I64, F64 = pa.int64(), pa.float64()
 #: Arrow type of every column the analysis may read (the design note's field types). Fields
@@ -82,8 +82,9 @@ def iter_columns(trace: str | Path | TraceFiles, columns: Sequence[str],
     twin = _twin_reader()
     if twin is not None:
         table = twin(tf.root, list(columns))
-        for start in range(0, table.num_rows, CHUNK_RECORDS):
-            yield _complete(table.slice(start, CHUNK_RECORDS), columns)
+        # whole record batches (never a slice spanning two: that would copy the positions)
+        for batch in table.to_batches(max_chunksize=CHUNK_RECORDS):
+            yield _complete(pa.Table.from_batches([batch]), columns)
         return
     for path in tf.files:
         if tf.format == "parquet" or path.suffix == ".parquet":

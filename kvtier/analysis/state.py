@@ -154,7 +154,9 @@ class StreamState:
     and per (stream, block)."""
 
     def __init__(self, wmax: int, caps: np.ndarray) -> None:
-        self.wmax = max(1, int(wmax))
+        # the ring of per-ordinal block counts covers a power of two >= the largest window
+        # (the kernel takes ordinals modulo it with a mask, not a division)
+        self.wmax = 1 << max(0, int(wmax) - 1).bit_length()
         self.caps = caps
         nb = caps.shape[0]
         self.nb = nb
