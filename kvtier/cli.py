@@ -21,6 +21,8 @@ COMMANDS = (
     "replay",
     "sweep",
     "mrc",
+    "analyze",
+    "report",
     "convert_checkpoint",
     "generate",
     "run",
