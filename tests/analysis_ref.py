@@ -512,6 +512,8 @@ def shared_section(keys, cache_sim, n_streams, same):
         "working_set_blocks": ws,
         "capacity_blocks": grid, "lru_miss_ratio": [lru_miss(c) for c in grid],
         "opt_capacity_blocks": opt_grid, "opt_miss_ratio": [opt[c] for c in opt_grid],
+        "opt_vs_lru": [{"capacity_blocks": c, "lru_miss_ratio": lru_miss(c),
+                        "opt_miss_ratio": opt[c]} for c in opt_grid],
         "per_stream_vs_shared": [
             {"capacity_per_stream": int(c), "total_capacity_blocks": int(c) * n_streams,
              "per_stream_lru_miss_ratio": 1.0 - sim["hit_rate"],

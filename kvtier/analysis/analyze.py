@@ -335,3 +335,15 @@ def analyze(trace: str | Path, settings: AnalysisSettings | None = None, *,
     out["skipped_examples"] = log.messages
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def write_analysis(path: str | Path, res: dict) -> Path:
+    """Write an analysis as indented JSON, atomically (a killed run leaves the old file)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path

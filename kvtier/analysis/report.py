@@ -80,14 +80,17 @@ def fig_offsets(traces) -> Figure:
         edges = np.asarray(off["edges_tokens"], dtype=np.float64)
         layers = off["layers"]
         cmap = plt.get_cmap("viridis")
-        for j, (lv, counts) in enumerate(zip(layers, off["counts_by_layer"], strict=True)):
-            c = np.asarray(counts, dtype=np.float64)
+        counts_all = np.asarray(off["counts_by_layer"], dtype=np.float64).reshape(
+            len(layers), -1)
+        used = np.flatnonzero(counts_all.sum(axis=0))
+        top = int(used[-1]) + 2 if used.shape[0] else 2  # bins up to the longest offset
+        for j, (lv, c) in enumerate(zip(layers, counts_all, strict=True)):
             if c.sum() == 0:
                 continue
             cdf = np.cumsum(c) / c.sum()
             # edges[i] is the lower edge of bin i: the CDF at the next edge includes it
             x = np.append(edges[1:], edges[-1] * 2)
-            ax.step(np.maximum(x, 1), cdf, where="post",
+            ax.step(np.maximum(x[:top], 1), cdf[:top], where="post",
                     color=cmap(j / max(1, len(layers) - 1)), lw=1.0,
                     label=f"layer {lv}" if len(layers) <= 8 else None)
         ax.set_xscale("log")
@@ -192,6 +195,7 @@ def fig_jaccard_iou(traces) -> Figure:
             ax.plot([p["layers"][1] for p in pairs], [p["mean"] for p in pairs], ls="--",
                     marker="x", color=_color(i), label=f"{label}: IoU (layer l-1 vs l, step t)")
     ax.set_xlabel("layer (index)")
+    ax.xaxis.set_major_locator(_plt().MaxNLocator(integer=True))
     ax.set_ylabel("mean Jaccard / IoU (fraction)")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)

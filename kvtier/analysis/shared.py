@@ -73,7 +73,7 @@ class SharedCache:
         }
         if n == 0:
             out.update({"capacity_blocks": [], "lru_miss_ratio": [], "opt_capacity_blocks": [],
-                        "opt_miss_ratio": [], "per_stream_vs_shared": []})
+                        "opt_miss_ratio": [], "opt_vs_lru": [], "per_stream_vs_shared": []})
             return out
         d = stack_distances(keys)
         hist = np.bincount(d[d >= 0], minlength=1)
@@ -99,6 +99,10 @@ class SharedCache:
             "lru_miss_ratio": lru_miss(grid).tolist(),
             "opt_capacity_blocks": opt_grid.tolist(),
             "opt_miss_ratio": opt_miss.tolist(),
+            "opt_vs_lru": [{"capacity_blocks": int(c), "lru_miss_ratio": float(lm),
+                            "opt_miss_ratio": float(om)}
+                           for c, lm, om in zip(opt_grid.tolist(), lru_miss(opt_grid).tolist(),
+                                                opt_miss.tolist(), strict=True)],
         })
         rows = []
         opt_at = dict(zip(opt_grid.tolist(), opt_miss.tolist(), strict=True))

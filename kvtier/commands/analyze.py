@@ -107,19 +107,6 @@ def default_out(trace_dir: str):
     return (p if p.is_dir() else p.parent) / "analysis.json"
 
 
-def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically (a killed run leaves the old file)."""
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def summary_lines(res: dict) -> list[str]:
     """A few lines of what the analysis found."""
     out = [f"{res['records_analyzed']:,} of {res['records_read']:,} records analysed "
@@ -139,7 +126,7 @@ def summary_lines(res: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.analysis.analyze import AnalysisError, analyze
+    from kvtier.analysis.analyze import AnalysisError, analyze, write_analysis
     from kvtier.cli import CLIError
 
     settings = settings_from_args(args)
@@ -149,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     except AnalysisError as exc:
         raise CLIError(str(exc)) from None
     try:
-        write_json(out, res)
+        write_analysis(out, res)
     except OSError as exc:
         raise CLIError(f"{out}: {exc.strerror or exc}") from None
     for line in summary_lines(res):

@@ -31,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kvtier.analysis.analyze import AnalysisError, analyze
+    from kvtier.analysis.analyze import AnalysisError, analyze, write_analysis
     from kvtier.analysis.report import unique_labels, write_report
     from kvtier.cli import CLIError
-    from kvtier.commands.analyze import settings_from_args, summary_lines, write_json
+    from kvtier.commands.analyze import settings_from_args, summary_lines
 
     try:
         import matplotlib  # noqa: F401
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label}: " + "; ".join(summary_lines(res)[:1]))
         traces.append((label, res))
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        write_json(out / f"{safe}.analysis.json", res)
+        write_analysis(out / f"{safe}.analysis.json", res)
     page = write_report(traces, out, args.title)
     print(f"-> {page}")
     return 0
