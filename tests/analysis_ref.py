@@ -283,10 +283,12 @@ def prefix_section(recs, rec_bs):
         "requests_with_cached_prefix": len(cached_reqs),
         "intersection_ratio": ratio.out(), "cached_prefix_token_share": share.out(),
         "by_decode_step": {
-            "decode_step": steps, "records": [len(by[d][0].v) for d in steps],
-            "intersection_ratio_mean": [by[d][0].out()["mean"] for d in steps],
+            "decode_step": steps, "records": [len(by[d][1].v) for d in steps],
+            "intersection_ratio_mean": [by[d][0].out()["mean"] if by[d][0].v else None
+                                        for d in steps],
             "cached_prefix_token_share_mean": [by[d][1].out()["mean"] for d in steps],
-            "prefix_cache_hit_share": [by[d][2].out()["mean"] for d in steps],
+            "prefix_cache_hit_share": [by[d][2].out()["mean"] if by[d][2].v else None
+                                       for d in steps],
         },
         "hot_prefix_blocks": [{"block_id": b, "records": c, "share_of_records": c / len(recs)}
                               for b, c in hot if c > 0],
@@ -487,7 +489,7 @@ def block_size_section(recs, bs, s, with_shared=True):
         **({"shared_cache": shared} if with_shared else {}),
         "by_layer": {"layers": layers,
                      "unique_blocks_mean": [ub_layer[lv].out()["mean"] for lv in layers],
-                     "step_jaccard_mean": ([jac_layer[lv].out()["mean"] if jac_layer[lv].v else 0.0
+                     "step_jaccard_mean": ([jac_layer[lv].out()["mean"] if jac_layer[lv].v else None
                                             for lv in layers] if per_layer else None)},
         "unique_blocks_by_decode_step_layer": heat_rows,
         "tokens_per_block_hist": tpb,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvtier.analysis.kernels import AMP_LEVELS, NUMPY, numba_kernels
-from kvtier.analysis.state import IoUState, StreamState
+from kvtier.analysis.state import IoUState, StepOrdinals, StreamState
 from kvtier.policies.belady import BeladyPolicy
 from kvtier.sim.cachesim import simulate
 
@@ -47,7 +47,7 @@ def ref_lru(sid, boff, blocks, caps, caches):
 
 @pytest.mark.parametrize("kern", KERNELS)
 @pytest.mark.parametrize("seed", range(6))
-def test_lru_pass_equals_ordereddict(kern, seed):
+def test_stream_lru_equals_ordereddict(kern, seed):
     rng = np.random.default_rng(seed)
     caps = np.array(sorted(set(rng.integers(1, 12, 4).tolist()) | {1}), dtype=np.int64)
     st = StreamState(4, caps)
@@ -55,10 +55,17 @@ def test_lru_pass_equals_ordereddict(kern, seed):
     total = np.zeros(caps.shape[0], dtype=np.int64)
     expect = np.zeros(caps.shape[0], dtype=np.int64)
     span = 6
+    ords = StepOrdinals()
+    hist = np.zeros(3, dtype=np.int64)
+    t = 0
     for _ in range(8):  # block ids grow over the chunks, so tables move
         sid, boff, blocks = random_chunk(rng, 40, span, 5, 4)
+        step = np.arange(t, t + 40, dtype=np.int64)
+        t += 40
         st.prepare(sid, boff, blocks)
-        kern.lru_pass(st, sid, boff, blocks, caps, total)
+        jacc, ws = np.empty(40), np.zeros((40, 1), dtype=np.int64)
+        kern.stream_pass(st, sid, step, ords(sid, step), boff, blocks, np.array([1]), 2, hist,
+                         jacc, ws, caps, total)
         expect += ref_lru(sid, boff, blocks, caps.tolist(), caches)
         assert total.tolist() == expect.tolist()
         span += 30
@@ -95,7 +102,8 @@ def test_stream_pass_equals_loops(kern, seed):
         st.prepare(sid, boff, blocks)
         jacc = np.empty(sid.shape[0])
         ws = np.zeros((sid.shape[0], windows.shape[0]), dtype=np.int64)
-        first += kern.stream_pass(st, sid, step, sord, boff, blocks, windows, cap, hist, jacc, ws)
+        first += kern.stream_pass(st, sid, step, sord, boff, blocks, windows, cap, hist, jacc, ws,
+                                  np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         for i, s in enumerate(sid.tolist()):
             bset = set(blocks[boff[i]:boff[i + 1]].tolist())
             if s in prev:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from kvtier.analysis.kernels import AMP_LEVELS
-from kvtier.analysis.stats import Dist
+from kvtier.analysis.stats import DistSet
 
 SIZES = [1 << lv for lv in range(AMP_LEVELS)]
+SIZE_ARR = np.array(SIZES, dtype=np.int64)
 WHATIF_BLOCKS = [16, 32, 64, 128, 256, 512]
 POOLS = ("local_pool", "remote_pool")
 
@@ -32,7 +33,7 @@ class ReadAmplification:
         self.blocks = np.zeros(AMP_LEVELS, dtype=np.int64)
         self.tokens = 0
         self.records = 0
-        self.per_record = [Dist() for _ in SIZES]
+        self.per_record = DistSet(AMP_LEVELS)
         self.pools = [p for p in POOLS if getattr(tier_config, p, None) is not None]
         # per fetch granularity 2**l tokens: summed per-record fetch time on each pool
         self.time_sum = {p: np.zeros(AMP_LEVELS) for p in self.pools}
@@ -44,16 +45,11 @@ class ReadAmplification:
         self.blocks += amp.sum(axis=0)
         self.tokens += int(k.sum())
         self.records += int(k.shape[0])
-        kf = k.astype(np.float64)
-        for lv, d in enumerate(self.per_record):
-            d.add(amp[:, lv] * (1 << lv) / kf)
-        for p in self.pools:
+        self.per_record.add(amp * SIZE_ARR / k.astype(np.float64)[:, None])
+        seg = SIZE_ARR * self.kvb  # bytes of one 2**l-token segment, per level
+        for p in self.pools:  # per-record fetch time at every granularity, one call per pool
             tier = getattr(self.cfg, p)
-            for lv in range(AMP_LEVELS):  # fetch granularity 2**lv tokens
-                seg = (1 << lv) * self.kvb
-                segs = amp[:, lv]
-                self.time_sum[p][lv] += batch_time_us(tier, read_ops(tier, segs, seg),
-                                                      segs * seg).sum()
+            self.time_sum[p] += batch_time_us(tier, read_ops(tier, amp, seg), amp * seg).sum(0)
 
     def result(self) -> dict:
         tok = self.tokens
@@ -62,7 +58,7 @@ class ReadAmplification:
             u = int(self.blocks[lv])
             rows.append({"block_size_tokens": size, "ratio": u * size / tok if tok else 0.0,
                          "blocks_per_record": u / self.records if self.records else 0.0,
-                         "per_record": self.per_record[lv].to_dict()})
+                         "per_record": self.per_record.dist(lv)})
         whatif = []
         for big in WHATIF_BLOCKS:
             lb = big.bit_length() - 1

@@ -17,7 +17,11 @@ import numpy as np
 from kvtier.analysis.kernels import clogc_table
 from kvtier.analysis.shared import SharedCache
 from kvtier.analysis.state import IoUState, StepOrdinals, StreamIndex, StreamState
-from kvtier.analysis.stats import Dist, GroupDist
+from kvtier.analysis.stats import Dist, DistSet, GroupDist, GroupMean
+
+#: the record_stats columns kept in one DistSet (the recent ratios follow them)
+RECORD_COLUMNS = ("unique_blocks", "block_span", "block_density", "tokens_per_block_mean",
+                  "normalized_entropy", "gini", "mean_block_distance")
 
 
 class Records:
@@ -44,29 +48,27 @@ class BlockSizeAnalysis:
         self.ws_windows = np.asarray(settings.ws_windows, dtype=np.int64)
         self.caps = np.asarray(settings.lru_caps, dtype=np.int64)
         self.per_layer_streams = per_layer_streams
-        # record_stats
-        self.unique_blocks, self.block_span, self.block_density = Dist(), Dist(), Dist()
-        self.tokens_per_block_mean, self.entropy, self.gini = Dist(), Dist(), Dist()
-        self.recent_token = [Dist() for _ in settings.recent_token_windows]
-        self.recent_block = [Dist() for _ in settings.recent_block_windows]
-        self.mean_block_distance = Dist()
+        # record_stats: one column each, in RECORD_COLUMNS order, then the recent ratios
+        self.nt = len(settings.recent_token_windows)
+        self.nb_w = len(settings.recent_block_windows)
+        self.record = DistSet(len(RECORD_COLUMNS) + self.nt + self.nb_w)
         # temporal_locality, working_set, cache_sim
         self.step_jaccard = Dist()
         self.reuse_hist = np.zeros(settings.reuse_cap_steps + 1, dtype=np.int64)
         self.first_touch = 0
-        self.ws = [Dist() for _ in settings.ws_windows]
+        self.ws = DistSet(len(settings.ws_windows))
         self.lru_hits = np.zeros(self.caps.shape[0], dtype=np.int64)
         self.lru_accesses = 0
         self.streams = StreamIndex(per_layer_streams)
         self.ordinals = StepOrdinals()
         self.state = StreamState(int(self.ws_windows.max()) if self.ws_windows.shape[0] else 1,
                                  self.caps)
-        self.jaccard_by_layer = GroupDist()
+        self.jaccard_by_layer = GroupMean()
         # beyond: trace records
         self.iou_state = IoUState()
         self.iou = Dist()
         self.iou_by_layer = GroupDist()  # group = the later layer of the pair
-        self.unique_by_layer = GroupDist()
+        self.unique_by_layer = GroupMean()
         self.heat_sum = np.zeros((0, 0))
         self.heat_n = np.zeros((0, 0), dtype=np.int64)
         self.amp_blocks = 0
@@ -97,8 +99,10 @@ class BlockSizeAnalysis:
             hs[:self.heat_sum.shape[0], :self.heat_sum.shape[1]] = self.heat_sum
             hn[:self.heat_n.shape[0], :self.heat_n.shape[1]] = self.heat_n
             self.heat_sum, self.heat_n = hs, hn
-        np.add.at(self.heat_sum, (decode_step, r.layer), u)
-        np.add.at(self.heat_n, (decode_step, r.layer), 1)
+        cell = decode_step * self.heat_sum.shape[1] + r.layer
+        size = self.heat_sum.size
+        self.heat_sum += np.bincount(cell, weights=u, minlength=size).reshape(self.heat_sum.shape)
+        self.heat_n += np.bincount(cell, minlength=size).reshape(self.heat_n.shape)
         # cross-layer IoU (per request, consecutive layers of one step)
         self.iou_state.prepare(r.req, boff, blocks)
         iou = np.empty(r.n)
@@ -114,19 +118,20 @@ class BlockSizeAnalysis:
         del counts
         u = np.diff(boff)
         k = np.diff(r.offsets).astype(np.float64)
-        self.unique_blocks.add(u)
-        self.block_span.add(span)
-        self.block_density.add(u / span)
-        self.tokens_per_block_mean.add(k / u)
+        uf = u.astype(np.float64)
         h = np.log(k) - slogc / k  # Shannon entropy of the per-block token shares
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.entropy.add(np.where(u > 1, h / np.log(np.maximum(u, 2)), 0.0))
-        self.gini.add(gini)
-        for j, d in enumerate(self.recent_token):
-            d.add(r.near[:, j] / k)
-        for j, d in enumerate(self.recent_block):
-            d.add(nearb[:, j] / u)
-        self.mean_block_distance.add(sumdist / u)
+        m = np.empty((r.n, len(RECORD_COLUMNS) + self.nt + self.nb_w))
+        m[:, 0] = uf
+        m[:, 1] = span
+        m[:, 2] = uf / span
+        m[:, 3] = k / uf
+        m[:, 4] = np.where(u > 1, h / np.log(np.maximum(uf, 2.0)), 0.0)
+        m[:, 5] = gini
+        m[:, 6] = sumdist / uf
+        base = len(RECORD_COLUMNS)
+        m[:, base:base + self.nt] = r.near / k[:, None]
+        m[:, base + self.nt:] = nearb / uf[:, None]
+        self.record.add(m)
         # streams
         sid = self.streams(r.req, r.layer)
         sord = self.ordinals(sid, r.step)
@@ -135,20 +140,19 @@ class BlockSizeAnalysis:
         ws = np.zeros((r.n, self.ws_windows.shape[0]), dtype=np.int64)
         self.first_touch += int(self.k.stream_pass(
             self.state, sid, r.step, sord, boff, blocks, self.ws_windows,
-            self.s.reuse_cap_steps, self.reuse_hist, jacc, ws))
+            self.s.reuse_cap_steps, self.reuse_hist, jacc, ws, self.caps, self.lru_hits))
         self.step_jaccard.add(jacc)
         if self.per_layer_streams:
             self.jaccard_by_layer.add(r.layer, jacc)
-        for j, d in enumerate(self.ws):
-            d.add(ws[:, j])
-        if self.caps.shape[0]:
-            self.k.lru_pass(self.state, sid, boff, blocks, self.caps, self.lru_hits)
+        self.ws.add(ws)
         self.lru_accesses += int(u.sum())
 
     # -- results ----------------------------------------------------------------------------
 
     def result(self, n_requests: int, key_mode: str, step_union: bool) -> dict:
         s = self.s
+        rec = self.record.dist
+        base = len(RECORD_COLUMNS)
         hist = self.reuse_hist
         total = int(hist.sum())
         nz = np.flatnonzero(hist)
@@ -172,20 +176,17 @@ class BlockSizeAnalysis:
             "step_union": step_union,
             "streams": n_streams,
             "record_stats": {
-                "unique_blocks": self.unique_blocks.to_dict(),
-                "block_span": self.block_span.to_dict(),
-                "block_density": self.block_density.to_dict(),
-                "tokens_per_block_mean": self.tokens_per_block_mean.to_dict(),
-                "block_concentration": {"normalized_entropy": self.entropy.to_dict(),
-                                        "gini": self.gini.to_dict()},
+                "unique_blocks": rec(0),
+                "block_span": rec(1),
+                "block_density": rec(2),
+                "tokens_per_block_mean": rec(3),
+                "block_concentration": {"normalized_entropy": rec(4), "gini": rec(5)},
                 "recent_locality": {
-                    "recent_token_ratio": {str(w): d.to_dict() for w, d in
-                                           zip(s.recent_token_windows, self.recent_token,
-                                               strict=True)},
-                    "recent_block_ratio": {str(w): d.to_dict() for w, d in
-                                           zip(s.recent_block_windows, self.recent_block,
-                                               strict=True)},
-                    "mean_block_distance": self.mean_block_distance.to_dict(),
+                    "recent_token_ratio": {str(w): rec(base + j) for j, w in
+                                           enumerate(s.recent_token_windows)},
+                    "recent_block_ratio": {str(w): rec(base + self.nt + j) for j, w in
+                                           enumerate(s.recent_block_windows)},
+                    "mean_block_distance": rec(6),
                 },
             },
             "temporal_locality": {
@@ -197,8 +198,7 @@ class BlockSizeAnalysis:
                 "reuse_samples": total,
                 "reuse_cap_steps": s.reuse_cap_steps,
             },
-            "working_set": {str(w): d.to_dict() for w, d in zip(s.ws_windows, self.ws,
-                                                                 strict=True)},
+            "working_set": {str(w): self.ws.dist(j) for j, w in enumerate(s.ws_windows)},
             "cache_sim": cache_sim,
             "read_amplification": {
                 "ratio": self.amp_blocks * self.bs / self.amp_tokens if self.amp_tokens else 0.0,
@@ -207,8 +207,8 @@ class BlockSizeAnalysis:
             "shared_cache": shared,
             "by_layer": {
                 "layers": layers,
-                "unique_blocks_mean": [self.unique_by_layer.dist(g)["mean"] for g in layers],
-                "step_jaccard_mean": ([self.jaccard_by_layer.dist(g)["mean"] for g in layers]
+                "unique_blocks_mean": [self.unique_by_layer.mean(g) for g in layers],
+                "step_jaccard_mean": ([self.jaccard_by_layer.mean(g) for g in layers]
                                       if self.per_layer_streams else None),
             },
             "unique_blocks_by_decode_step_layer": [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvtier.analysis.chunk import Chunk, float_column, int_column, list_values
-from kvtier.analysis.stats import Dist, GroupDist
+from kvtier.analysis.stats import Dist, GroupMean
 
 HOT_TOP = 32
 
@@ -24,9 +24,9 @@ class PrefixOverlap:
     def __init__(self) -> None:
         self.ratio = Dist()
         self.share = Dist()
-        self.ratio_by_step = GroupDist()
-        self.share_by_step = GroupDist()
-        self.hit_by_step = GroupDist()
+        self.ratio_by_step = GroupMean()
+        self.share_by_step = GroupMean()
+        self.hit_by_step = GroupMean()
         self.touch = np.zeros(0, dtype=np.int64)
         self.records = 0
         self.cached_records = 0
@@ -77,7 +77,7 @@ class PrefixOverlap:
         return blocks[first + within]
 
     def result(self, block_size: int | None) -> dict:
-        steps = self.ratio_by_step.groups()
+        steps = self.share_by_step.groups()
         order = np.argsort(-self.touch, kind="stable")[:HOT_TOP]
         hot = [{"block_id": int(b), "records": int(self.touch[b]),
                 "share_of_records": int(self.touch[b]) / self.records if self.records else 0.0}
@@ -91,11 +91,10 @@ class PrefixOverlap:
             "cached_prefix_token_share": self.share.to_dict(),
             "by_decode_step": {
                 "decode_step": steps,
-                "records": [int(self.ratio_by_step.n[g]) for g in steps],
-                "intersection_ratio_mean": [self.ratio_by_step.dist(g)["mean"] for g in steps],
-                "cached_prefix_token_share_mean": [self.share_by_step.dist(g)["mean"]
-                                                   for g in steps],
-                "prefix_cache_hit_share": [self.hit_by_step.dist(g)["mean"] for g in steps],
+                "records": [int(self.share_by_step.n[g]) for g in steps],
+                "intersection_ratio_mean": [self.ratio_by_step.mean(g) for g in steps],
+                "cached_prefix_token_share_mean": [self.share_by_step.mean(g) for g in steps],
+                "prefix_cache_hit_share": [self.hit_by_step.mean(g) for g in steps],
             },
             "hot_prefix_blocks": hot,
         }

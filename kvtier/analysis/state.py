@@ -56,10 +56,10 @@ class BlockTables:
         new_base = self.used + np.concatenate([[0], np.cumsum(new_size)[:-1]])
         total = self.used + int(new_size.sum())
         cap = next(iter(self.pools.values())).shape[0]
-        if total > cap:
+        if total > cap:  # new tables fill their own region below: no need to fill the pool
             new_cap = max(total, 2 * cap)
-            for k, (dt, fill) in self.fields.items():
-                arr = np.full(new_cap, fill, dtype=dt)
+            for k in self.fields:
+                arr = np.empty(new_cap, dtype=self.pools[k].dtype)
                 arr[:self.used] = self.pools[k][:self.used]
                 self.pools[k] = arr
         moved = []

@@ -53,6 +53,70 @@ class Dist:
         return {"count": self.n, "min": self.lo, "max": self.hi, "mean": self.mean, "std": std}
 
 
+class DistSet:
+    """``k`` distributions fed together, one column each of an (n, k) matrix without NaNs
+    (one vectorised merge for all of them instead of k small ones)."""
+
+    def __init__(self, k: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(k)
+        self.m2 = np.zeros(k)
+        self.lo = np.full(k, np.inf)
+        self.hi = np.full(k, -np.inf)
+
+    def add(self, x) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        k = int(x.shape[0])
+        if k == 0:
+            return
+        mean_b = x.mean(axis=0)
+        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        n = self.n + k
+        d = mean_b - self.mean
+        self.mean = self.mean + d * (k / n)
+        self.m2 = self.m2 + m2_b + d * d * (self.n * k / n)
+        self.n = n
+        self.lo = np.minimum(self.lo, x.min(axis=0))
+        self.hi = np.maximum(self.hi, x.max(axis=0))
+
+    def dist(self, j: int) -> dict:
+        d = Dist()
+        d.n, d.mean, d.m2 = self.n, float(self.mean[j]), float(self.m2[j])
+        d.lo, d.hi = float(self.lo[j]), float(self.hi[j])
+        return d.to_dict()
+
+
+class GroupMean:
+    """Count and mean per small non-negative integer group (a layer, a decode step)."""
+
+    def __init__(self) -> None:
+        self.n = np.zeros(0, dtype=np.int64)
+        self.s = np.zeros(0)
+
+    def add(self, group, x) -> None:
+        g = np.asarray(group, dtype=np.int64).ravel()
+        x = np.asarray(x, dtype=np.float64).ravel()
+        ok = ~np.isnan(x)
+        if not ok.all():
+            g, x = g[ok], x[ok]
+        if g.shape[0] == 0:
+            return
+        size = max(int(g.max()) + 1, self.n.shape[0])
+        n = np.bincount(g, minlength=size)
+        s = np.bincount(g, weights=x, minlength=size)
+        n[:self.n.shape[0]] += self.n
+        s[:self.s.shape[0]] += self.s
+        self.n, self.s = n, s
+
+    def groups(self) -> list[int]:
+        return np.flatnonzero(self.n > 0).tolist()
+
+    def mean(self, g: int) -> float | None:
+        if g >= self.n.shape[0] or self.n[g] == 0:
+            return None
+        return float(self.s[g] / self.n[g])
+
+
 class GroupDist:
     """One ``Dist`` per small non-negative integer group (a layer, a decode step), vectorised."""
 

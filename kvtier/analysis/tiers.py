@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.analysis.chunk import TIER_FIELDS, Chunk, float_column, int_column
+from kvtier.analysis.chunk import TIER_FIELDS, Chunk, float_column
 from kvtier.analysis.source import TIERS
 from kvtier.analysis.stats import percentiles
 
@@ -26,13 +26,22 @@ class TierBreakdown:
         self.records = 0
 
     def add(self, c: Chunk) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         self.records += c.n
+        tab = c.table
         for t in TIERS:
             for f in self.sums[t]:
-                self.sums[t][f] += int(int_column(c.table, f"kv_fetch.{t}.{f}").sum())
-            hits = int_column(c.table, f"kv_fetch.{t}.hit_blocks")
-            self.served[t] += int((hits > 0).sum())
-            lat = float_column(c.table, f"kv_fetch.{t}.latency_us")
+                col = tab.column(f"kv_fetch.{t}.{f}")
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    col = pc.list_value_length(col)
+                    if f == "hit_blocks":
+                        self.served[t] += int(pc.sum(pc.greater(col, 0)).as_py() or 0)
+                elif f == "hit_blocks":
+                    self.served[t] += int(pc.sum(pc.greater(col, 0)).as_py() or 0)
+                self.sums[t][f] += int(pc.sum(col).as_py() or 0)
+            lat = float_column(tab, f"kv_fetch.{t}.latency_us")
             lat = lat[~np.isnan(lat)]
             if lat.shape[0]:
                 self.latency[t].append(lat)

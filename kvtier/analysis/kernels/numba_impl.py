@@ -218,10 +218,24 @@ def records_pass(pos, offsets, seq_len, edges, cut, sizes, wins, scratch=None):
 
 @njit
 def _stream(sid, step, sord, boff, blocks, base, last_rec, last_step, last_ord, rec_count,
-            prev_size, ring, ring_top, wmax, ws_windows, cap_steps, reuse_hist, jacc, ws):
+            prev_size, ring, ring_top, wmax, ws_windows, cap_steps, reuse_hist, jacc, ws,
+            caps, head, tail, size, bound, prv, nxt, band, hits):
+    # One pass over the blocks of each record for all per-stream state: reuse distance,
+    # Jaccard with the previous record, the working-set ring, and the multi-capacity LRU.
+    #
+    # LRU: one list per stream (Mattson's stack) capped at caps[-1]; band[e] = smallest c
+    # with rank(e) < caps[c] (nb = not in the list), bound[s, c] = the element at rank
+    # caps[c] - 1. Moving e to the front pushes the boundary element of every band above
+    # e's down one band; the list itself only changes at e (and at the tail, which leaves
+    # when the list is full). A stream's head, tail, size and boundaries stay in locals
+    # while its record is processed.
     n = sid.shape[0]
     nwin = ws_windows.shape[0]
     mask = wmax - 1  # wmax is a power of two
+    nb = caps.shape[0]
+    cmax = caps[nb - 1] if nb else 0
+    zh = np.zeros(nb + 1, dtype=np.int64)  # accesses by band (hit for every c >= band)
+    bnd = np.empty(max(nb, 1), dtype=np.int64)
     first_total = 0
     for i in range(n):
         s = sid[i]
@@ -237,6 +251,9 @@ def _stream(sid, step, sord, boff, blocks, base, last_rec, last_step, last_ord, 
         bse = base[s]
         t = step[i]
         slot = s * wmax + (o & mask)
+        hd, tl, sz = head[s], tail[s], size[s]
+        for c in range(nb):
+            bnd[c] = bound[s * nb + c]
         for k in range(boff[i], boff[i + 1]):
             e = bse + blocks[k]
             lr = last_rec[e]
@@ -258,6 +275,55 @@ def _stream(sid, step, sord, boff, blocks, base, last_rec, last_step, last_ord, 
             last_rec[e] = r
             last_step[e] = t
             last_ord[e] = o
+            if nb == 0:
+                continue
+            # -- LRU
+            z = band[e]
+            zh[z] += 1
+            if hd == e:
+                continue
+            if z < nb and bnd[z] == e:
+                bnd[z] = prv[e]
+            full = sz == cmax
+            for c in range(z):
+                bb = bnd[c]
+                if bb != -1:  # the element above it is the new boundary (e if none)
+                    band[bb] = c + 1
+                    pb = prv[bb]
+                    bnd[c] = pb if pb != -1 else e
+            if z == nb:
+                if full:  # the old tail was pushed out of the last band: evict it
+                    old = tl
+                    tl = prv[old]
+                    if tl != -1:
+                        nxt[tl] = -1
+                    else:
+                        hd = -1
+                    prv[old] = -1
+                else:
+                    sz += 1
+            else:  # unlink e
+                p, q = prv[e], nxt[e]
+                nxt[p] = q
+                if q != -1:
+                    prv[q] = p
+                else:
+                    tl = p
+            prv[e] = -1
+            nxt[e] = hd
+            if hd != -1:
+                prv[hd] = e
+            else:
+                tl = e
+            hd = e
+            band[e] = 0
+            if z == nb:
+                for c in range(nb):
+                    if bnd[c] == -1 and sz == caps[c]:
+                        bnd[c] = tl
+        head[s], tail[s], size[s] = hd, tl, sz
+        for c in range(nb):
+            bound[s * nb + c] = bnd[c]
         u = boff[i + 1] - boff[i]
         if r > 0:
             jacc[i] = inter / (u + prev_size[s] - inter)
@@ -274,85 +340,20 @@ def _stream(sid, step, sord, boff, blocks, base, last_rec, last_step, last_ord, 
             while wi < nwin and ws_windows[wi] == j + 1:
                 ws[i, wi] = acc
                 wi += 1
-    return first_total
-
-
-def stream_pass(st, sid, step, sord, boff, blocks, ws_windows, cap_steps, reuse_hist,
-                jacc, ws):
-    return _stream(sid, step, sord, boff, blocks, st.base, st.last_rec, st.last_step,
-                   st.last_ord, st.rec_count, st.prev_size, st.ring, st.ring_top, st.wmax,
-                   ws_windows, cap_steps, reuse_hist, jacc, ws)
-
-
-@njit
-def _lru(sid, boff, blocks, base, caps, head, tail, size, bound, prv, nxt, band, hits):
-    # Multi-capacity LRU in one list per stream (Mattson's stack), capped at caps[-1]:
-    # band[e] = smallest c with rank(e) < caps[c] (nb = not in the list), bound[s, c] =
-    # the element at rank caps[c] - 1. Moving e to the front pushes the boundary element
-    # of every band above e's down one band; the list itself only changes at e (and at
-    # the tail, which leaves when the list is full).
-    nb = caps.shape[0]
-    cmax = caps[nb - 1]
-    n = sid.shape[0]
-    zh = np.zeros(nb + 1, dtype=np.int64)  # accesses by band (hit for every c >= band)
-    for i in range(n):
-        s = sid[i]
-        bse = base[s]
-        for k in range(boff[i], boff[i + 1]):
-            e = bse + blocks[k]
-            z = band[e]
-            zh[z] += 1
-            if head[s] == e:
-                continue
-            if z < nb and bound[s * nb + z] == e:
-                bound[s * nb + z] = prv[e]
-            full = size[s] == cmax
-            for c in range(z):
-                bb = bound[s * nb + c]
-                if bb != -1:  # the element above it is the new boundary (e if none)
-                    band[bb] = c + 1
-                    bound[s * nb + c] = prv[bb] if prv[bb] != -1 else e
-            if z == nb:
-                if full:  # the old tail was pushed out of the last band: evict it
-                    old = tail[s]
-                    t = prv[old]
-                    tail[s] = t
-                    if t != -1:
-                        nxt[t] = -1
-                    else:
-                        head[s] = -1
-                    prv[old] = -1
-                else:
-                    size[s] += 1
-            else:  # unlink e
-                p, q = prv[e], nxt[e]
-                nxt[p] = q
-                if q != -1:
-                    prv[q] = p
-                else:
-                    tail[s] = p
-            h = head[s]
-            prv[e] = -1
-            nxt[e] = h
-            if h != -1:
-                prv[h] = e
-            else:
-                tail[s] = e
-            head[s] = e
-            band[e] = 0
-            if z == nb:
-                for c in range(nb):
-                    if bound[s * nb + c] == -1 and size[s] == caps[c]:
-                        bound[s * nb + c] = tail[s]
     acc = 0
     for c in range(nb):
         acc += zh[c]
         hits[c] += acc
+    return first_total
 
 
-def lru_pass(st, sid, boff, blocks, caps, hits):
-    _lru(sid, boff, blocks, st.base, caps, st.lru_head, st.lru_tail, st.lru_size,
-         st.lru_bound, st.lru_prev, st.lru_next, st.lru_band, hits)
+def stream_pass(st, sid, step, sord, boff, blocks, ws_windows, cap_steps, reuse_hist,
+                jacc, ws, caps, hits):
+    return _stream(sid, step, sord, boff, blocks, st.base, st.last_rec, st.last_step,
+                   st.last_ord, st.rec_count, st.prev_size, st.ring, st.ring_top, st.wmax,
+                   ws_windows, cap_steps, reuse_hist, jacc, ws, caps, st.lru_head,
+                   st.lru_tail, st.lru_size, st.lru_bound, st.lru_prev, st.lru_next,
+                   st.lru_band, hits)
 
 
 @njit
@@ -480,5 +481,5 @@ def opt_hits(keys, caps):
 
 
 NUMBA = SimpleNamespace(
-    name="numba", records_pass=records_pass, stream_pass=stream_pass,
-    lru_pass=lru_pass, iou_pass=iou_pass, sample_keys=sample_keys, opt_hits=opt_hits)
+    name="numba", records_pass=records_pass, stream_pass=stream_pass, iou_pass=iou_pass,
+    sample_keys=sample_keys, opt_hits=opt_hits)

@@ -171,10 +171,20 @@ def _expand(boff: np.ndarray, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def stream_pass_np(st, sid, step, sord, boff, blocks, ws_windows, cap_steps,
-                   reuse_hist, jacc, ws):
-    """Per-stream temporal metrics of one chunk (see ``locality.StreamState``): reuse distance
-    histogram and first touches, Jaccard with the stream's previous record, working sets.
-    ``sord`` = the record's step ordinal in its stream. Returns first touches."""
+                   reuse_hist, jacc, ws, caps, hits):
+    """Per-stream temporal metrics of one chunk (see ``state.StreamState``): reuse distance
+    histogram and first touches, Jaccard with the stream's previous record, working sets,
+    and the LRU hits at every capacity of ``caps`` (``lru_pass_np``). ``sord`` = the record's
+    step ordinal in its stream. Returns first touches."""
+    first = _stream_np(st, sid, step, sord, boff, blocks, ws_windows, cap_steps, reuse_hist,
+                       jacc, ws)
+    if caps.shape[0]:
+        lru_pass_np(st, sid, boff, blocks, caps, hits)
+    return first
+
+
+def _stream_np(st, sid, step, sord, boff, blocks, ws_windows, cap_steps, reuse_hist, jacc,
+               ws):
     wmax = st.wmax
     ring = st.ring
     first_total = 0
@@ -314,5 +324,5 @@ def opt_hits_np(keys, caps):
 
 
 NUMPY = SimpleNamespace(
-    name="numpy", records_pass=records_pass_np, stream_pass=stream_pass_np, lru_pass=lru_pass_np, iou_pass=iou_pass_np,
-    sample_keys=sample_keys_np, opt_hits=opt_hits_np)
+    name="numpy", records_pass=records_pass_np, stream_pass=stream_pass_np,
+    iou_pass=iou_pass_np, sample_keys=sample_keys_np, opt_hits=opt_hits_np)
