@@ -15,7 +15,11 @@ PARQUET_FILE = "trace_steps.parquet"
 SUMMARY_FILE = "summary.json"
 META_FILE = "trace_meta.json"
 EVENT_DSA_TOPK = "dsa_topk"
-SCHEMA_VERSION = 1
+#: 2: the design note's §5.2 form (int request_id, block-id lists in kv_fetch.*.hit_blocks
+#: and prefix.intersection_blocks, batch_size = blocks of the tier's batch_get); 1: kvtier's
+#: earlier form (``kvtier convert --upgrade`` turns it into 2)
+SCHEMA_VERSION = 2
+REQUESTS_FILE = "requests.jsonl"
 
 TIER_NAMES = ("hbm", "local_pool", "remote_pool")
 
@@ -37,9 +41,16 @@ class TokensPerBlock(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
-    """What one tier served for one record (point C)."""
+    """What one tier served for one record (point C).
 
-    hit_blocks: int
+    ``hit_blocks``: the sorted block ids this tier served; the three tiers' lists partition
+    the record's ``selected_block_ids``. ``batch_size``: the blocks this tier's batch_get
+    covered (``len(hit_blocks)``). A backend may hand ``hit_blocks`` as any sorted int
+    sequence (a numpy array view of ``LayerAccess.block_ids`` costs nothing); kvtier's
+    encoders (``record_encoder``) write it as a JSON list. Decoded records hold lists.
+    """
+
+    hit_blocks: list[int]
     bytes_read: int
     read_ops: int
     latency_us: float | None
@@ -47,7 +58,7 @@ class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def empty_tier() -> TierFetch:
-    return TierFetch(hit_blocks=0, bytes_read=0, read_ops=0, latency_us=None, batch_size=0)
+    return TierFetch(hit_blocks=[], bytes_read=0, read_ops=0, latency_us=None, batch_size=0)
 
 
 class KVFetch(msgspec.Struct, forbid_unknown_fields=True):
@@ -63,7 +74,7 @@ class PrefixInfo(msgspec.Struct, forbid_unknown_fields=True):
     prefix_cached_blocks: int
     prefix_key: str | None
     intersection_ratio: float
-    intersection_blocks: int
+    intersection_blocks: list[int]
 
 
 class ScoresStats(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,7 +92,7 @@ class TopkRecord(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     dataset: str
     rank: int
     world_size: int
-    request_id: str
+    request_id: int
     layer_id: int
     step_idx: int
     seq_len_current: int
@@ -125,6 +136,13 @@ class Serving(msgspec.Struct, forbid_unknown_fields=True):
     max_new_tokens_cap: int
 
 
+class HotBlock(msgspec.Struct, forbid_unknown_fields=True):
+    """One touched prefix block of a request in ``summary.prefix_hot_blocks``."""
+
+    block_id: int
+    touch_count: int
+
+
 class Summary(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """``summary.json``: the run's settings and the distributions its records show.
 
@@ -143,7 +161,7 @@ class Summary(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     tokens_per_touched_block: Distribution
     offsets: Distribution
     prefix_intersection_ratio: Distribution
-    prefix_hot_blocks: dict[str, list[tuple[int, int]]]
+    prefix_hot_blocks: dict[str, list[HotBlock]]
     serving: Serving | None = None
     skipped: dict[str, int] | None = None
     tiers: dict | None = None
@@ -163,8 +181,16 @@ class TraceMeta(msgspec.Struct, forbid_unknown_fields=True):
     shards: list[str] = []
 
 
+def _enc_hook(obj: object) -> object:
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars (hit_blocks)
+    if tolist is not None:
+        return tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
 def record_encoder() -> msgspec.json.Encoder:
-    return msgspec.json.Encoder()
+    """The JSON encoder for records and their parts (numpy ``hit_blocks`` become lists)."""
+    return msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
 def record_decoder() -> msgspec.json.Decoder[TopkRecord]:

@@ -16,7 +16,7 @@ import torch
 
 
 class GenerateTracer(Protocol):
-    def begin_batch(self, request_ids: list[str], prompt_tokens: list[list[int]]) -> None: ...
+    def begin_batch(self, request_ids: list[int], prompt_tokens: list[list[int]]) -> object: ...
     def start_step(self, start_pos: int, active: list[bool]) -> None: ...
     def on_topk(self, layer_id: int, indices: torch.Tensor, scores: torch.Tensor) -> None: ...
     def end_step(self, wall_s: float) -> None: ...
@@ -46,7 +46,7 @@ def generate(
     eos_id: int,
     temperature: float = 0.0,
     tracer: GenerateTracer | None = None,
-    request_ids: Sequence[str] | None = None,
+    request_ids: Sequence[int] | None = None,
     sync_cuda: bool = True,
     progress: Any = None,
 ) -> list[list[int]]:
@@ -71,8 +71,8 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError("generate: max_new_tokens must be >= 1")
-    if request_ids is None:
-        request_ids = [str(i) for i in range(len(prompt_tokens))]
+    if request_ids is None:  # the trace's ids: 0, 1, 2, ... in admission order
+        request_ids = list(range(len(prompt_tokens)))
     request_ids = list(request_ids)
     if len(request_ids) != len(prompt_tokens):
         raise ValueError("generate: request_ids and prompt_tokens differ in length")

@@ -20,11 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from kvtier.runners.requests import Request, Workload
-from kvtier.schema import TRACE_FILE, PrefixInfo
 
 PROMPTS_FILE = "demo_prompts.jsonl"
 DEMO_CONFIG = "demo"
@@ -134,28 +132,25 @@ def _report(out: Path, hbm_dir: Path, sim_dir: Path) -> dict[str, Any]:
     return {"page": page, "analysis": dict(traces)}
 
 
-class _PrefixOnly(msgspec.Struct):
-    prefix: PrefixInfo
-
-
 def _sparsity(trace_dir: Path) -> dict[str, float]:
     """Selected tokens / context length over the records, how many records are sparse, and
     how many reuse an earlier request's prompt prefix."""
     from kvtier.sim.access import read_access_stream
+    from kvtier.trace.columnar import read_columns
 
     stream = read_access_stream(trace_dir)
     counts = np.diff(stream.offsets)
     frac = counts / np.maximum(stream.seq_len, 1)
-    dec = msgspec.json.Decoder(_PrefixOnly)
-    with open(Path(trace_dir) / TRACE_FILE, "rb") as fh:
-        prefixes = [dec.decode(line).prefix for line in fh if line.strip()]
+    pre = read_columns(trace_dir, ["prefix.prefix_cache_hit", "prefix.prefix_cached_blocks"])
+    hits = pre.column(0).to_pylist()
+    cached = pre.column(1).to_pylist()
     return {
         "records": len(stream),
         "mean_fraction": float(frac.mean()) if len(frac) else 0.0,
         "sparse_records": int((counts < stream.seq_len).sum()),
         "max_context": int(stream.seq_len.max()) if len(stream) else 0,
-        "prefix_hit_records": sum(p.prefix_cache_hit for p in prefixes),
-        "max_cached_blocks": max((p.prefix_cached_blocks for p in prefixes), default=0),
+        "prefix_hit_records": int(sum(hits)),
+        "max_cached_blocks": max(cached, default=0),
     }
 
 

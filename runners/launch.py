@@ -227,6 +227,7 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         enc = msgspec.json.Encoder()
         for row in res.per_request():
             fh.write(enc.encode(row) + b"\n")
+    _write_requests(out_dir, requests, res)
     meta = build_meta(config, workload.source, random_weights=False)
     meta.update(status="finished", model_free=True, requests_run=len(requests),
                 skipped=dict(sorted(skipped.items())))  # fmt: skip
@@ -237,6 +238,22 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         print(f"latency ms: p50 {lat.p50:.1f}  p95 {lat.p95:.1f}  p99 {lat.p99:.1f}  "
               f"max {lat.max:.1f}")  # fmt: skip
     return 0
+
+
+def _write_requests(out_dir: Path, requests: list, res: Any) -> None:
+    """requests.jsonl of a model-free replay: one line per request, its integer id being its
+    FIFO admission position (as ``serving_requests.jsonl`` and the backend number it)."""
+    from kvtier.runners.requests import request_info
+    from kvtier.runners.serving_sim import fifo_order
+    from kvtier.trace.writer import RequestLog
+
+    log = RequestLog(out_dir)
+    try:
+        log.write([{"request_id": k, **request_info(requests[i], int(res.gen_tokens[k])),
+                    "prompt_len": int(res.prompt_len[k]), "batch": int(res.batch_index[k])}
+                   for k, i in enumerate(fifo_order(requests).tolist())])
+    finally:
+        log.close()
 
 
 def _synthetic_kv(args: argparse.Namespace, requests: list, config: dict) -> Any:
@@ -271,5 +288,8 @@ def _synthetic_kv(args: argparse.Namespace, requests: list, config: dict) -> Any
     config.update(kv_selections="synthetic", model_config_file=str(path), backend="sim",
                   tiers=args.tiers, policy=args.policy, hbm_blocks=args.hbm_blocks,
                   kv_block_size=block, selection_shape=dataclasses.asdict(shape))  # fmt: skip
+    from kvtier.runners.serving_sim import fifo_order
+
+    ids = {requests[i].request_id: k for k, i in enumerate(fifo_order(requests).tolist())}
     return SyntheticFetchTime(backend, {r.request_id: r.prompt_len for r in requests}, caps,
-                              margs.n_layers, block, shape, seed=args.seed)  # fmt: skip
+                              margs.n_layers, block, shape, seed=args.seed, ids=ids)  # fmt: skip

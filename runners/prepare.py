@@ -46,9 +46,11 @@ class Prepared:
     request: Request
     tokens: list[int]
     max_new_tokens: int
+    trace_id: int | None = None  # the trace's request_id, given at admission
 
     @property
     def request_id(self) -> str:
+        """The loader's id (the trace's integer id is ``trace_id``)."""
         return self.request.request_id
 
 

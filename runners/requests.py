@@ -40,3 +40,24 @@ class Workload:
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n
+
+
+def request_info(req: Request, max_new_tokens: int | None = None) -> dict:
+    """What identifies ``req`` in its dataset, for the run's ``requests.jsonl`` (the trace's
+    records carry only the integer ``request_id`` the runner gives it at admission):
+    ``sample_id`` (the loader's id: dataset row, RULER task and line, ShareGPT conversation
+    and turn, ...), ``group_id`` (conversation), ``arrival_s``, ``requested_prompt_len``
+    (length-only requests), ``max_new_tokens`` (the cap it ran with) and the loader's
+    ``meta``; absent values are left out."""
+    info: dict = {"sample_id": req.request_id}
+    if req.group_id is not None:
+        info["group_id"] = req.group_id
+    if req.arrival_s is not None:
+        info["arrival_s"] = req.arrival_s
+    if req.prompt_len is not None:
+        info["requested_prompt_len"] = req.prompt_len
+    if max_new_tokens is not None:
+        info["max_new_tokens"] = max_new_tokens
+    if req.meta:
+        info["meta"] = req.meta
+    return info

@@ -2,7 +2,8 @@
 ``generate`` with the tracer -> ``trace_steps.jsonl`` + ``summary.json`` + ``run_meta.json``.
 
 Offline datasets (RULER, LongBench v2, ShareGPT) run in FIFO batches; BurstGPT runs as a
-live serving replay (``serving.py``). Ctrl-C stops after the current forward: the tracer is
+live serving replay (``serving.py``). Requests get the trace's integer ids (0, 1, 2, ... in
+admission order); what identifies each in its dataset goes to ``requests.jsonl``. Ctrl-C stops after the current forward: the tracer is
 closed, so the trace and the summary describe the same records, and run_meta.json says the
 run was interrupted; the KeyboardInterrupt then propagates (exit 130).
 """
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from kvtier.runners.model_setup import ModelBundle
 from kvtier.runners.prepare import Prepared, batches, prepare
 from kvtier.runners.provenance import build_meta, utc_now, write_meta
-from kvtier.runners.requests import Workload
+from kvtier.runners.requests import Workload, request_info
 from kvtier.runners.serving import SERVING_FILE, CompletedLog, replay, serving_section
 from kvtier.schema import Summary
 
@@ -80,12 +81,14 @@ class CappedTracer:
     token comes from the prompt forward), exactly what ``generate`` traces for a lone prompt.
     """
 
-    def __init__(self, inner: Any, prompt_lens: Sequence[int], caps: Sequence[int]) -> None:
+    def __init__(self, inner: Any, prompt_lens: Sequence[int], caps: Sequence[int],
+                 info: Sequence[dict] | None = None) -> None:
         self.inner = inner
         self.last_pos = [p + c - 2 for p, c in zip(prompt_lens, caps, strict=True)]
+        self.info = info  # per request: its dataset identity, for requests.jsonl
 
     def begin_batch(self, request_ids, prompt_tokens) -> None:
-        self.inner.begin_batch(request_ids, prompt_tokens)
+        self.inner.begin_batch(request_ids, prompt_tokens, self.info)
 
     def start_step(self, start_pos: int, active: list[bool]) -> None:
         self.inner.start_step(start_pos, [a and start_pos <= last for a, last in zip(active, self.last_pos, strict=True)])
@@ -195,12 +198,17 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
     def run_batch(batch: list[Prepared]) -> float:
         caps = [p.max_new_tokens for p in batch]
         prompts = [p.tokens for p in batch]
-        capped = CappedTracer(tracer, [len(p) for p in prompts], caps)
+        # the trace's request ids: 0, 1, 2, ... in admission order (every rank counts alike)
+        first = tracer.next_request_id
+        ids = list(range(first, first + len(batch)))
+        for p, rid in zip(batch, ids, strict=True):
+            p.trace_id = rid
+        capped = CappedTracer(tracer, [len(p) for p in prompts], caps,
+                              [request_info(p.request, p.max_new_tokens) for p in batch])
         t0 = time.perf_counter()
         outs = generate(
             bundle.model, prompts, max(caps), tok.eos_id, temperature=opts.temperature,
-            tracer=capped, request_ids=[p.request_id for p in batch],
-            sync_cuda=trace_settings.sync_cuda,
+            tracer=capped, request_ids=ids, sync_cuda=trace_settings.sync_cuda,
         )  # fmt: skip
         service = time.perf_counter() - t0
         if timer is not None:

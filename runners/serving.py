@@ -26,7 +26,8 @@ SERVING_FILE = "serving_requests.jsonl"
 class Completed:
     """One served request on the virtual clock (seconds from the first arrival)."""
 
-    request_id: str
+    request_id: int | None  # the trace's request id (None if the batch never began)
+    sample_id: str  # the loader's id (requests.jsonl maps one to the other)
     arrival_s: float
     start_s: float
     finish_s: float
@@ -87,7 +88,8 @@ def replay(
             raise ValueError(f"serve() returned a negative service time {service}")
         finished = [
             Completed(
-                request_id=items[i].request_id,
+                request_id=items[i].trace_id,
+                sample_id=items[i].request_id,
                 arrival_s=float(arrivals[i]),
                 start_s=clock,
                 finish_s=clock + service,
@@ -137,6 +139,7 @@ class CompletedLog:
                 self._enc.encode(
                     {
                         "request_id": c.request_id,
+                        "sample_id": c.sample_id,
                         "arrival_s": c.arrival_s,
                         "start_s": c.start_s,
                         "finish_s": c.finish_s,

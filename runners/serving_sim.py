@@ -130,7 +130,6 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class _Tier(msgspec.Struct):
     latency_us: float | None
-    batch_size: int
 
 
 class _Fetch(msgspec.Struct):
@@ -151,8 +150,8 @@ def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
     recorded trace (``trace_steps.jsonl`` or its directory).
 
     Uses the HBM tier's ``latency_us`` (the measured step wall time the tracer records) on
-    the first layer's records; rows of one forward share ``step_idx``, ``batch_size`` and
-    that latency, which groups them. Records without a latency are ignored.
+    the first layer's records; the rows of one forward are consecutive records sharing
+    ``step_idx`` and that latency, which groups them. Records without a latency are ignored.
     """
     path = Path(path)
     if path.is_dir():
@@ -170,14 +169,18 @@ def decode_samples_from_trace(path: str | Path) -> list[tuple[int, int, float]]:
     if not recs:
         return []
     first_layer = min(r.layer_id for r in recs)
-    groups: dict[tuple[int, int, float], list[int]] = {}
+    groups: list[tuple[float, list[int]]] = []
+    prev = None
     for r in recs:
         lat = r.kv_fetch.hbm.latency_us
         if r.layer_id != first_layer or lat is None:
+            prev = None
             continue
-        key = (r.step_idx, r.kv_fetch.hbm.batch_size, lat)
-        groups.setdefault(key, []).append(r.seq_len_current)
-    return [(len(ctx), int(sum(ctx)), key[2] / 1e6) for key, ctx in groups.items()]
+        if (r.step_idx, lat) != prev:
+            prev = (r.step_idx, lat)
+            groups.append((lat, []))
+        groups[-1][1].append(r.seq_len_current)
+    return [(len(ctx), int(sum(ctx)), lat / 1e6) for lat, ctx in groups]
 
 
 @dataclass(slots=True)
@@ -222,10 +225,12 @@ class SimResult:
                        max_new_tokens_cap=self.max_new_tokens_cap)
 
     def per_request(self) -> list[dict]:
-        """One plain dict per request (for a CSV/JSONL dump)."""
+        """One plain dict per request (for a CSV/JSONL dump): ``request_id`` is its integer
+        id (0, 1, 2, ... in FIFO admission order, as in a traced run), ``sample_id`` the
+        loader's id."""
         wait, service = self.wait_s, self.service_s
         return [
-            {"request_id": rid, "arrival_s": float(self.arrival_s[i]),
+            {"request_id": i, "sample_id": rid, "arrival_s": float(self.arrival_s[i]),
              "start_s": float(self.start_s[i]), "finish_s": float(self.finish_s[i]),
              "wait_s": float(wait[i]), "service_s": float(service[i]),
              "latency_s": float(wait[i] + service[i]), "prompt_len": int(self.prompt_len[i]),
@@ -395,7 +400,7 @@ def simulate(
         arrival[i] = r.arrival_s
         prompt[i] = r.prompt_len
         gen[i] = max_new_tokens if m is None else min(m, max_new_tokens)
-    order = np.argsort(arrival, kind="stable")  # FIFO; ties keep input order
+    order = fifo_order(requests)
     arrival, prompt, gen = arrival[order], prompt[order], gen[order]
     ids = [requests[i].request_id for i in order]
     if n:
@@ -461,6 +466,12 @@ def simulate(
                      finish_s=np.array(finish_l), prompt_len=prompt, gen_tokens=gen,
                      batch_index=np.array(batch_l, dtype=np.int64),
                      batch_size=batch_size, max_new_tokens_cap=max_new_tokens)
+
+
+def fifo_order(requests: Sequence[Request]) -> np.ndarray:
+    """Input indices of ``requests`` in FIFO (admission) order: by arrival, ties keeping input
+    order. Position k in it is the request's integer id."""
+    return np.argsort(np.array([r.arrival_s for r in requests], dtype=np.float64), kind="stable")
 
 
 def simulate_workload(workload: Workload, cost: StepCostModel, **kwargs) -> SimResult:

@@ -51,8 +51,12 @@ class SyntheticFetchTime:
     """
 
     def __init__(self, backend, prompt_lens: dict[str, int], caps: dict[str, int], n_layers: int,
-                 block_size: int, shape: SelectionShape = SelectionShape(), seed: int = 0) -> None:  # fmt: skip
+                 block_size: int, shape: SelectionShape = SelectionShape(), seed: int = 0,
+                 ids: dict[str, int] | None = None) -> None:  # fmt: skip
         self.backend = backend
+        # the backend's (integer) request ids per loader id: the FIFO admission order when
+        # given (``serving_sim.fifo_order``), else the order of first decode steps
+        self.ids = dict(ids) if ids is not None else {}
         self.prompt_lens = prompt_lens
         self.caps = caps
         self.n_layers = n_layers
@@ -74,7 +78,7 @@ class SyntheticFetchTime:
         heights = rng.exponential(3.0, s.topics)
         base = (heights[:, None] * np.exp(-0.5 * ((x[None, :] - centers[:, None]) / s.topic_width) ** 2)).sum(0)
         field = base[None, :] + rng.normal(0.0, s.layer_noise, (self.n_layers, length))
-        self.backend.admit(rid, p, ())
+        self.backend.admit(self.ids.setdefault(rid, len(self.ids)), p, ())
         req = _Req(field, p)
         self.reqs[rid] = req
         return req
@@ -103,23 +107,24 @@ class SyntheticFetchTime:
                 req = self._admit(rid, len(self.reqs))
             rows.append(self._select(req, self.rng))
         worst_total = 0.0
+        nums = [self.ids[rid] for rid in ids]
         for layer in range(self.n_layers):
             pos = [r[layer] for r in rows]
             blocks = [np.unique(p // self.block_size) for p in pos]
-            access = LayerAccess(step_idx=self.steps, layer_id=layer, request_ids=ids,
+            access = LayerAccess(step_idx=self.steps, layer_id=layer, request_ids=nums,
                                  token_pos=pos, block_ids=blocks, block_size=self.block_size)  # fmt: skip
             fetched = self.backend.fetch(access)
             worst = 0.0
             for f in fetched:
                 worst = max(worst, (f.local_pool.latency_us or 0.0) + (f.remote_pool.latency_us or 0.0))
             worst_total += worst
-        for rid in ids:
+        for rid, num in zip(ids, nums, strict=True):
             self.reqs[rid].seen += 1
-            self.backend.append(rid, 1)
+            self.backend.append(num, 1)
         self.steps += 1
         self.total_us += worst_total
         return worst_total * 1e-6
 
     def release(self, rid: str) -> None:
         if self.reqs.pop(rid, None) is not None:
-            self.backend.release(rid)
+            self.backend.release(self.ids[rid])

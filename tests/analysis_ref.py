@@ -299,6 +299,7 @@ def tiers_section(recs, backend):
     total = sum(count_of(get(r, f"kv_fetch.{t}.hit_blocks")) for r in recs for t in TIERS)
     out = {"backend": backend, "records": len(recs), "replayed": bool(backend and backend != "hbm")}
     for t in TIERS:
+        # design-note schema: len(hit_blocks) = batch_size; the earlier form: a count
         hits = [count_of(get(r, f"kv_fetch.{t}.hit_blocks")) for r in recs]
         lat = [get(r, f"kv_fetch.{t}.latency_us") for r in recs]
         lat = [x for x in lat if x is not None]

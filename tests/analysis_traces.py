@@ -24,9 +24,11 @@ def record(req, layer, step, seq_len, pos, bs, *, new_form=True, kv=None, prefix
     it and omitted)."""
     blocks = sorted({p // bs for p in pos})
     kv = kv or {t: {"hit_blocks": blocks if t == "hbm" else [], "bytes_read": 0, "read_ops": 0,
-                    "latency_us": None, "batch_size": 0} for t in TIERS}
-    if not new_form:
-        kv = {t: {**v, "hit_blocks": len(v["hit_blocks"])} for t, v in kv.items()}
+                    "latency_us": None, "batch_size": len(blocks) if t == "hbm" else 0}
+                for t in TIERS}
+    if not new_form:  # the earlier form: counts, and batch_size = requests decoded together
+        kv = {t: {**v, "hit_blocks": len(v["hit_blocks"]), "batch_size": 4}
+              for t, v in kv.items()}
     pre = prefix or {"prefix_cache_hit": False, "prefix_cached_blocks": 0, "prefix_key": None,
                      "intersection_ratio": 0.0, "intersection_blocks": []}
     if not new_form:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from kvtier.schema import SUMMARY_FILE, TRACE_FILE, Summary
+from kvtier.schema import REQUESTS_FILE, SUMMARY_FILE, TRACE_FILE, Summary
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 
@@ -42,19 +42,35 @@ def read_meta(out: Path) -> dict:
     return json.loads((out / "run_meta.json").read_text())
 
 
+def request_lines(out: Path) -> list[dict]:
+    """``requests.jsonl``: one line per admitted request, ids 0, 1, 2, ... (checked)."""
+    rows = [json.loads(line) for line in (out / REQUESTS_FILE).read_text().splitlines()]
+    assert [r["request_id"] for r in rows] == list(range(len(rows)))
+    return rows
+
+
 def trace_lines(out: Path) -> list[dict]:
+    """The records as dicts, each with the ``sample_id`` of its request added from
+    ``requests.jsonl`` (the loader's id: what the tests compare against)."""
     path = out / TRACE_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    names = {r["request_id"]: r.get("sample_id") for r in request_lines(out)} if recs else {}
+    for r in recs:
+        r["sample_id"] = names[r["request_id"]]
+    return recs
 
 
 def check_run(out: Path, dataset: str, dataset_id: str) -> tuple[Summary, dict, list[dict]]:
     """What every finished run must satisfy: the trace validates, the summary equals one
     recomputed from the trace, run_meta.json carries provenance."""
+    from spec52 import check_trace_dir
+
     from kvtier.trace.summary import recompute_summary
     from kvtier.trace.validate import validate_trace
 
     report = validate_trace(out)
     assert report.ok, report.messages
+    assert check_trace_dir(out) == []  # the design note's §5.2 / §5.3, checked independently
     summary = read_summary(out)
     records = trace_lines(out)
     assert summary.records == len(records) == report.records > 0

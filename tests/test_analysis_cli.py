@@ -119,3 +119,21 @@ def test_jsonl_shards_and_parquet_give_the_same_analysis(trace, tmp_path, capsys
     # other chunk boundaries: equal up to the rounding of merged sums
     assert_same(got["results"], ref["results"])
     assert_same(got["prefix"], ref["prefix"])
+
+
+def test_the_columnar_twin_and_the_streamed_lines_agree(trace, monkeypatch):
+    """A valid JSONL trace is read through its columnar twin (written beside it on first use);
+    the streaming reader gives the same analysis."""
+    from kvtier.analysis import source
+    from kvtier.analysis.analyze import AnalysisSettings, analyze
+    from kvtier.trace.columnar import column_cache_path
+
+    s = AnalysisSettings(block_sizes=(16,), shared_samples=0)
+    twin = strip(analyze(trace, s))
+    assert column_cache_path(trace) is not None
+    monkeypatch.setattr(source, "_twin_reader", lambda: None)
+    streamed = strip(analyze(trace, s))
+    assert_same(streamed, twin)
+    monkeypatch.undo()
+    monkeypatch.setattr(source, "TWIN_MEMORY_SHARE", 0.0)  # "too big for memory": streamed
+    assert_same(strip(analyze(trace, s)), twin)

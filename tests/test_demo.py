@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from run_helpers import demo_bundle, read_meta, read_summary, trace_lines
+from spec52 import check_trace_dir
 
 from kvtier.runners.demo import DemoError, format_report, load_demo_workload, run_demo
 
@@ -30,8 +31,11 @@ def test_demo_end_to_end(tmp_path):
         assert errors == 0, msgs
         assert records == result["summary"].records > 0
     hbm = tmp_path / "demo" / "hbm"
-    for f in ("trace_steps.jsonl", "summary.json", "trace_meta.json", "run_meta.json"):
+    for f in ("trace_steps.jsonl", "summary.json", "trace_meta.json", "run_meta.json",
+              "requests.jsonl"):
         assert (hbm / f).is_file()
+    for name in ("hbm", "sim"):  # the design note's format, checked independently of kvtier
+        assert check_trace_dir(tmp_path / "demo" / name) == [], name
     assert read_meta(hbm)["random_weights"] is True
     recs = trace_lines(hbm)
     topk = demo_bundle().args.index_topk
@@ -40,7 +44,7 @@ def test_demo_end_to_end(tmp_path):
     assert long and all(r["unique_token_pos_count"] == topk for r in long)
     assert result["sparsity"]["sparse_records"] == len(long)
     # the second question on the same document reuses its prefix blocks
-    q2 = [r for r in recs if r["request_id"] == "doc-tidemill-q2"]
+    q2 = [r for r in recs if r["sample_id"] == "doc-tidemill-q2"]
     assert q2 and all(r["prefix"]["prefix_cache_hit"] for r in q2)
     assert result["sparsity"]["prefix_hit_records"] == sum(r["prefix"]["prefix_cache_hit"] for r in recs)
     # the sim replay read the same blocks, some of them from the local pool

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 import torch
 from hf_utils import CLI, converted
+from spec52 import check_trace_dir
 
 from kvtier.cli import main
 from kvtier.model import generate as gen_mod
@@ -71,13 +72,16 @@ def test_trace_records_every_decode_step_and_layer(ckpt, tmp_path, capsys):
     assert steps == list(range(n_prompt, n_prompt + len(steps))) and 1 <= len(steps) <= 5
     assert len(records) == len(steps) * CLI["n_layers"]
     for r in records:
-        assert (r.rank, r.world_size, r.request_id, r.block_size_tokens) == (0, 1, "p-0", 4)
+        assert (r.rank, r.world_size, r.request_id, r.block_size_tokens) == (0, 1, 0, 4)
         assert r.seq_len_current == r.step_idx + 1
         assert r.unique_token_pos_count == len(r.selected_token_pos) == CLI["index_topk"]
         assert max(r.selected_token_pos) <= r.step_idx
         assert len(r.scores_topk) == CLI["index_topk"]
     summary = json.loads((trace / SUMMARY_FILE).read_text())
     assert summary["records"] == len(records)
+    assert check_trace_dir(trace) == []  # the design note's format, checked independently
+    (req,) = [json.loads(x) for x in (trace / "requests.jsonl").read_text().splitlines()]
+    assert (req["request_id"], req["sample_id"], req["prompt_len"]) == (0, "p-0", n_prompt)
     # an existing trace is kept unless --force
     assert main(_argv(ckpt, "--input-file", str(f), "--trace-enable", "--trace-out", str(trace))) == 2
     assert "already holds a trace" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def prompt(n, seed):
 def test_single_prompt_prefill_then_decodes_with_tracer(model):
     P, N = 20, 6
     spy, tr = Spy(model), FakeTracer()
-    out = generate(spy, [prompt(P, 1)], N, NO_EOS, tracer=tr, request_ids=["r0"])
+    out = generate(spy, [prompt(P, 1)], N, NO_EOS, tracer=tr, request_ids=[0])
     assert len(out) == 1 and len(out[0]) == N
     # 1 prefill of P tokens at 0, then N-1 decodes at start_pos P..P+N-2; prefill untraced
     assert [(t.shape[1], s, traced) for t, s, traced in spy.calls] == [(P, 0, False)] + [
@@ -97,7 +97,7 @@ def test_single_prompt_prefill_then_decodes_with_tracer(model):
     # the last sampled token is never fed back; decoded inputs are the previous outputs
     fed = [int(t[0, 0]) for t, _, _ in spy.calls[1:]]
     assert fed == out[0][:-1]
-    assert tr.events[0] == ("begin", ["r0"], [prompt(P, 1)])
+    assert tr.events[0] == ("begin", [0], [prompt(P, 1)])
     assert tr.events[-1] == ("end_batch",)
     step = ["start"] + ["topk"] * 3 + ["end"]
     assert tr.kinds() == ["begin"] + step * (N - 1) + ["end_batch"]
@@ -128,7 +128,7 @@ def test_batch_of_different_lengths_teacher_forces_and_matches_single_runs(model
     for e in tr.events:
         if e[0] == "start":
             assert e[2] == [e[1] >= n for n in lens]
-    assert tr.events[0][1] == ["0", "1", "2"]
+    assert tr.events[0][1] == [0, 1, 2]  # the trace's ids by default
     # rows do not interact: every completion equals the prompt run alone
     for i, p in enumerate(prompts):
         assert out[i] == generate(model, [p], 5, NO_EOS)[0]

@@ -50,13 +50,16 @@ def test_sim_replay_keeps_records_and_sums_up(trace, tmp_path):
     assert len(before) == len(after)
     for a, b in zip(before, after, strict=True):
         assert msgspec.structs.replace(a, kv_fetch=b.kv_fetch) == b
-        served = b.kv_fetch.hbm.hit_blocks + b.kv_fetch.local_pool.hit_blocks + b.kv_fetch.remote_pool.hit_blocks
-        assert served == b.unique_blocks
+        tiers = [b.kv_fetch.hbm, b.kv_fetch.local_pool, b.kv_fetch.remote_pool]
+        assert sorted(x for t in tiers for x in t.hit_blocks) == b.selected_block_ids  # partition
+        assert all(t.batch_size == len(t.hit_blocks) for t in tiers)
+    assert any(r.kv_fetch.local_pool.hit_blocks and r.kv_fetch.hbm.hit_blocks for r in after)
     summ = _summary(out)
     assert summ.records == len(after)
     for name in ("hbm", "local_pool", "remote_pool"):
         recs = [getattr(r.kv_fetch, name) for r in after]
-        assert sum(x.hit_blocks for x in recs) == summ.tiers[name]["hit_blocks"]
+        refilled = summ.tiers[name]["refilled_blocks"]  # unserved blocks, listed under hbm
+        assert sum(len(x.hit_blocks) for x in recs) == summ.tiers[name]["hit_blocks"] + refilled
         assert sum(x.bytes_read for x in recs) == summ.tiers[name]["bytes_read"]
         assert sum(x.read_ops for x in recs) == summ.tiers[name]["read_ops"]
     assert summ.tiers["_totals"]["accesses"] == sum(r.unique_blocks for r in after)
@@ -85,8 +88,9 @@ def test_hbm_backend_marks_everything_hbm(trace, tmp_path):
     out = tmp_path / "hbm"
     assert _replay(str(trace), "--out", str(out), "--backend", "hbm") == 0
     for r in _records(out):
-        assert r.kv_fetch.hbm.hit_blocks == r.unique_blocks
-        assert r.kv_fetch.local_pool.latency_us is None
+        assert r.kv_fetch.hbm.hit_blocks == r.selected_block_ids
+        assert r.kv_fetch.hbm.batch_size == r.unique_blocks
+        assert r.kv_fetch.local_pool.latency_us is None and r.kv_fetch.local_pool.hit_blocks == []
 
 
 def test_rebucketing_rewrites_block_fields(trace, tmp_path):
@@ -99,6 +103,17 @@ def test_rebucketing_rewrites_block_fields(trace, tmp_path):
         assert r.selected_block_ids == blocks.tolist() and r.unique_blocks == blocks.size
         per = np.unique(pos // 32, return_counts=True)[1]
         assert r.tokens_per_touched_block.mean == pytest.approx(per.mean())
+        tiers = [r.kv_fetch.hbm, r.kv_fetch.local_pool, r.kv_fetch.remote_pool]
+        assert sorted(x for t in tiers for x in t.hit_blocks) == r.selected_block_ids
+        assert r.prefix.intersection_blocks == []  # no prefix key: no prefix blocks
+    # a tracer trace (prefix keys, cache hits) re-bucketed: every record still validates
+    src, out2 = tmp_path / "san", tmp_path / "san32"
+    assert main(["sanity", "--out", str(src), "--requests", "3", "--layers", "2"]) == 0
+    assert _replay(str(src), "--out", str(out2), "--block-size", "32", "--hbm-blocks", "20") == 0
+    assert main(["validate", str(out2)]) == 0
+    recs = _records(out2)
+    assert any(r.prefix.intersection_blocks for r in recs)
+    assert any(r.prefix.prefix_cache_hit for r in recs)
 
 
 def test_refuses_to_overwrite_without_force(trace, tmp_path, capsys):
@@ -180,11 +195,16 @@ def test_summary_equals_the_record_path(trace, tmp_path):
     src = tmp_path / "pre"
     src.mkdir()
     recs = _records(trace)
-    for i, r in enumerate(recs):
-        k = i % 4
-        r.prefix = msgspec.structs.replace(r.prefix, intersection_blocks=k, prefix_cached_blocks=k,
-                                           intersection_ratio=k / max(r.unique_blocks, 1))
+    for r in recs:  # every request's prompt shares its first 6 blocks (3 at block 32)
+        inter = [b for b in r.selected_block_ids if b < 6]
+        r.prefix = msgspec.structs.replace(
+            r.prefix, intersection_blocks=inter, prefix_cached_blocks=6 * (r.request_id > 0),
+            prefix_cache_hit=r.request_id > 0, prefix_key="0" * 15 + "7",
+            intersection_ratio=len(inter) / r.unique_blocks)
     (src / "trace_steps.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in recs))
+    meta = {"schema_version": 2, "run_name": "x", "dataset": "d", "format": "jsonl",
+            "config": {"trace": {"kv_block_size": BS, "prefix_key_tokens": 96}}}
+    (src / "trace_meta.json").write_text(json.dumps(meta))
     for extra in ([], ["--block-size", "32"]):
         out = tmp_path / f"o{len(extra)}"
         assert _replay(str(src), "--out", str(out), "--hbm-blocks", "50", *extra) == 0
@@ -195,11 +215,15 @@ def test_summary_equals_the_record_path(trace, tmp_path):
         for field in ("records", "requests", "unique_blocks", "tokens_per_touched_block",
                       "offsets", "prefix_intersection_ratio", "prefix_hot_blocks"):
             assert getattr(got, field) == getattr(want, field), field
+        if extra:  # at block 32 the 96-token prefix region is 3 blocks, the cached part too
+            for r in _records(out):
+                assert r.prefix.intersection_blocks == [b for b in r.selected_block_ids if b < 3]
+                assert r.prefix.prefix_cached_blocks == 3 * (r.request_id > 0)
 
 
-def test_bad_field_late_in_the_trace_keeps_earlier_output(trace, tmp_path, capsys):
-    """A field only the full decode checks: the error names file, line and field, and the
-    records replayed before it stay in OUT_DIR as complete lines."""
+def test_bad_field_late_in_the_trace_fails_before_writing(trace, tmp_path, capsys):
+    """A bad field late in the trace: the columnar read checks every field up front, so the
+    error names file, line and field and nothing is written."""
     bad = tmp_path / "bad2"
     bad.mkdir()
     lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
@@ -210,9 +234,7 @@ def test_bad_field_late_in_the_trace_keeps_earlier_output(trace, tmp_path, capsy
     assert _replay(str(bad), "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert "trace_steps.jsonl:41" in err and "scores_stats" in err and err.count("\n") == 1
-    kept = _records(out)
-    assert 0 < len(kept) <= 40
-    assert [r.request_id for r in kept] == [r.request_id for r in _records(trace)[:len(kept)]]
+    assert not out.exists()
 
 
 def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):
@@ -274,10 +296,10 @@ def test_shared_prefix_keys_alias_blocks_in_replay(trace, tmp_path):
 def _new_kv(i: int):
     from kvtier.schema import KVFetch, TierFetch, empty_tier
 
-    return KVFetch(hbm=TierFetch(hit_blocks=i, bytes_read=i * 7, read_ops=1, latency_us=i / 3,
-                                 batch_size=2),
+    return KVFetch(hbm=TierFetch(hit_blocks=list(range(i)), bytes_read=i * 7, read_ops=1,
+                                 latency_us=i / 3, batch_size=i),
                    local_pool=empty_tier(), remote_pool=TierFetch(
-                       hit_blocks=1, bytes_read=5, read_ops=1, latency_us=None, batch_size=1))
+                       hit_blocks=[i + 1], bytes_read=5, read_ops=1, latency_us=None, batch_size=1))
 
 
 def test_splice_equals_reencoding(trace):
@@ -299,7 +321,7 @@ def test_splice_finds_the_field_not_lookalike_strings(trace):
 
     enc = msgspec.json.Encoder()
     rec = _records(trace)[0]
-    rec.request_id = "kv_fetch"
+    rec.dataset = "kv_fetch"
     rec.run_name = 'x"kv_fetch":{"hbm":{}}'
     pretty = json.dumps(json.loads(enc.encode(rec)), indent=1).replace("\n", " ").encode()
     for line in (enc.encode(rec), pretty):
@@ -309,7 +331,7 @@ def test_splice_finds_the_field_not_lookalike_strings(trace):
         assert got == want
         head = line[:line.index(b'"kv_fetch"', line.index(b'"tokens_per_touched_block"'))]
         assert new.startswith(head)
-    assert splice_kv_fetch(b'{"request_id":"kv_fetch"}', b"{}") is None
+    assert splice_kv_fetch(b'{"dataset":"kv_fetch"}', b"{}") is None
 
 
 def test_replay_copies_unchanged_bytes(trace, tmp_path):

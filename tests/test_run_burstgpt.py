@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from run_helpers import SHARED_DATA, check_run, demo_bundle, run_cli
+from spec52 import check_summary
 
 from kvtier.schema import PERCENTILE_METHOD
 
@@ -37,13 +38,13 @@ def test_burstgpt_serving_replay(tmp_path):
     # synthetic prompts of exactly `Request tokens`; cap = min(Response tokens, 3): a request
     # generating g tokens is decoded g-1 times, in every layer
     layers = demo_bundle().args.n_layers
-    per_req = Counter(r["request_id"] for r in records)
-    lens = {r["request_id"]: r["seq_len_current"] - r["step_idx"] for r in records}
+    per_req = Counter(r["sample_id"] for r in records)
+    lens = {r["sample_id"]: r["seq_len_current"] - r["step_idx"] for r in records}
     # burstgpt-1 asks for 1 token: its prompt forward makes it, so it has no decode records
     assert dict(per_req) == {"burstgpt-0": (3 - 1) * layers, "burstgpt-5": (2 - 1) * layers}
     first_step = {}
     for r in records:
-        first_step.setdefault(r["request_id"], r["step_idx"])
+        first_step.setdefault(r["sample_id"], r["step_idx"])
     assert first_step["burstgpt-0"] == 12 and first_step["burstgpt-5"] == 7
     assert all(v == 1 for v in lens.values())
     # serving section: every kept request served, percentiles of the per-request log
@@ -56,7 +57,7 @@ def test_burstgpt_serving_replay(tmp_path):
     assert summary.serving.latency_ms.p99 == pytest.approx(p99)
     assert summary.serving.latency_ms.max == pytest.approx(lat.max())
     # time scale 0: all arrive at once; FIFO batches of 2, then 1; latency = wait + service
-    assert [r["request_id"] for r in rows] == ["burstgpt-0", "burstgpt-1", "burstgpt-5"]
+    assert [r["sample_id"] for r in rows] == ["burstgpt-0", "burstgpt-1", "burstgpt-5"]
     assert [r["batch_size"] for r in rows] == [2, 2, 1]
     for r in rows:
         assert r["arrival_s"] == 0.0
@@ -79,6 +80,13 @@ def test_burstgpt_model_free_on_the_real_sample(tmp_path):
     assert summary["skipped"] == {"failed_request": 17}
     assert summary["serving"]["requests"] == 383
     assert summary["records"] == 0
+    assert check_summary(summary) == []  # §5.3, serving included
+    reqs = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert [r["request_id"] for r in reqs] == list(range(383))
+    served = [json.loads(x) for x in (out / "serving_requests.jsonl").read_text().splitlines()]
+    assert [(r["request_id"], r["sample_id"]) for r in served] == \
+        [(r["request_id"], r["sample_id"]) for r in reqs]
+    assert all(r["sample_id"].startswith("burstgpt-") and "arrival_s" in r for r in reqs)
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["model_free"] is True and meta["dataset"]["sha256"]
 
@@ -116,7 +124,7 @@ def test_model_free_sim_adds_fetch_time_to_service(tmp_path):
     rows = {}
     for name in ("hbm", "sim"):
         lines = (tmp_path / name / "serving_requests.jsonl").read_text().splitlines()
-        rows[name] = {r["request_id"]: r for r in map(json.loads, lines)}
+        rows[name] = {r["sample_id"]: r for r in map(json.loads, lines)}
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["config"]["kv_selections"] == "synthetic"
     tiers = summary["tiers"]

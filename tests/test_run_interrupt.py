@@ -32,8 +32,11 @@ def _interrupt_after(monkeypatch, n_calls: int) -> None:
 
 
 def _check_consistent(out):
+    from spec52 import check_trace_dir
+
     report = validate_trace(out)
     assert report.ok, report.messages
+    assert check_trace_dir(out) == []
     summary = read_summary(out)
     assert summary.records == len(trace_lines(out)) == report.records
     again = recompute_summary(out, keep_from=summary)
@@ -76,5 +79,5 @@ def test_interrupt_during_serving_replay(tmp_path, monkeypatch):
     summary, meta = _check_consistent(tmp_path / "out")
     assert summary.records == 2 * layers
     rows = [json.loads(x) for x in (tmp_path / "out" / "serving_requests.jsonl").read_text().splitlines()]
-    assert [r["request_id"] for r in rows] == ["b0"]
+    assert [r["sample_id"] for r in rows] == ["b0"]
     assert summary.serving.requests == 1 == meta["requests_run"]

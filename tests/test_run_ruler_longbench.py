@@ -47,13 +47,13 @@ def test_ruler_tarball(tmp_path):
     summary, meta, records = check_run(out, "ruler", "allenai/ruler_data")
     # one bad JSON line per file (loader), the 60-sentence haystack is too long (runner)
     assert summary.skipped == {"invalid_json": 2, "prompt_too_long": 1}
-    ids = {r["request_id"] for r in records}
+    ids = {r["sample_id"] for r in records}
     assert ids == {"ruler-niah_single_1-4096-1", "ruler-vt-4096-1"}
     # plain text: BOS + input + answer_prefix, no chat template
     tok = demo_bundle().tokenizer
     text = "The grass is green. The key is 42. What is the key?" + " Answer: The key is"
     n = len(tok.encode(text)) + 1
-    first = min(r["step_idx"] for r in records if r["request_id"] == "ruler-niah_single_1-4096-1")
+    first = min(r["step_idx"] for r in records if r["sample_id"] == "ruler-niah_single_1-4096-1")
     assert first == n
     assert meta["config"]["max_prompt_tokens_effective"] == 100
 

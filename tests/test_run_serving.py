@@ -52,7 +52,7 @@ def test_replay_matches_reference_loop(arrivals, batch_size, scale):
     done = replay(items, batch_size, scale, lambda b: service(len(b)))
     scaled = [(a - min(arrivals)) * scale for a in arrivals]
     start, finish = _reference_fifo(scaled, batch_size, service)
-    by_id = {c.request_id: c for c in done}
+    by_id = {c.sample_id: c for c in done}
     assert len(done) == len(items)
     for i in range(len(items)):
         c = by_id[f"r{i}"]
@@ -75,7 +75,7 @@ def test_replay_agrees_with_model_free_sim(arrivals, batch_size):
                    batch_size=batch_size, max_new_tokens=1)  # fmt: skip
     ref = {rid: (s, f) for rid, s, f in zip(sim.request_ids, sim.start_s, sim.finish_s, strict=True)}
     for c in done:
-        assert (c.start_s, c.finish_s) == pytest.approx(ref[c.request_id])
+        assert (c.start_s, c.finish_s) == pytest.approx(ref[c.sample_id])
     assert serving_section(done, batch_size, 1).latency_ms == sim.serving().latency_ms
 
 

@@ -52,10 +52,10 @@ def test_sharegpt_per_user_turn(tmp_path):
     assert meta["config"]["trace"]["kv_block_size"] == 4
     by_req = defaultdict(list)
     for r in records:
-        by_req[r["request_id"]].append(r)
+        by_req[r["sample_id"]].append(r)
     # aaa's two user turns and ddd's one turn ran; turns of one conversation in order
     assert len(by_req) == 3
-    ids = list(dict.fromkeys(r["request_id"] for r in records))
+    ids = list(dict.fromkeys(r["sample_id"] for r in records))
     first, second = "aaa_0/t0", "aaa_0/t1"
     assert ids.index(first) < ids.index(second)
     # the second turn's prompt extends the first: its prefix blocks were seen before
@@ -79,7 +79,7 @@ def test_sharegpt_full_mode_batched(tmp_path):
     assert summary.skipped == {"empty_conversation": 1, "prompt_too_long": 1}
     assert summary.requests == 2 and meta["requests_run"] == 2
     # one conversation per request, batched together: each decoded once in every layer
-    assert {r["request_id"] for r in records} == {"aaa_0", "ddd_0"}
+    assert {r["sample_id"] for r in records} == {"aaa_0", "ddd_0"}
 
 
 def test_sharegpt_real_sample(tmp_path):
@@ -94,5 +94,5 @@ def test_sharegpt_real_sample(tmp_path):
     summary, meta, records = check_run(out, "sharegpt", DATASET_ID)
     # 17 user turns in the 5 entries; only the first turns fit in 100 tokens
     assert summary.requests + summary.skipped["prompt_too_long"] == 17
-    assert {r["request_id"].split("/")[1] for r in records} == {"t0"}
+    assert {r["sample_id"].split("/")[1] for r in records} == {"t0"}
     assert meta["dataset"]["sha256"].startswith("982ff87c4666add7")

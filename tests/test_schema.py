@@ -70,7 +70,7 @@ def test_names_needing_json_escapes(tmp_path):
     from kvtier.trace.settings import TraceSettings
     from kvtier.trace.tracer import Tracer
 
-    rid, run, ds = 'q"\\1\u00e9\n', 'run "x"', "d\u2603"
+    rid, run, ds = 0, 'run "x"', "d\u2603"
     with Tracer(TraceSettings(store_scores=True), tmp_path / "t", run_name=run, dataset=ds,
                 kv_bytes_per_token=1) as tr:
         tr.begin_batch([rid], [[1, 2, 3]])

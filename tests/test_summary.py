@@ -46,11 +46,11 @@ def test_distributions_against_records(tmp_path):
     assert live.offsets.count == offs.size and live.offsets.p50 == np.percentile(offs, 50)
     assert live.offsets.max == offs.max()
     counts = []
-    hot: dict[str, dict[int, int]] = {}
+    hot: dict[int, dict[int, int]] = {}
     for r in recs:
         blocks = np.array(r.selected_token_pos) // r.block_size_tokens
         counts.extend(np.unique(blocks, return_counts=True)[1].tolist())
-        for b in r.selected_block_ids[: r.prefix.intersection_blocks]:
+        for b in r.prefix.intersection_blocks:
             hot.setdefault(r.request_id, {}).setdefault(b, 0)
             hot[r.request_id][b] += 1
     assert live.tokens_per_touched_block.count == len(counts)
@@ -59,10 +59,11 @@ def test_distributions_against_records(tmp_path):
     assert live.prefix_intersection_ratio.mean == ratios.mean()
     for rid, blocks in hot.items():
         want = sorted(blocks.items(), key=lambda kv: (-kv[1], kv[0]))
-        assert [tuple(x) for x in live.prefix_hot_blocks[rid]] == want
+        assert [(x.block_id, x.touch_count) for x in live.prefix_hot_blocks[str(rid)]] == want
+    assert list(live.prefix_hot_blocks) == [str(r) for r in sorted(hot)]
     # the shared system prompt: later requests hit the prefix cache
     hits = {r.request_id: r.prefix.prefix_cached_blocks for r in recs}
-    assert hits["req-0"] == 0 and hits["req-1"] == 3 and hits["req-2"] == 3
+    assert hits[0] == 0 and hits[1] == 3 and hits[2] == 3
 
 
 def test_optional_sections_kept(tmp_path):

@@ -41,7 +41,7 @@ def check_against_ref(rec: TopkRecord, idx_row, step, bs, n_prefix, scores_row=N
     t = rec.tokens_per_touched_block
     for got, want in zip((t.mean, t.p50, t.p95), ref["tpb"], strict=True):
         assert close(got, want)
-    assert rec.prefix.intersection_blocks == ref["intersection_blocks"]
+    assert rec.prefix.intersection_blocks == ref["selected_block_ids"][:ref["intersection_blocks"]]
     assert close(rec.prefix.intersection_ratio, ref["intersection_ratio"])
     assert rec.block_size_tokens == bs
     if scores_row is not None:
@@ -63,7 +63,7 @@ def test_records_match_reference(tmp_path, monkeypatch, bs, store_scores, with_s
     settings = TraceSettings(kv_block_size=bs, store_scores=store_scores, prefix_key_tokens=64)
     prompts = [rng.integers(0, 50, 70).tolist(), rng.integers(0, 50, 33).tolist(),
                rng.integers(0, 50, 5).tolist()]
-    ids = ["a", "b", "c"]
+    ids = [0, 1, 2]
     n_prefix = [len(chained_block_hashes(p, bs, 64)) for p in prompts]
     expected = []
     with Tracer(settings, tmp_path / "t", run_name="r", dataset="d", kv_bytes_per_token=100) as tr:
@@ -95,10 +95,11 @@ def test_records_match_reference(tmp_path, monkeypatch, bs, store_scores, with_s
         assert (rec.scores_topk is not msgspec.UNSET) == (store_scores and with_scores)
         assert (rec.scores_stats is None) != with_scores
         hbm = rec.kv_fetch.hbm
-        assert hbm.hit_blocks == rec.unique_blocks
+        assert hbm.hit_blocks == rec.selected_block_ids and hbm.batch_size == rec.unique_blocks
         assert hbm.bytes_read == rec.unique_blocks * bs * 100
         assert hbm.read_ops == 1 and hbm.latency_us == pytest.approx(2000.0)
-        assert rec.kv_fetch.local_pool.latency_us is None and rec.kv_fetch.remote_pool.hit_blocks == 0
+        for pool in (rec.kv_fetch.local_pool, rec.kv_fetch.remote_pool):
+            assert pool.latency_us is None and pool.hit_blocks == [] and pool.batch_size == 0
 
 
 def test_kv_bytes_per_token_figures():
@@ -139,7 +140,7 @@ def test_backend_lifecycle_and_sections(tmp_path):
     be = RecordingBackend()
     prompt = list(range(40))
     with Tracer(TraceSettings(kv_block_size=16), tmp_path / "t", run_name="r", dataset="d", backend=be) as tr:
-        tr.begin_batch(["x", "y"], [prompt, prompt[:20]])
+        tr.begin_batch([0, 1], [prompt, prompt[:20]])
         tr.start_step(40, [True, False])
         tr.on_topk(0, np.array([[0, 17, 39], [1, 2, 3]]))
         tr.end_step(None)
@@ -147,7 +148,7 @@ def test_backend_lifecycle_and_sections(tmp_path):
     kinds = [c[0] for c in be.calls]
     assert kinds == ["admit", "admit", "fetch", "append", "release", "release"]
     assert be.calls[0][3] == tuple(chained_block_hashes(prompt, 16, 256))
-    assert be.calls[2][3] == ("x",) and be.calls[2][4] == [[0, 1, 2]]
+    assert be.calls[2][3] == (0,) and be.calls[2][4] == [[0, 1, 2]]
     assert tr.summary is not None and tr.summary.tiers == {"hbm": {"hits": 1}}
     (rec,) = read(tmp_path / "t")
     assert rec.kv_fetch.hbm.latency_us is None
@@ -156,7 +157,7 @@ def test_backend_lifecycle_and_sections(tmp_path):
 def test_sampling_is_independent_of_batching(tmp_path):
     settings = TraceSettings(sample_rate=0.4, sample_seed=3)
     rng = np.random.default_rng(0)
-    ids = [f"q{i}" for i in range(6)]
+    ids = list(range(6))
     prompts = [rng.integers(0, 9, 20).tolist() for _ in ids]
 
     def run(out, batches):
@@ -172,7 +173,7 @@ def test_sampling_is_independent_of_batching(tmp_path):
         return sorted((r.request_id, r.step_idx) for r in read(out))
 
     a = run(tmp_path / "a", [[0, 1, 2, 3, 4, 5]])
-    b = run(tmp_path / "b", [[5, 2], [0], [1, 3, 4]])
+    b = run(tmp_path / "b", [[0, 1], [2], [3, 4, 5]])
     assert a == b
     assert 0 < len(a) < 60  # some but not all of the 60 (request, step) pairs
     u = sample_uniform(np.arange(1000, dtype=np.uint64), 7)
@@ -181,7 +182,7 @@ def test_sampling_is_independent_of_batching(tmp_path):
 
 def test_other_ranks_are_noops(tmp_path):
     tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d", rank=1, world_size=2)
-    tr.begin_batch(["a"], [[1, 2]])
+    tr.begin_batch([0], [[1, 2]])
     tr.start_step(2)
     tr.on_topk(0, np.array([[0, 1]]))
     tr.end_step(0.1)
@@ -192,7 +193,13 @@ def test_other_ranks_are_noops(tmp_path):
 
 def test_bad_input_fails_clearly(tmp_path):
     tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d", kv_bytes_per_token=1)
-    tr.begin_batch(["a", "b"], [[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"request ids are ints .*got 'a'"):
+        tr.begin_batch(["a"], [[1]])
+    with pytest.raises(ValueError, match=r"admission order: expected \[0, 1\], got \[1, 0\]"):
+        tr.begin_batch([1, 0], [[1], [2]])
+    with pytest.raises(ValueError, match="ints"):
+        tr.begin_batch([True], [[1]])
+    tr.begin_batch([0, 1], [[1, 2, 3], [4, 5]])
     tr.start_step(3)
     with pytest.raises(ValueError, match="layer 0: selected position 4 >= seq_len_current 4"):
         tr.on_topk(0, np.array([[0, 4], [1, 2]]))
@@ -204,8 +211,9 @@ def test_bad_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="differs from the step's first layer"):
         tr.on_topk(3, np.array([[0, 1, 2], [1, 2, 3]]))
     tr.end_step(0.1)
-    with pytest.raises(ValueError, match="already traced"):
-        tr.begin_batch(["a"], [[1]])
+    with pytest.raises(ValueError, match=r"expected \[2\], got \[0\]"):
+        tr.begin_batch([0], [[1]])  # already traced
+    assert tr.begin_batch(None, [[1]]) == [2]  # numbered by the tracer
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
         Tracer(TraceSettings(), tmp_path / "u", run_name="r", dataset="d")
     with pytest.raises(ValueError, match="--trace-sample-rate"):
@@ -217,7 +225,7 @@ def test_torch_cpu_tensors_are_accepted(tmp_path):
     torch = pytest.importorskip("torch")
     with Tracer(TraceSettings(store_scores=True), tmp_path / "t", run_name="r", dataset="d",
                 kv_bytes_per_token=1) as tr:
-        tr.begin_batch(["a"], [[1, 2, 3, 4]])
+        tr.begin_batch([0], [[1, 2, 3, 4]])
         tr.start_step(4)
         idx = torch.tensor([[4, 0, 2]])
         tr.on_topk(0, idx, torch.tensor([[0.5, 0.25, 1.0]], dtype=torch.bfloat16))
@@ -233,7 +241,30 @@ def test_numpy_tracing_never_imports_torch(tmp_path):
         "import sys, numpy as np\n"
         "from kvtier.trace.tracer import Tracer\nfrom kvtier.trace.settings import TraceSettings\n"
         f"with Tracer(TraceSettings(), {str(tmp_path / 't')!r}, run_name='r', dataset='d', kv_bytes_per_token=1) as tr:\n"
-        "    tr.begin_batch(['a'], [[1, 2]]); tr.start_step(2); tr.on_topk(0, np.array([[0, 2]])); tr.end_step(0.0)\n"
+        "    tr.begin_batch([0], [[1, 2]]); tr.start_step(2); tr.on_topk(0, np.array([[0, 2]])); tr.end_step(0.0)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_requests_jsonl_lists_every_admitted_request(tmp_path):
+    """One line per admitted request, keyed by its int id, with the caller's dataset identity
+    and the tracer's own facts, including requests that never reach a decode step."""
+    with Tracer(TraceSettings(kv_block_size=4, prefix_key_tokens=8), tmp_path / "t",
+                run_name="r", dataset="d", kv_bytes_per_token=1) as tr:
+        tr.begin_batch([0, 1], [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 9]],
+                       [{"sample_id": "ruler-a", "request_id": "ignored"}, {"sample_id": "b"}])
+        tr.start_step(9)
+        tr.on_topk(0, np.array([[0, 8], [1, 2]]))
+        tr.end_step(None)
+        tr.end_batch()
+        tr.begin_batch(None, [[5]], [{"sample_id": "c", "turn": 2}])
+        tr.end_batch()
+    lines = [msgspec.json.decode(x) for x in (tmp_path / "t" / "requests.jsonl").read_bytes().splitlines()]
+    assert [x["request_id"] for x in lines] == [0, 1, 2]
+    assert lines[0]["sample_id"] == "ruler-a" and lines[2]["turn"] == 2
+    assert [x["prompt_len"] for x in lines] == [9, 5, 1]
+    assert [x["batch"] for x in lines] == [0, 0, 1]
+    assert [x["prefix_blocks"] for x in lines] == [2, 1, 0]
+    assert lines[1]["prefix_cached_blocks"] == 1 and lines[2]["prefix_key"] is None
+    assert {r.request_id for r in read(tmp_path / "t")} == {0, 1}

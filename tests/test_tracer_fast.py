@@ -11,12 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trace_ref import ref_fields
 
+from kvtier.backend import HBMOnlyBackend
+from kvtier.schema import KVFetch, TierFetch
 from kvtier.trace import step_numba
 from kvtier.trace.intlist_json import encode_int_rows
 from kvtier.trace.reader import find_trace, iter_records
 from kvtier.trace.settings import TraceSettings
 from kvtier.trace.step_numpy import compute_step_stats
 from kvtier.trace.tracer import Tracer
+from kvtier.trace.validate import validate_trace
 
 pytest.importorskip("numba")  # the optional extra 'fast'
 
@@ -92,13 +95,34 @@ def test_digit_table_is_intlist_json_format(width):
     assert json.loads(b"[" + got[:-1] + b"]") == values.tolist()
 
 
-def _trace(tmp_path, name, steps, *, bs=16, sample_rate=1.0, shard=0):
+class SplitBackend(HBMOnlyBackend):
+    """Serves a row's blocks from all three tiers (by block id mod 3, mod 2 or whole), so
+    the tracer writes lists that are neither the whole row nor empty, with latencies."""
+
+    name = "split"
+
+    def fetch(self, access):
+        out = []
+        for i, blocks in enumerate(access.block_ids):
+            mode = (access.step_idx + access.layer_id + i) % 3
+            parts = ([blocks[blocks % 3 == t] for t in range(3)] if mode == 0 else
+                     [blocks[blocks % 2 == 0], blocks[blocks % 2 == 1], blocks[:0]] if mode == 1
+                     else [blocks[:0], blocks, blocks[:0]])
+            tiers = [TierFetch(hit_blocks=p, bytes_read=7 * len(p), read_ops=len(p) // 2,
+                               latency_us=None if not len(p) else 0.25 * (t + 1) + access.step_idx,
+                               batch_size=len(p)) for t, p in enumerate(parts)]
+            out.append(KVFetch(*tiers))
+        return out
+
+
+def _trace(tmp_path, name, steps, *, bs=16, sample_rate=1.0, shard=0, split=False):
     """Run the tracer over ``steps`` = [(batch ids, prompts, [(start_pos, active, [layer
     arrays])])]; returns (trace bytes, summary text)."""
     out = tmp_path / name
     settings_ = TraceSettings(kv_block_size=bs, sample_rate=sample_rate, prefix_key_tokens=32,
                               shard_records=shard)
-    with Tracer(settings_, out, run_name="r\u00e9", dataset="d", kv_bytes_per_token=7) as tr:
+    with Tracer(settings_, out, run_name="r\u00e9", dataset="d", kv_bytes_per_token=7,
+                backend=SplitBackend(7) if split else None) as tr:
         for ids, prompts, decode in steps:
             tr.begin_batch(ids, prompts)
             for start, active, layers in decode:
@@ -119,7 +143,7 @@ def runs(draw):
     big = draw(st.booleans())  # positions past intlist_json.MAX_VALUE: the compact encoding
     for _ in range(draw(st.integers(1, 2))):
         n = draw(st.integers(1, 3))
-        ids = [f"q{n_req + i}" for i in range(n)]
+        ids = list(range(n_req, n_req + n))
         n_req += n
         prompts = [shared + draw(st.lists(st.integers(0, 50), max_size=30)) for _ in range(n)]
         decode = []
@@ -143,20 +167,25 @@ def runs(draw):
         batches.append((ids, prompts, decode))
     bs = draw(st.sampled_from([1, 3, 16, 64, 128]))
     rate = draw(st.sampled_from([1.0, 0.5]))
-    return batches, bs, rate
+    return batches, bs, rate, draw(st.booleans())
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(runs())
 def test_trace_files_are_byte_identical(tmp_path_factory, monkeypatch, case):
-    batches, bs, rate = case
+    """Both paths write the same bytes, for the HBM-only backend (each hbm list is the row
+    itself) and for a backend that splits rows over the tiers (lists of their own, empty
+    lists, latencies), and every record passes validation."""
+    batches, bs, rate, split = case
     tmp = tmp_path_factory.mktemp("t")
     monkeypatch.delenv("KVTIER_NO_NUMBA", raising=False)
-    fast = _trace(tmp, "fast", batches, bs=bs, sample_rate=rate)
+    fast = _trace(tmp, "fast", batches, bs=bs, sample_rate=rate, split=split)
     monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
-    slow = _trace(tmp, "slow", batches, bs=bs, sample_rate=rate)
+    slow = _trace(tmp, "slow", batches, bs=bs, sample_rate=rate, split=split)
     assert fast[0] == slow[0]
     assert fast[1] == slow[1]
+    rep = validate_trace(tmp / "fast")
+    assert rep.ok, rep.messages
 
 
 def test_bench_sized_step_is_identical_and_valid(tmp_path, monkeypatch):
@@ -167,7 +196,7 @@ def test_bench_sized_step_is_identical_and_valid(tmp_path, monkeypatch):
         seq = 3001 + s
         layers = [np.argpartition(rng.random((3, seq)), 511, axis=1)[:, :512] for _ in range(4)]
         decode.append((3000 + s, None, layers))
-    runs_ = [(["a", "b", "c"], prompts, decode)]
+    runs_ = [([0, 1, 2], prompts, decode)]
     fast = _trace(tmp_path, "fast", runs_)
     monkeypatch.setenv("KVTIER_NO_NUMBA", "1")
     slow = _trace(tmp_path, "slow", runs_)
@@ -195,7 +224,7 @@ def test_bad_layers_fail_the_same_on_both_paths(tmp_path, monkeypatch, no_numba)
     still name the layer / row as the numpy path does."""
     monkeypatch.setenv("KVTIER_NO_NUMBA", no_numba)
     tr = Tracer(TraceSettings(), tmp_path / "t", run_name="r", dataset="d", kv_bytes_per_token=1)
-    tr.begin_batch(["a", "b"], [[1, 2, 3], [4, 5]])
+    tr.begin_batch([0, 1], [[1, 2, 3], [4, 5]])
     tr.start_step(3)
     with pytest.raises(ValueError, match="layer 4: selected position 9 >= seq_len_current 4"):
         tr.on_topk(4, np.array([[0, 9], [1, 2]]))

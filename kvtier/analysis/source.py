@@ -4,14 +4,18 @@
 ``pyarrow.Table`` chunks with dotted column names (``request_id``, ``selected_token_pos``,
 ``prefix.prefix_cached_blocks``, ``kv_fetch.hbm.bytes_read``, ...), from
 
-- the columnar twin of the trace when ``kvtier.trace.columnar`` provides one (``read_columns``),
-- ``trace_steps.parquet`` (row batches, only the requested columns decoded),
-- JSONL or JSONL shards (a few tens of MB of lines at a time, parsed by Arrow's C++ JSON reader
-  with an explicit schema, every other field skipped).
+- the columnar twin of a JSONL trace (``kvtier.trace.columnar.read_columns``: parsed once,
+  cached beside the trace as Arrow IPC, memory-mapped afterwards), when the requested columns
+  fit comfortably in memory (the twin is one lz4-compressed record batch, so a column is
+  decompressed whole) and every record is valid;
+- ``trace_steps.parquet`` (row batches, only the requested columns decoded);
+- otherwise JSONL or JSONL shards streamed a few MB of lines at a time, parsed by Arrow's C++
+  JSON reader with an explicit schema, every other field skipped.
 
-Memory stays bounded by one chunk whatever the trace size. A JSONL line that does not parse
-(truncated by a killed run, a wrong type) is skipped and counted, never shifted into other rows:
-a chunk that fails is split in halves until the bad lines are isolated.
+Memory stays bounded by one chunk on the streamed paths whatever the trace size. A JSONL line
+that does not parse (truncated by a killed run, a wrong type) is skipped and counted, never
+shifted into other rows: a chunk that fails is split in halves until the bad lines are isolated
+(the twin refuses such a trace, so it is streamed).
 """
 
 from __future__ import annotations
@@ -50,19 +54,26 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
                       ("latency_us", F64), ("batch_size", I64))},
 }
 TIERS = ("hbm", "local_pool", "remote_pool")
+#: columns read only in the count form of older traces: in the design-note schema a tier's
+#: ``hit_blocks`` is a list whose length is that tier's ``batch_size``, so the lists (as many
+#: ids as selected blocks) are never decoded; absent columns come back as nulls
+COUNT_ONLY = frozenset(f"kv_fetch.{t}.hit_blocks" for t in TIERS)
 
 
 @dataclass
 class ReadLog:
-    """What reading skipped: lines that did not parse, with the first few locations."""
+    """What reading skipped: lines that did not parse; the first few locations and notes."""
 
     bad_lines: int = 0
     messages: list[str] = field(default_factory=list)
 
     def bad(self, where: str, why: str) -> None:
         self.bad_lines += 1
+        self.note(f"{where}: {why}")
+
+    def note(self, message: str) -> None:
         if len(self.messages) < 5:
-            self.messages.append(f"{where}: {why}")
+            self.messages.append(message)
 
 
 def open_trace_files(trace: str | Path) -> TraceFiles:
@@ -79,9 +90,8 @@ def iter_columns(trace: str | Path | TraceFiles, columns: Sequence[str],
     """
     tf = trace if isinstance(trace, TraceFiles) else open_trace_files(trace)
     log = log if log is not None else ReadLog()
-    twin = _twin_reader()
-    if twin is not None:
-        table = twin(tf.root, list(columns))
+    table = _twin_table(tf, trace, columns, log)
+    if table is not None:
         # whole record batches (never a slice spanning two: that would copy the positions)
         for batch in table.to_batches(max_chunksize=CHUNK_RECORDS):
             yield _complete(pa.Table.from_batches([batch]), columns)
@@ -94,12 +104,51 @@ def iter_columns(trace: str | Path | TraceFiles, columns: Sequence[str],
 
 
 def _twin_reader():
-    """``kvtier.trace.columnar.read_columns`` once the columnar twin exists, else None."""
+    """``kvtier.trace.columnar.read_columns``, or None where it does not exist."""
     try:
-        from kvtier.trace import columnar  # type: ignore[attr-defined]
+        from kvtier.trace import columnar
     except ImportError:
         return None
     return getattr(columnar, "read_columns", None)
+
+
+#: share of the available memory the twin's decompressed columns may take (else: stream)
+TWIN_MEMORY_SHARE = 0.5
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
+def _twin_table(tf: TraceFiles, trace, columns: Sequence[str], log: ReadLog) -> pa.Table | None:
+    """The requested columns from the columnar twin (built on first use), or None to stream:
+    Parquet (already columnar, streamed by row batch), no twin module, columns that would not
+    fit in ``TWIN_MEMORY_SHARE`` of the available memory (estimated as twice the JSONL size),
+    or a trace the twin refuses (a malformed or incomplete record: streaming skips and counts
+    those)."""
+    read_columns = _twin_reader()
+    if read_columns is None or tf.format == "parquet":
+        return None
+    try:
+        size = sum(f.stat().st_size for f in tf.files)
+    except OSError:
+        return None
+    if 2 * size > TWIN_MEMORY_SHARE * _available_memory():
+        return None
+    target = trace if not isinstance(trace, TraceFiles) else tf.root
+    try:
+        return read_columns(target, [c for c in columns if c not in COUNT_ONLY])
+    except (TraceError, ValueError, OSError) as exc:
+        msg = str(exc).split("\n")[0]
+        log.note(f"columnar twin not used ({msg}); records read line by line")
+        return None
 
 
 def _flatten(table: pa.Table) -> pa.Table:
@@ -131,9 +180,22 @@ def _iter_parquet(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise TraceError(f"{path}: not a readable Parquet file: {exc}") from None
-    top = list(dict.fromkeys(c.split(".")[0] for c in columns))
-    top = [c for c in top if c in pf.schema_arrow.names]
-    for batch in pf.iter_batches(batch_size=CHUNK_RECORDS, columns=top):
+    schema = pf.schema_arrow
+    paths = []
+    for c in columns:
+        parts = c.split(".")
+        if parts[0] not in schema.names:
+            continue
+        typ = schema.field(parts[0]).type
+        for p in parts[1:]:
+            typ = typ.field(p).type if pa.types.is_struct(typ) and typ.get_field_index(p) >= 0 \
+                else None
+            if typ is None:
+                break
+        if typ is None or (c in COUNT_ONLY and pa.types.is_list(typ)):
+            continue
+        paths.append(c)  # nested fields by dotted path: only those leaves are decoded
+    for batch in pf.iter_batches(batch_size=CHUNK_RECORDS, columns=paths):
         yield _complete(_flatten(pa.Table.from_batches([batch])), columns)
 
 
@@ -163,7 +225,8 @@ def _detect(path: Path, columns: Sequence[str]) -> dict[str, pa.DataType]:
                 elif types[c] == pa.list_(I64) and isinstance(v, int) and not isinstance(v, bool):
                     types[c] = I64
             break
-    return types
+    # list-form hit_blocks are not parsed (their count is batch_size)
+    return {c: t for c, t in types.items() if not (c in COUNT_ONLY and pa.types.is_list(t))}
 
 
 def _schema(types: dict[str, pa.DataType]) -> pa.Schema:

@@ -2,8 +2,9 @@
 
 For a replayed trace (``kvtier replay --backend sim``) the records' ``kv_fetch`` holds what the
 tier emulator served; for an HBM-only trace every block is an HBM hit and ``latency_us`` is the
-step wall time. ``hit_blocks`` is a count in traces written before the design-note schema and a
-list of block ids after it; both are counted. Latency percentiles are over the records a tier
+step wall time. In the design note's schema ``hit_blocks`` is a list of block ids and
+``batch_size`` its length (the count used here, so the lists are never decoded); traces of
+kvtier's earlier form carry the count in ``hit_blocks`` itself. Latency percentiles are over the records a tier
 served (non-null ``latency_us``), with numpy's linear percentiles.
 """
 
@@ -31,16 +32,21 @@ class TierBreakdown:
 
         self.records += c.n
         tab = c.table
+
+        def total(col) -> int:
+            return int(pc.sum(col).as_py() or 0)
+
         for t in TIERS:
-            for f in self.sums[t]:
-                col = tab.column(f"kv_fetch.{t}.{f}")
-                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    col = pc.list_value_length(col)
-                    if f == "hit_blocks":
-                        self.served[t] += int(pc.sum(pc.greater(col, 0)).as_py() or 0)
-                elif f == "hit_blocks":
-                    self.served[t] += int(pc.sum(pc.greater(col, 0)).as_py() or 0)
-                self.sums[t][f] += int(pc.sum(col).as_py() or 0)
+            sums = self.sums[t]
+            hb = tab.column(f"kv_fetch.{t}.hit_blocks")
+            bsz = tab.column(f"kv_fetch.{t}.batch_size")
+            # a count in older traces; in the design note's schema len(hit_blocks) = batch_size
+            hits = hb if pa.types.is_integer(hb.type) and hb.null_count < len(hb) else bsz
+            sums["hit_blocks"] += total(hits)
+            self.served[t] += total(pc.greater(hits, 0))
+            sums["bytes_read"] += total(tab.column(f"kv_fetch.{t}.bytes_read"))
+            sums["read_ops"] += total(tab.column(f"kv_fetch.{t}.read_ops"))
+            sums["batch_size"] += total(bsz)
             lat = float_column(tab, f"kv_fetch.{t}.latency_us")
             lat = lat[~np.isnan(lat)]
             if lat.shape[0]:

@@ -147,10 +147,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args, bundle, tracer, settings, prompts: list[list[int]], ids: list[str]) -> list[list[int]]:
+def _generate(args, bundle, tracer, settings, prompts: list[list[int]], names: list[str]) -> list[list[int]]:
+    """Generate (traced when ``tracer``): the requests get the trace's next integer ids and
+    ``names`` (their sample ids: input-file stem and index, or conversation and turn) go to
+    requests.jsonl."""
     from kvtier.cli import CLIError
     from kvtier.model.generate import generate
+    from kvtier.trace.tracer import WithRequestInfo
 
+    first = tracer.next_request_id if tracer is not None else 0
+    ids = list(range(first, first + len(prompts)))
+    if tracer is not None:
+        tracer = WithRequestInfo(tracer, [{"sample_id": n} for n in names])
     try:
         return generate(
             bundle.model, prompts, args.max_new_tokens, bundle.tokenizer.eos_id,

@@ -26,13 +26,20 @@ def run(args: argparse.Namespace) -> int:
 
     from kvtier.cli import CLIError
     from kvtier.schema import SUMMARY_FILE, Summary
-    from kvtier.trace.reader import TraceError
+    from kvtier.trace.reader import TraceError, find_trace
     from kvtier.trace.summary import recompute_summary
+    from kvtier.trace.validate import old_form
     from kvtier.trace.writer import write_json_atomic
 
     root = Path(args.trace)
     existing_path = root / SUMMARY_FILE
     existing = None
+    try:  # a trace of the earlier format: say so (and how to upgrade) before anything else
+        old = old_form(find_trace(root), root)
+    except TraceError as exc:
+        raise CLIError(str(exc)) from None
+    if old is not None:
+        raise CLIError(old)
     if existing_path.is_file():
         try:
             existing = msgspec.json.decode(existing_path.read_bytes(), type=Summary)

@@ -1,11 +1,14 @@
 """Offline replay: run a recorded trace's selections through any KVBackend and policy.
 
-The input is read twice. First as an access stream (``kvtier.sim.access``: validated numpy
-columns) to learn when each request starts and ends and, for offline policies, the exact
-future key stream. Then record by record: consecutive records of one (step, layer) form one
-``LayerAccess`` (so the key stream is the trace order), the backend serves it, and each record
-is written again with ``kv_fetch`` replaced. Requests are admitted at their first record with
-``prompt_len = seq_len_current - 1`` and released after their last one. No torch.
+The input is read once, as columns (``kvtier.trace.columnar``: parsed on the first read of a
+JSONL trace, then taken from its columnar twin): the access stream (when each request starts
+and ends, the positions and blocks and, for offline policies, the exact future key stream)
+plus the few record fields the summary needs. Consecutive records of one (step, layer) form
+one ``LayerAccess`` (so the key stream is the trace order), the backend serves it, and each
+input line is written again with its ``kv_fetch`` value replaced (every other byte kept; a
+Parquet input or another block size re-encodes the record). Requests are admitted at their
+first record with ``prompt_len = seq_len_current - 1`` and released after their last one.
+No torch.
 """
 
 from __future__ import annotations
@@ -23,14 +26,27 @@ import numpy as np
 from kvtier.backend import HBMOnlyBackend, KVBackend, LayerAccess
 from kvtier.schema import (
     META_FILE,
+    REQUESTS_FILE,
+    SCHEMA_VERSION,
     SUMMARY_FILE,
     TRACE_FILE,
     TokensPerBlock,
     TopkRecord,
     TraceMeta,
+    record_encoder,
 )
-from kvtier.sim.access import AccessStream, TraceReadError, read_access_stream, rebucket
-from kvtier.trace.reader import TraceError, find_trace, iter_records, iter_records_with_lines
+from kvtier.sim.access import (
+    ACCESS_COLUMNS,
+    AccessStream,
+    BlockStream,
+    TraceReadError,
+    _int_column,
+    rebucket,
+    stream_from_columns,
+)
+from kvtier.trace.arrays import as_numpy, list_parts
+from kvtier.trace.columnar import read_columns
+from kvtier.trace.reader import TraceError, find_trace, iter_records
 from kvtier.trace.summary import SummaryBuilder, backend_sections
 
 
@@ -61,11 +77,15 @@ class ReplaySettings:
 
 @dataclass
 class ReplayResult:
+    """What a replay did: ``seconds`` from the call to the summary written (reading the
+    trace included), ``loop_seconds`` the part after reading (fetches, output, summary)."""
+
     out_dir: Path
     records: int
     accesses: int
     seconds: float
     summary: dict | None
+    loop_seconds: float = 0.0
 
 
 def _read_meta(trace: Path) -> dict:
@@ -129,33 +149,19 @@ def token_columns(stream: AccessStream, blocked) -> tuple[np.ndarray, np.ndarray
     touched block (``blocked`` order) its number of selected tokens: the summary's inputs,
     computed for the whole trace in a few numpy passes instead of once per batch."""
     lens = np.diff(stream.offsets)
-    offsets = np.repeat(stream.seq_len - 1, lens) - stream.pos
+    offsets = np.repeat(stream.seq_len - 1, lens)
+    offsets -= stream.pos
     n = stream.pos.shape[0]
     if n == 0:
         return offsets, np.zeros(0, dtype=np.int64)
-    blk = stream.pos // blocked.block_size
-    start = np.ones(n, dtype=bool)
-    start[1:] = blk[1:] != blk[:-1]
+    bs = blocked.block_size
+    blk = stream.pos >> (bs.bit_length() - 1) if bs & (bs - 1) == 0 else stream.pos // bs
+    start = np.empty(n, dtype=bool)
+    start[0] = True
+    np.not_equal(blk[1:], blk[:-1], out=start[1:])
     start[stream.offsets[:-1][lens > 0]] = True  # a record's first token starts a block
     edges = np.flatnonzero(start)
-    return offsets, np.diff(np.append(edges, n))
-
-
-def _summarize_batch(builder: SummaryBuilder, batch: list, a: int, stream: AccessStream,
-                     blocked, tok_off: np.ndarray, tpb: np.ndarray) -> None:
-    """``builder.add_records(batch)`` from the access-stream columns of records a.. (the same
-    numbers for a valid trace, without per-record array building; tested against it)."""
-    b = a + len(batch)
-    boff = blocked.offsets
-    k = np.array([r.prefix.intersection_blocks for r in batch], dtype=np.int64)
-    k = np.clip(k, 0, np.diff(boff[a:b + 1]))
-    first = boff[a:b]
-    take = np.repeat(first, k) + (np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k))
-    builder.add([r.request_id for r in batch],
-                np.array([r.unique_blocks for r in batch], dtype=np.int64),
-                tpb[boff[a]:boff[b]], tok_off[stream.offsets[a]:stream.offsets[b]],
-                np.array([r.prefix.intersection_ratio for r in batch], dtype=np.float64),
-                np.repeat(np.arange(len(batch), dtype=np.int64), k), blocked.blocks[take])
+    return offsets, np.diff(edges, append=n)
 
 
 def prefix_hashes(prefix_key: str | None, prompt_len: int, prefix_tokens: int, bs: int
@@ -169,23 +175,6 @@ def prefix_hashes(prefix_key: str | None, prompt_len: int, prefix_tokens: int, b
     n = min(prompt_len, prefix_tokens) // bs
     base = int(prefix_key, 16)
     return [(base ^ (i * 0x9E3779B97F4A7C15)) & 0xFFFFFFFFFFFFFFFF for i in range(n)]
-
-
-class _PrefixKey(msgspec.Struct):
-    prefix_key: str | None = None
-
-
-class _FirstPrefix(msgspec.Struct):
-    """The two fields the offline pre-pass needs (msgspec skips the rest of each line)."""
-
-    request_id: str
-    prefix: _PrefixKey
-
-
-def _iter_first_prefix(tf) -> Iterator[tuple[str, str | None]]:
-    """(request id, prefix_key) of every record; only read for offline policies."""
-    for rec in iter_records(tf, _FirstPrefix):
-        yield rec.request_id, rec.prefix.prefix_key
 
 
 def aliased_key_stream(stream: AccessStream, bs: int, hashes: list[list[int]]) -> np.ndarray:
@@ -208,41 +197,39 @@ def aliased_key_stream(stream: AccessStream, bs: int, hashes: list[list[int]]) -
     return keys
 
 
-def _pass_record_type() -> type:
-    """``TopkRecord`` with ``selected_token_pos`` kept as raw JSON bytes: the replay rewrites
-    ``kv_fetch`` only, and the positions were already validated by the access-stream read,
-    so the longest field is neither parsed nor re-encoded."""
-    spec = []
-    for f in msgspec.structs.fields(TopkRecord):
-        typ = msgspec.Raw if f.name == "selected_token_pos" else f.type
-        spec.append((f.name, typ) if f.default is msgspec.NODEFAULT else (f.name, typ, f.default))
-    return msgspec.defstruct("PassRecord", spec, forbid_unknown_fields=True, omit_defaults=True)
-
-
-_PassRecord = _pass_record_type()
-
-
 # ``"kv_fetch": {...}`` with its value: an object of objects of scalars (KVFetch of TierFetch)
 _KV_FETCH = re.compile(rb'"kv_fetch"\s*:\s*\{(?:[^{}]|\{[^{}]*\})*\}')
 _KV_KEY = b'"kv_fetch"'
 
 
-def splice_kv_fetch(line: bytes, kv_json: bytes) -> bytes | None:
-    """``line`` with its top-level ``kv_fetch`` value replaced by ``kv_json``, every other byte
-    kept; None if the span cannot be located (the caller re-encodes the record then). Only for
-    lines that decoded as a valid record: nested objects of a record have no ``kv_fetch`` key
-    and a string value cannot be followed by ``:``, so the first match is the field."""
-    start = line.find(_KV_KEY)
+def kv_fetch_span(buf, lo: int = 0, hi: int | None = None) -> tuple[int, int] | None:
+    """(start, end) of the top-level ``"kv_fetch": {...}`` member in ``buf[lo:hi]`` (bytes or
+    any buffer with ``find``, such as an mmap), or None. Only for lines that decoded as a
+    valid record: nested objects of a record have no ``kv_fetch`` key and a string value
+    cannot be followed by ``:``, so the first match is the field."""
+    hi = len(buf) if hi is None else hi
+    start = buf.find(_KV_KEY, lo, hi)
     while start >= 0:
-        m = _KV_FETCH.match(line, start)
+        m = _KV_FETCH.match(buf, start, hi)
         if m is not None:
-            return b"".join((line[:start], b'"kv_fetch":', kv_json, line[m.end():]))
-        start = line.find(_KV_KEY, start + 1)
+            return start, m.end()
+        start = buf.find(_KV_KEY, start + 1, hi)
     return None
 
 
-def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int) -> None:
-    """Rewrite a record's block fields for another block size (point B at ``bs``)."""
+def splice_kv_fetch(line: bytes, kv_json: bytes) -> bytes | None:
+    """``line`` with its top-level ``kv_fetch`` value replaced by ``kv_json``, every other byte
+    kept; None if the span cannot be located (the caller re-encodes the record then)."""
+    span = kv_fetch_span(line)
+    if span is None:
+        return None
+    return b"".join((line[:span[0]], b'"kv_fetch":', kv_json, line[span[1]:]))
+
+
+def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int, n_prefix: int,
+                     cached: int) -> None:
+    """Rewrite a record's block fields for another block size (points B and D at ``bs``):
+    ``n_prefix`` / ``cached`` are the request's prefix and cached-prefix blocks at ``bs``."""
     per = np.unique(pos // bs, return_counts=True)[1] if pos.size else np.zeros(1, np.int64)
     rec.block_size_tokens = bs
     rec.selected_block_ids = blocks.tolist()
@@ -250,13 +237,111 @@ def _rebucket_record(rec, pos: np.ndarray, blocks: np.ndarray, bs: int) -> None:
     p50, p95 = np.percentile(per, [50, 95])
     rec.tokens_per_touched_block = TokensPerBlock(mean=float(per.mean()), p50=float(p50),
                                                   p95=float(p95))
+    inter = rec.selected_block_ids[:int(np.searchsorted(blocks, n_prefix))]
+    rec.prefix.intersection_blocks = inter
+    rec.prefix.intersection_ratio = len(inter) / max(len(blocks), 1)
+    rec.prefix.prefix_cached_blocks = cached
+    rec.prefix.prefix_cache_hit = cached > 0
+
+
+#: the columns replay reads (besides the record lines it copies)
+_COLUMNS = (*ACCESS_COLUMNS, "selected_block_ids", "unique_blocks", "prefix.prefix_key",
+            "prefix.prefix_cached_blocks", "prefix.intersection_ratio",
+            "prefix.intersection_blocks", "kv_fetch.hbm.latency_us")
+#: records per chunk of the summary's column passes (small arrays: no fresh memory per pass)
+_SUMMARY_CHUNK = 512
+
+
+class _Lines:
+    """The record lines of a JSONL trace, memory-mapped: record i is ``bufs[f][lo:hi]``.
+    Records hold no raw newline, so line boundaries are exact; blank lines (which readers
+    skip) are skipped. ``n`` (the records the columns hold) is checked."""
+
+    def __init__(self, tf, n: int) -> None:
+        import mmap
+
+        self.bufs: list = []
+        self.spans: list[tuple[int, int, int]] = []
+        for path in tf.files:
+            with open(path, "rb") as fh:
+                size = path.stat().st_size
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            f = len(self.bufs)
+            self.bufs.append(buf)
+            lo, find = 0, buf.find
+            while lo < size:
+                hi = find(b"\n", lo)
+                end = size if hi < 0 else hi
+                if end - lo > 64 or buf[lo:end].strip():
+                    self.spans.append((f, lo, end))
+                lo = end + 1
+        if len(self.spans) != n:
+            raise ReplayError(f"{tf.root}: {len(self.spans)} record lines but {n} records were "
+                              "read (was the trace modified during the replay?)")
+
+    def line(self, i: int) -> bytes:
+        f, lo, hi = self.spans[i]
+        return bytes(self.bufs[f][lo:hi])
+
+    def spliced(self, i: int, kv_json: bytes) -> list | None:
+        """Record i's line with its kv_fetch value replaced, as pieces (memoryviews of the
+        mapped file around the new value), or None where the span is not found."""
+        f, lo, hi = self.spans[i]
+        buf = self.bufs[f]
+        span = kv_fetch_span(buf, lo, hi)
+        if span is None:
+            return None
+        mv = memoryview(buf)
+        return [mv[lo:span[0]], b'"kv_fetch":', kv_json, mv[span[1]:hi]]
+
+    def close(self) -> None:
+        for buf in self.bufs:
+            if hasattr(buf, "close"):
+                buf.close()
+
+
+def _add_summary(builder: SummaryBuilder, stream: AccessStream, blocked, table, bs: int,
+                 n_prefix: np.ndarray) -> None:
+    """Feed ``builder`` every record from columns, ``_SUMMARY_CHUNK`` records at a time:
+    unique blocks, tokens per touched block, offsets, intersection ratios and the touched
+    prefix blocks, at block size ``bs`` (``n_prefix``: prefix blocks per record at ``bs``).
+    The same numbers as ``add_records`` over the output records (tested)."""
+    n = len(stream)
+    ids = np.asarray(stream.request_ids, dtype=np.int64)[stream.req]
+    boff = blocked.offsets
+    counts = np.diff(boff)
+    if bs == stream.block_size:
+        inter_off, inter = list_parts(table.column("prefix.intersection_blocks"))
+        ratios = as_numpy(table.column("prefix.intersection_ratio"))
+        unique = _int_column(table, "unique_blocks")
+    for a in range(0, n, _SUMMARY_CHUNK):
+        b = min(n, a + _SUMMARY_CHUNK)
+        part = AccessStream(stream.request_ids, stream.req[a:b], stream.layer[a:b],
+                            stream.step[a:b], stream.seq_len[a:b],
+                            stream.offsets[a:b + 1] - stream.offsets[a],
+                            stream.pos[stream.offsets[a]:stream.offsets[b]], stream.block_size)
+        tok_off, tpb = token_columns(part, blocked)
+        if bs == stream.block_size:
+            rows = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(inter_off[a:b + 1]))
+            blocks = inter[inter_off[a]:inter_off[b]]
+            add = (unique[a:b], ratios[a:b])
+        else:
+            rec_of_block = np.repeat(np.arange(b - a, dtype=np.int64), counts[a:b])
+            blk = blocked.blocks[boff[a]:boff[b]]
+            inside = blk < n_prefix[a:b][rec_of_block]
+            rows, blocks = rec_of_block[inside], blk[inside]
+            add = (counts[a:b], np.bincount(rows, minlength=b - a) / np.maximum(counts[a:b], 1))
+        builder.add(ids[a:b].tolist(), add[0], tpb, tok_off, add[1], rows, blocks)
 
 
 def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
            force: bool = False, progress: bool = False) -> ReplayResult:
-    """Replay ``trace`` into ``out_dir`` (trace, meta and summary); see the module doc."""
+    """Replay ``trace`` into ``out_dir`` (trace, meta, requests and summary); see the module
+    doc. The trace is read from its columnar twin (``kvtier.trace.columnar``), so only the
+    first replay of a JSONL trace parses it."""
     import time
 
+    t_start = time.perf_counter()
     trace, out = Path(trace), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -264,37 +349,45 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         if out.resolve() == trace.resolve() or out.resolve() in trace.resolve().parents:
             raise ReplayError(f"{out}: refusing to overwrite the input trace")
     try:
-        stream = read_access_stream(trace)
         tf = find_trace(trace)
+        table = read_columns(trace, _COLUMNS)
+        stream = stream_from_columns(table, trace)
     except (TraceReadError, TraceError) as exc:
         raise ReplayError(str(exc)) from None
+    n = len(stream)
     bs = settings.block_size or stream.block_size
     meta_in = _read_meta(trace)
     trace_cfg = (meta_in.get("config") or {}).get("trace") or {}
     prefix_tokens = int(trace_cfg.get("prefix_key_tokens", 256))
     share = settings.backend == "sim" and bs == stream.block_size
 
-    def hashes_for(prompt_len: int, key: str | None) -> list[int]:
-        return prefix_hashes(key, prompt_len, prefix_tokens, bs) if share else []
+    # per request: first / last record, prompt length, prefix key and blocks at bs
+    n_req = len(stream.request_ids)
+    order = np.arange(n, dtype=np.int64)
+    first = np.full(n_req, n, dtype=np.int64)
+    np.minimum.at(first, stream.req, order)
+    last = np.full(n_req, -1, dtype=np.int64)
+    np.maximum.at(last, stream.req, order)
+    prompt = np.maximum(stream.seq_len[first] - 1, 0) if n else np.zeros(0, np.int64)
+    keys = table.column("prefix.prefix_key").to_pylist() if n else []
+    key_of = [keys[i] for i in first.tolist()]
+    old_bs = stream.block_size
+    has_key = np.array([k is not None for k in key_of], dtype=bool)
+    pre_tokens = np.where(has_key, np.minimum(prompt, prefix_tokens) // old_bs * old_bs, 0)
+    cached_old = (_int_column(table, "prefix.prefix_cached_blocks")[first]
+                  if n else np.zeros(0, np.int64))
+    n_prefix_req = pre_tokens // bs
+    cached_req = cached_old * old_bs // bs
+
+    def hashes_for(r: int) -> list[int]:
+        return prefix_hashes(key_of[r], int(prompt[r]), prefix_tokens, bs) if share else []
 
     future = None
     if _needs_future(settings):
-        keys_of = {}
-        for rec in _iter_first_prefix(tf):
-            keys_of.setdefault(rec[0], rec[1])
-        prompt = {r: max(int(stream.seq_len[i]) - 1, 0) for i, r in
-                  reversed(list(enumerate(stream.req.tolist())))}
-        future = aliased_key_stream(stream, bs, [
-            hashes_for(prompt[i], keys_of.get(name)) for i, name in enumerate(stream.request_ids)])
+        future = aliased_key_stream(stream, bs, [hashes_for(r) for r in range(n_req)])
     backend = build_backend(settings, stream, bs, future, meta_in)
-
-    n = len(stream)
-    last_rec = np.full(len(stream.request_ids), -1, dtype=np.int64)
-    np.maximum.at(last_rec, stream.req, np.arange(n, dtype=np.int64))
-    ends_at: dict[int, list[str]] = {}
-    for r, i in enumerate(last_rec.tolist()):
-        ends_at.setdefault(i, []).append(stream.request_ids[r])
     use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
+    lines = _Lines(tf, n) if bs == stream.block_size and tf.format == "jsonl" else None
 
     if force and out.exists():
         shutil.rmtree(out)
@@ -302,94 +395,113 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     config = dict(meta_in.get("config") or {})
     config["backend"] = getattr(backend, "name", settings.backend)
     config["replay"] = {"source": str(trace), **{k: v for k, v in vars(settings).items() if v}}
-    run_name = str(meta_in.get("run_name") or "replay")
-    dataset = str(meta_in.get("dataset") or "unknown")
-    meta = TraceMeta(schema_version=int(meta_in.get("schema_version", 1)), run_name=run_name,
-                     dataset=dataset, config=config, format="jsonl", shards=[])
+    if bs != stream.block_size:
+        config["trace"] = {**trace_cfg, "kv_block_size": bs}
+    run_name, dataset = meta_in.get("run_name"), meta_in.get("dataset")
+    if (run_name is None or dataset is None) and n:  # no trace_meta.json: the records say
+        head = read_columns(trace, ["run_name", "dataset"]).slice(0, 1).to_pylist()[0]
+        run_name = head["run_name"] if run_name is None else run_name
+        dataset = head["dataset"] if dataset is None else dataset
+    run_name, dataset = str(run_name or "replay"), str(dataset or "unknown")
+    meta = TraceMeta(schema_version=SCHEMA_VERSION, run_name=run_name, dataset=dataset,
+                     config=config, format="jsonl", shards=[TRACE_FILE])
     (out / META_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(meta)))
+    if (tf.root / REQUESTS_FILE).is_file():
+        shutil.copyfile(tf.root / REQUESTS_FILE, out / REQUESTS_FILE)
     builder = SummaryBuilder(run_name, dataset, config)
-    enc = msgspec.json.Encoder()
+    enc = record_encoder()
 
-    admitted: set[str] = set()
-    seen = 0
-    names, req, layer = stream.request_ids, stream.req.tolist(), stream.layer.tolist()
-    blocked = rebucket(stream, bs)
+    if bs == stream.block_size:  # the recorded selected_block_ids (validate checks them)
+        boff, blk = list_parts(table.column("selected_block_ids"))
+        blocked = BlockStream(stream, bs, boff, blk.astype(np.int64, copy=False))
+    else:
+        blocked = rebucket(stream, bs)
     pos, poff, blk, boff = stream.pos, stream.offsets, blocked.blocks, blocked.offsets
-    tok_off, tpb = token_columns(stream, blocked)
-    t_start = time.perf_counter()
+    rids = np.asarray(stream.request_ids, dtype=np.int64)
+    rec_ids = rids[stream.req].tolist() if n else []
+    walls = (table.column("kv_fetch.hbm.latency_us").to_pylist() if use_wall and n else None)
+    change = np.flatnonzero((np.diff(stream.step) != 0) | (np.diff(stream.layer) != 0)) + 1
+    bounds = np.concatenate(([0], change, [n])).tolist() if n else [0]
+    batch_of = np.searchsorted(np.asarray(bounds), order, side="right") - 1
+    admit_at: dict[int, list[int]] = {}
+    release_at: dict[int, list[int]] = {}
+    for r in range(n_req):
+        admit_at.setdefault(int(batch_of[first[r]]), []).append(r)
+        release_at.setdefault(int(batch_of[last[r]]), []).append(r)
+    records = None if lines is not None else iter_records(tf)
+    step, layer = stream.step.tolist(), stream.layer.tolist()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, unit="rec", desc="replay")
+    t_loop = time.perf_counter()
     with open(out / TRACE_FILE, "wb") as fh:
-        batch: list = []
-        lines: list[bytes | None] = []
-
-        def flush() -> None:
-            nonlocal seen
-            if not batch:
-                return
-            ids, tps, bls = [], [], []
-            for i, rec in enumerate(batch, start=seen):
-                rid = rec.request_id
-                if i >= n or rid != names[req[i]] or rec.layer_id != layer[i]:
-                    raise ReplayError(f"{trace}: record {i + 1} differs between the two reads "
-                                      "(was the trace modified during the replay?)")
-                if rid not in admitted:
-                    admitted.add(rid)
-                    plen = max(int(rec.seq_len_current) - 1, 0)
-                    backend.admit(rid, plen, hashes_for(plen, rec.prefix.prefix_key))
-                ids.append(rid)
-                tps.append(pos[poff[i]:poff[i + 1]])  # sorted, unique (kvtier.sim.access)
-                bls.append(blk[boff[i]:boff[i + 1]])
-            wall = batch[0].kv_fetch.hbm.latency_us if use_wall else None
-            access = LayerAccess(step_idx=batch[0].step_idx, layer_id=batch[0].layer_id,
-                                 request_ids=ids, token_pos=tps, block_ids=bls, block_size=bs,
-                                 step_wall_us=wall)
+        chunk: list = []
+        size = 0
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            for r in admit_at.get(k, ()):
+                backend.admit(int(rids[r]), int(prompt[r]), hashes_for(r))
+            tps = [pos[poff[i]:poff[i + 1]] for i in range(a, b)]  # sorted, unique
+            bls = [blk[boff[i]:boff[i + 1]] for i in range(a, b)]
+            access = LayerAccess(step_idx=step[a], layer_id=layer[a], request_ids=rec_ids[a:b],
+                                 token_pos=tps, block_ids=bls, block_size=bs,
+                                 step_wall_us=walls[a] if walls is not None else None)
             got = backend.fetch(access)
-            out_lines = []
-            for rec, line, kv, p, blocks in zip(batch, lines, got, tps, bls, strict=True):
-                new = None
-                if line is not None and bs == rec.block_size_tokens:
-                    new = splice_kv_fetch(line, enc.encode(kv))
-                if new is None:  # Parquet input, another block size, or no span found
+            if len(got) != b - a:
+                raise ReplayError(f"backend {backend.name!r} returned {len(got)} results for "
+                                  f"{b - a} rows")
+            for j, kv in enumerate(got):
+                i = a + j
+                pieces: list | None = None
+                if lines is not None:
+                    pieces = lines.spliced(i, enc.encode(kv))
+                if pieces is None:  # Parquet input, another block size, or no span found
+                    rec = next(records) if records is not None else _decode(lines.line(i), tf, i)
                     if bs != rec.block_size_tokens:
-                        _rebucket_record(rec, p, blocks, bs)
+                        r = int(stream.req[i])
+                        _rebucket_record(rec, tps[j], bls[j], bs, int(n_prefix_req[r]),
+                                         int(cached_req[r]))
                     rec.kv_fetch = kv
-                    new = enc.encode(rec)
-                out_lines.append(new)
-            out_lines.append(b"")
-            fh.write(b"\n".join(out_lines))
-            _summarize_batch(builder, batch, seen, stream, blocked, tok_off, tpb)
-            for i in range(seen, seen + len(batch)):
-                for rid in ends_at.get(i, ()):
-                    backend.release(rid)
-            seen += len(batch)
+                    pieces = [enc.encode(rec)]
+                chunk.extend(pieces)
+                chunk.append(b"\n")
+                size += len(pieces[0])
+            for r in release_at.get(k, ()):
+                backend.release(int(rids[r]))
+            if size > 1 << 22:
+                fh.write(b"".join(chunk))
+                chunk, size = [], 0
             if bar is not None:
-                bar.update(len(batch))
-            batch.clear()
-            lines.clear()
-
-        try:
-            for rec, line in iter_records_with_lines(tf, _PassRecord):
-                if batch and (rec.step_idx != batch[0].step_idx
-                              or rec.layer_id != batch[0].layer_id):
-                    flush()
-                batch.append(rec)
-                lines.append(line)
-        except TraceError as exc:
-            raise ReplayError(f"{exc} (records before it were written to {out})") from None
-        flush()
+                bar.update(b - a)
+        if chunk:
+            fh.write(b"".join(chunk))
+        chunk = pieces = None  # release the views of the mapped input before closing it
+    if lines is not None:
+        lines.close()
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t_start
+    _add_summary(builder, stream, blocked, table, bs,
+                 n_prefix_req[stream.req] if n else np.zeros(0, np.int64))
     back = backend.summary()
     summary = builder.build(**backend_sections(back))
     (out / SUMMARY_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
     accesses = int(getattr(backend, "accesses", 0))
-    return ReplayResult(out_dir=out, records=seen, accesses=accesses, seconds=seconds,
-                        summary=back)
+    t_end = time.perf_counter()
+    return ReplayResult(out_dir=out, records=n, accesses=accesses, seconds=t_end - t_start,
+                        summary=back, loop_seconds=t_end - t_loop)
+
+
+def _decode(line: bytes, tf, i: int):
+    """The record of a line whose kv_fetch span could not be located (a foreign producer's
+    layout): decoded in full."""
+    try:
+        return _RECORD.decode(line)
+    except msgspec.MsgspecError as exc:
+        raise ReplayError(f"{tf.root}: record {i + 1}: {exc}") from None
+
+
+_RECORD = msgspec.json.Decoder(TopkRecord)
 
 
 def iter_batches(stream: AccessStream, block_size: int | None = None

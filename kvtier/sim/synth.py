@@ -16,7 +16,15 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvtier.schema import KVFetch, PrefixInfo, TierFetch, TokensPerBlock, TopkRecord, empty_tier
+from kvtier.schema import (
+    REQUESTS_FILE,
+    KVFetch,
+    PrefixInfo,
+    TierFetch,
+    TokensPerBlock,
+    TopkRecord,
+    empty_tier,
+)
 from kvtier.sim.access import AccessStream
 
 
@@ -88,7 +96,7 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     return AccessStream(
-        request_ids=[f"synth-{r}" for r in range(cfg.requests)],
+        request_ids=list(range(cfg.requests)),
         req=np.array(req, dtype=np.int64), layer=np.array(layer, dtype=np.int64),
         step=np.array(step, dtype=np.int64), seq_len=np.array(seq_len, dtype=np.int64),
         offsets=offsets,
@@ -97,11 +105,19 @@ def synth_stream(cfg: SynthConfig = SynthConfig()) -> AccessStream:
 
 
 def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synth") -> Path:
-    """Write ``stream`` as a schema-valid ``trace_steps.jsonl`` (HBM-only ``kv_fetch``), so
-    the CLI and readers can be exercised without the model."""
+    """Write ``stream`` as a schema-valid ``trace_steps.jsonl`` (HBM-only ``kv_fetch``) and
+    its ``requests.jsonl`` (one line per request: its id, ``sample_id`` and prompt length),
+    so the CLI and readers can be exercised without the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     enc = msgspec.json.Encoder()
+    first: dict[int, int] = {}
+    for i, r in enumerate(stream.req.tolist()):
+        first.setdefault(r, i)
+    lines = [enc.encode({"request_id": int(rid), "sample_id": f"synth-{rid}",
+                         "prompt_len": int(stream.seq_len[first[r]]) - 1 if r in first else None})
+             for r, rid in enumerate(stream.request_ids)]
+    (out / REQUESTS_FILE).write_bytes(b"".join(x + b"\n" for x in lines))
     bs = stream.block_size
     buf = bytearray()
     for i in range(len(stream)):
@@ -122,11 +138,11 @@ def write_trace(stream: AccessStream, out_dir: str | Path, run_name: str = "synt
                 p50=float(np.percentile(per, 50)) if per.size else 0.0,
                 p95=float(np.percentile(per, 95)) if per.size else 0.0),
             kv_fetch=KVFetch(
-                hbm=TierFetch(hit_blocks=int(blocks.shape[0]), bytes_read=0, read_ops=1,
-                              latency_us=None, batch_size=1),
+                hbm=TierFetch(hit_blocks=blocks.tolist(), bytes_read=0, read_ops=1,
+                              latency_us=None, batch_size=int(blocks.shape[0])),
                 local_pool=empty_tier(), remote_pool=empty_tier()),
             prefix=PrefixInfo(prefix_cache_hit=False, prefix_cached_blocks=0, prefix_key=None,
-                              intersection_ratio=0.0, intersection_blocks=0),
+                              intersection_ratio=0.0, intersection_blocks=[]),
             selected_token_pos=pos.tolist(), scores_stats=None)
         buf += enc.encode(rec)
         buf += b"\n"

@@ -110,6 +110,32 @@ def encode_int_rows(values: np.ndarray, row_starts: np.ndarray | None = None,
     return buf, lo, hi
 
 
+def encode_elements(values: np.ndarray, width: int, scratch: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Every element of a flat array of non-negative ints as ``width`` bytes (``width - 1``
+    right-aligned digits, space-padded, then a comma) back to back, with 8 bytes of slack:
+    the JSON text of any span ``values[a:b]`` is ``buf[a * width : b * width - 1]`` (the
+    elements without the last comma; empty for a == b). ``width`` must exceed the digits of
+    ``values.max()`` and be at most ``MAX_VALUE``'s + 1."""
+    flat = np.asarray(values).reshape(-1)
+    n = len(flat)
+    need = n * width + 8
+    if scratch is not None and scratch.dtype == np.uint8 and scratch.ndim == 1 and len(scratch) >= need:
+        buf = scratch[:need]
+    else:
+        buf = np.empty(max(need, int(need * 1.25)), dtype=np.uint8)[:need]
+    if n == 0:
+        return buf
+    if int(flat.min()) < 0 or _ndigits(int(flat.max())) >= width:
+        raise ValueError(f"values must lie in [0, 10**{width - 1}), got [{flat.min()}, {flat.max()}]")
+    idx = flat.astype(np.intp, copy=False)
+    for off, table in _pieces(width, int(flat.max()) + 1):
+        dst = np.ndarray((n,), dtype=table.dtype, buffer=buf, offset=off, strides=(width,))
+        dst[...] = table[idx]
+    np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=width - 1, strides=(width,))[...] = _COMMA
+    return buf
+
+
 def _encode_fallback(values: np.ndarray, row_starts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compact msgspec encoding, row by row (only for values beyond ``MAX_VALUE``)."""
     import msgspec

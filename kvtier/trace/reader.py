@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from kvtier.schema import META_FILE, PARQUET_FILE, TRACE_FILE, TopkRecord, TraceError, TraceMeta
+from kvtier.trace import legacy
 from kvtier.trace.parquet import iter_parquet_records
 
 __all__ = ["PARQUET_FILE", "TraceError", "TraceFiles", "find_trace", "iter_records",
@@ -121,6 +122,9 @@ def iter_records_with_lines(tf: TraceFiles, record_type: type = TopkRecord
             try:
                 yield dec.decode(line), line
             except msgspec.ValidationError as exc:
+                old = legacy.describe(line, tf.root if len(tf.files) > 1 else path)
+                if old is not None:
+                    raise TraceError(old) from None
                 field, msg = location_of(exc)
                 raise TraceError(f"{path}:{lineno}: {field}: {msg}") from None
             except msgspec.DecodeError as exc:

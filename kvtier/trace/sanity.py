@@ -68,7 +68,9 @@ def run_sanity(out_dir: str | os.PathLike, cfg: SanityConfig, settings: TraceSet
                       disable=not progress) as bar:
         for b in range(n_batches):
             ids = list(range(b * cfg.batch_size, min(cfg.requests, (b + 1) * cfg.batch_size)))
-            tracer.begin_batch([f"req-{i}" for i in ids], [prompts[i] for i in ids])
+            tracer.begin_batch(ids, [prompts[i] for i in ids],
+                               [{"sample_id": f"synthetic-{i}", "shared_prefix": cfg.shared_prefix}
+                                for i in ids])
             for t in range(cfg.new_tokens):
                 start = cfg.prompt_len + t
                 tracer.start_step(start)

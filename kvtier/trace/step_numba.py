@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 
 #: field kinds of the record program (see ``emit_records``)
-INT, TEXT, POS, BLK, HALF = 0, 1, 2, 3, 4
+INT, TEXT, POS, LST, HALF = 0, 1, 2, 3, 4
 
 #: largest seq_len for the bitmap path (a 512 KiB scratch); longer contexts sort the row
 BITMAP_MAX_SEQ = 1 << 22
@@ -281,10 +281,12 @@ def _build() -> SimpleNamespace:
         return e
 
     @njit
-    def put_list(out, o, vals, a, b, width, table, ohist, last):
+    def put_list(out, o, vals, a, b, width, table, ohist, last, close):
         """JSON list tail of vals[a:b] ('[' is the literal's): ``width`` bytes per element
         from ``table`` (``digit_table``: kvtier.trace.intlist_json's space-padded format), or compact
-        when width == 0. With ``last`` >= 0 also counts offsets ``last - v`` into ohist."""
+        when width == 0. ``close``: end with ']' (a non-empty list); else leave the elements
+        without their last comma (the next literal starts with ']'; an empty list writes
+        nothing). With ``last`` >= 0 also counts offsets ``last - v`` into ohist."""
         if width > 0:
             for i in range(a, b):
                 v = vals[i]
@@ -298,17 +300,22 @@ def _build() -> SimpleNamespace:
         if last >= 0:
             for i in range(a, b):
                 ohist[last - vals[i]] += 1
-        out[o - 1] = 93  # ']'
+        if close:
+            out[o - 1] = 93  # ']'
+        elif b > a:
+            o -= 1
         return o
 
     @njit
     def emit_records(out, lits, lit_starts, kinds, vals, texts, text_starts, pos, pos_starts,
-                     pos_width, pos_table, blk, blk_starts, blk_width, blk_table, ohist, last):
+                     pos_width, pos_table, lv, l_lo, l_hi, l_width, l_table, ohist, last):
         """Write records j = 0..len(vals)-1: literal f, then field f by kinds[f], for every
         field, then the closing literal. INT: vals[j, f]; HALF: vals[j, f] / 2 as a float's
-        repr (x.0 / x.5); TEXT: span vals[j, f] of texts; POS / BLK: int list of row
-        vals[j, f] (POS also fills the offset histogram). ``out``, ``lits`` and ``texts`` need
-        8 bytes of slack past their ends. Returns bytes written."""
+        repr (x.0 / x.5); TEXT: span vals[j, f] of texts; POS: the int list of position row
+        vals[j, f] with its ']' (also fills the offset histogram); LST: the int list
+        lv[l_lo[v]:l_hi[v]] of span v = vals[j, f] without ']' (the next literal has it).
+        ``out``, ``lits`` and ``texts`` need 8 bytes of slack past their ends. Returns bytes
+        written."""
         o = 0
         n_fields = kinds.size
         for j in range(vals.shape[0]):
@@ -324,10 +331,9 @@ def _build() -> SimpleNamespace:
                     o = put_bytes(out, o, texts, text_starts[v], text_starts[v + 1])
                 elif kind == 2:
                     o = put_list(out, o, pos, pos_starts[v], pos_starts[v + 1], pos_width, pos_table,
-                                 ohist, last)
+                                 ohist, last, True)
                 elif kind == 3:
-                    o = put_list(out, o, blk, blk_starts[v], blk_starts[v + 1], blk_width, blk_table,
-                                 ohist, -1)
+                    o = put_list(out, o, lv, l_lo[v], l_hi[v], l_width, l_table, ohist, -1, False)
                 else:
                     o = put_int(out, o, v >> 1)
                     out[o] = 46  # '.'

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from kvtier.schema import Summary, TopkRecord
+from kvtier.schema import HotBlock, Summary, TopkRecord
 from kvtier.trace.percentiles import add_hist, distribution, hist_distribution
 
 #: optional sections a backend's ``summary()`` may return (anything else goes under ``tiers``)
@@ -32,13 +32,13 @@ class SummaryBuilder:
         self._tpb = np.zeros(0, np.int64)
         self._offsets = np.zeros(0, np.int64)
         self._ratios: list[np.ndarray] = []
-        self._hot: dict[str, np.ndarray] = {}
+        self._hot: dict[int, np.ndarray] = {}
 
-    def add(self, request_ids: Sequence[str], unique_blocks: np.ndarray, block_counts: np.ndarray,
+    def add(self, request_ids: Sequence[int], unique_blocks: np.ndarray, block_counts: np.ndarray,
             offsets: np.ndarray | None, ratios: np.ndarray, prefix_rows: np.ndarray | None,
             prefix_blocks: np.ndarray | None, offset_hist: np.ndarray | None = None,
             tpb_hist: np.ndarray | None = None,
-            hot_counts: tuple[Sequence[str], np.ndarray] | None = None) -> None:
+            hot_counts: tuple[Sequence[int], np.ndarray] | None = None) -> None:
         """Add records, one per entry of ``request_ids``.
 
         ``block_counts``: selected tokens of every touched block of these records (flat), or
@@ -67,16 +67,16 @@ class SummaryBuilder:
                 self._hot[rids[i]] = add_hist(self._hot[rids[i]], counts[i])
         elif prefix_rows is not None and prefix_blocks is not None and len(prefix_rows):
             width = int(prefix_blocks.max()) + 1
-            req_codes, req_index = np.unique(np.asarray(request_ids, dtype=object), return_inverse=True)
+            req_codes, req_index = np.unique(np.asarray(request_ids, dtype=np.int64), return_inverse=True)
             keys = req_index[prefix_rows] * width + prefix_blocks
             counts = np.bincount(keys, minlength=len(req_codes) * width).reshape(len(req_codes), width)
             for i in np.flatnonzero(counts.any(axis=1)):
-                rid = str(req_codes[i])
+                rid = int(req_codes[i])
                 self._hot[rid] = add_hist(self._hot[rid], counts[i])
 
     def add_records(self, records: Iterable[TopkRecord]) -> None:
         """Add decoded records (the offline path of ``kvtier summarize``)."""
-        ids: list[str] = []
+        ids: list[int] = []
         unique: list[int] = []
         ratios: list[float] = []
         counts: list[np.ndarray] = []
@@ -92,23 +92,25 @@ class SummaryBuilder:
             blocks = pos // rec.block_size_tokens
             edges = np.flatnonzero(np.diff(blocks)) + 1
             counts.append(np.diff(np.concatenate(([0], edges, [len(blocks)]))))
-            k = rec.prefix.intersection_blocks
-            prow.append(np.full(k, i, dtype=np.int64))
-            pblk.append(np.asarray(rec.selected_block_ids[:k], dtype=np.int64))
+            inter = rec.prefix.intersection_blocks
+            prow.append(np.full(len(inter), i, dtype=np.int64))
+            pblk.append(np.asarray(inter, dtype=np.int64))
         if not ids:
             return
         self.add(ids, np.asarray(unique, dtype=np.int64), np.concatenate(counts),
                  np.concatenate(offsets), np.asarray(ratios, dtype=np.float64),
                  np.concatenate(prow), np.concatenate(pblk))
 
-    def hot_blocks(self) -> dict[str, list[tuple[int, int]]]:
-        """Per request: its touched prefix blocks as (block id, touches), most touched first."""
-        out: dict[str, list[tuple[int, int]]] = {}
+    def hot_blocks(self) -> dict[str, list[HotBlock]]:
+        """Per request (keyed by its id as a JSON object key, in id order): its touched prefix
+        blocks as ``{block_id, touch_count}`` (records touching it), most touched first."""
+        out: dict[str, list[HotBlock]] = {}
         for rid in sorted(self._hot):
             counts = self._hot[rid]
             blocks = np.flatnonzero(counts)
             order = np.lexsort((blocks, -counts[blocks]))
-            out[rid] = [(int(b), int(counts[b])) for b in blocks[order]]
+            out[str(rid)] = [HotBlock(block_id=int(b), touch_count=int(counts[b]))
+                             for b in blocks[order]]
         return out
 
     def build(self, **sections: object) -> Summary:

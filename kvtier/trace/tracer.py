@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,18 @@ from kvtier.schema import (
     EVENT_DSA_TOPK,
     SCHEMA_VERSION,
     SUMMARY_FILE,
+    TIER_NAMES,
     Summary,
     TraceMeta,
+    record_encoder,
 )
 from kvtier.trace import step_numba
-from kvtier.trace.intlist_json import MAX_VALUE, encode_int_rows
+from kvtier.trace.intlist_json import MAX_VALUE, encode_elements, encode_int_rows
 from kvtier.trace.prefix import PrefixAnalyzer, PrefixState
 from kvtier.trace.settings import TraceSettings
 from kvtier.trace.step_numpy import StepStats, compute_step_stats, step_stats_from_bits
 from kvtier.trace.summary import SummaryBuilder, backend_sections
-from kvtier.trace.writer import TraceWriter, write_json_atomic
+from kvtier.trace.writer import RequestLog, TraceWriter, write_json_atomic
 
 
 def kv_bytes_per_token(kv_lora_rank: int, qk_rope_head_dim: int, index_head_dim: int,
@@ -67,7 +70,15 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _sample_key(seed: int, request_id: str) -> int:
+def _request_id(value: Any) -> int:
+    """An integer request id (numpy ints too); bools, strings and floats are refused."""
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+        raise ValueError(f"request ids are ints (0, 1, 2, ... in admission order), got {value!r}; "
+                         "what identifies a request in its dataset goes to requests.jsonl (info=)")
+    return int(value)
+
+
+def _sample_key(seed: int, request_id: int) -> int:
     h = hashlib.blake2b(f"{seed}\x00{request_id}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little")
 
@@ -83,37 +94,54 @@ def sample_uniform(keys: np.ndarray, step: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-# The JSON text of a record around its two big int lists (whose '[' is here; see
-# kvtier.trace.intlist_json), in schema field order. Floats are
-# written with repr (the shortest round-trip form, as msgspec does); tests decode every line
-# with the msgspec schema and compare with msgspec's own encoding.
-_MID1 = (b',"layer_id":%d,"step_idx":%d,"seq_len_current":%d,"unique_token_pos_count":%d,'
-         b'"offset_min":%d,"offset_p50":%r,"offset_max":%d,"block_size_tokens":%d,'
-         b'"selected_block_ids":[')
-_MID2 = (b',"unique_blocks":%d,"tokens_per_touched_block":{"mean":%r,"p50":%r,"p95":%r},'
-         b'"kv_fetch":%s,"prefix":{"prefix_cache_hit":%s,"prefix_cached_blocks":%d,'
-         b'"prefix_key":%s,"intersection_ratio":%r,"intersection_blocks":%d},'
-         b'"selected_token_pos":[')
+# The record's JSON text, in schema field order, as (literal before the field, field kind,
+# the field's %-code in the numpy path's template). One layout serves both paths: the numba
+# kernel (``step_numba.emit_records``) runs it as a program, the numpy path formats it as one
+# bytes template per record, so both write the same bytes (tests compare them). Int lists are
+# space-padded fixed-width elements (``kvtier.trace.intlist_json``); a block-id list (LST)
+# comes without its ']' (the next literal starts with it), so empty lists need no special
+# case. Floats are written with repr (the shortest round-trip form, as msgspec does).
+_K = step_numba
+_TIER_FIELDS = [(b'],"bytes_read":', _K.INT, b"%d"), (b',"read_ops":', _K.INT, b"%d"),
+                (b',"latency_us":', _K.TEXT, b"%s"), (b',"batch_size":', _K.INT, b"%d")]
+_LAYOUT = [
+    (b"", _K.TEXT, b"%s"),  # '{"event":..., "request_id":<id>' (per batch row)
+    (b',"layer_id":', _K.INT, b"%d"), (b',"step_idx":', _K.INT, b"%d"),
+    (b',"seq_len_current":', _K.INT, b"%d"), (b',"unique_token_pos_count":', _K.INT, b"%d"),
+    (b',"offset_min":', _K.INT, b"%d"), (b',"offset_p50":', _K.HALF, b"%r"),
+    (b',"offset_max":', _K.INT, b"%d"), (b',"block_size_tokens":', _K.INT, b"%d"),
+    (b',"selected_block_ids":[', _K.LST, b"%s"), (b'],"unique_blocks":', _K.INT, b"%d"),
+    (b',"tokens_per_touched_block":{"mean":', _K.TEXT, b"%r"), (b',"p50":', _K.HALF, b"%r"),
+    (b',"p95":', _K.TEXT, b"%r"),
+    (b'},"kv_fetch":{"hbm":{"hit_blocks":[', _K.LST, b"%s"), *_TIER_FIELDS,
+    (b'},"local_pool":{"hit_blocks":[', _K.LST, b"%s"), *_TIER_FIELDS,
+    (b'},"remote_pool":{"hit_blocks":[', _K.LST, b"%s"), *_TIER_FIELDS,
+    (b'}},"prefix":{"prefix_cache_hit":', _K.TEXT, b"%s"),
+    (b',"prefix_cached_blocks":', _K.INT, b"%d"), (b',"prefix_key":', _K.TEXT, b"%s"),
+    (b',"intersection_ratio":', _K.TEXT, b"%r"), (b',"intersection_blocks":[', _K.LST, b"%s"),
+    (b']},"selected_token_pos":[', _K.POS, b"%s"),
+]
+_CLOSE = b',"scores_stats":null}\n'
+#: column of each field in the program (the kernel's ``vals`` / the template's arguments)
+_F = {name: i for i, name in enumerate([
+    "head", "layer", "step", "seq", "n_tok", "off_min", "off_p50", "off_max", "bs", "blocks",
+    "unique", "tpb_mean", "tpb_p50", "tpb_p95",
+    "hbm", "hbm_bytes", "hbm_ops", "hbm_lat", "hbm_batch",
+    "local", "local_bytes", "local_ops", "local_lat", "local_batch",
+    "remote", "remote_bytes", "remote_ops", "remote_lat", "remote_batch",
+    "hit", "cached", "key", "ratio", "inter", "pos"])}
+assert len(_F) == len(_LAYOUT)
+#: the numpy path's per-record template (everything but the scores tail)
+_TEMPLATE = b"".join(lit + code for lit, _kind, code in _LAYOUT)
 
 
 def _fast_program() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The record layout for ``step_numba.emit_records``: the same text as the templates above,
-    as (literal bytes, literal starts, field kinds)."""
-    k = step_numba
-    fields = [(b"", k.TEXT), (b',"layer_id":', k.INT), (b',"step_idx":', k.INT),
-              (b',"seq_len_current":', k.INT), (b',"unique_token_pos_count":', k.INT),
-              (b',"offset_min":', k.INT), (b',"offset_p50":', k.HALF), (b',"offset_max":', k.INT),
-              (b',"block_size_tokens":', k.INT), (b',"selected_block_ids":[', k.BLK),
-              (b',"unique_blocks":', k.INT), (b',"tokens_per_touched_block":{"mean":', k.TEXT),
-              (b',"p50":', k.HALF), (b',"p95":', k.TEXT), (b'},"kv_fetch":', k.TEXT),
-              (b',"prefix":{"prefix_cache_hit":', k.TEXT), (b',"prefix_cached_blocks":', k.INT),
-              (b',"prefix_key":', k.TEXT), (b',"intersection_ratio":', k.TEXT),
-              (b',"intersection_blocks":', k.INT), (b'},"selected_token_pos":[', k.POS)]
-    lits = [f[0] for f in fields] + [b',"scores_stats":null}\n']
+    """``_LAYOUT`` for ``step_numba.emit_records``: (literal bytes, literal starts, kinds)."""
+    lits = [lit for lit, _kind, _code in _LAYOUT] + [_CLOSE]
     starts = np.zeros(len(lits) + 1, np.int64)
     np.cumsum([len(x) for x in lits], out=starts[1:])
     return (np.frombuffer(b"".join(lits) + bytes(8), np.uint8), starts,
-            np.array([f[1] for f in fields], np.int64))
+            np.array([kind for _lit, kind, _code in _LAYOUT], np.int64))
 
 
 _FAST_LITS, _FAST_LIT_STARTS, _FAST_KINDS = _fast_program()
@@ -129,6 +157,82 @@ def _list_width(flat: np.ndarray, starts: np.ndarray) -> int:
 def _table(width: int) -> np.ndarray:
     """Digit table for list width ``width`` (a dummy for compact lists)."""
     return step_numba.digit_table(width, 10 ** (width - 1)) if width else np.zeros(1, np.uint64)
+
+
+class _Lists:
+    """The block-id lists of the records of one step and their kv_fetch scalars.
+
+    Lists are spans ``lv[lo[v]:hi[v]]``: span j < n is record j's ``selected_block_ids``,
+    n + j its ``prefix.intersection_blocks`` (the first ``intersection`` of them: prefix
+    blocks are ids 0 .. n_prefix - 1), 2n the empty list, and tier lists that are neither
+    the whole row nor empty are appended after the step's block ids. ``tier_span[t, j]`` is
+    record j's span for tier t; ``ints[t]`` = (bytes_read, read_ops, batch_size) arrays;
+    ``lat[t]`` = latency text index per record into ``lat_texts``.
+    """
+
+    __slots__ = ("lv", "lo", "hi", "width", "tier_span", "ints", "lat", "lat_texts")
+
+    def __init__(self, st: StepStats, fetches: list, views: list, backend: str,
+                 enc: msgspec.json.Encoder) -> None:
+        n = len(fetches)
+        bstart = st.block_starts
+        first = bstart[:-1]
+        lo = [first, first, np.zeros(1, np.int64)]
+        hi = [bstart[1:], first + st.intersection, np.zeros(1, np.int64)]
+        extra: list[np.ndarray] = []
+        n_spans = 2 * n + 1
+        n_vals = int(bstart[-1])
+        vmax = int(st.block_ids[bstart[1:] - 1].max()) if n else 0  # rows are sorted
+        self.tier_span = np.empty((len(TIER_NAMES), n), np.int64)
+        self.ints = []
+        self.lat = []
+        total = np.zeros(n, np.int64)
+        lat_index: dict = {}
+        rec = np.arange(n, dtype=np.int64)
+        for t, name in enumerate(TIER_NAMES):
+            tiers = list(map(attrgetter(name), fetches))
+            hits = list(map(attrgetter("hit_blocks"), tiers))
+            lens = np.fromiter(map(len, hits), np.int64, n)
+            total += lens
+            same = np.fromiter(map(is_, hits, views), bool, n)
+            span = np.where(same, rec, 2 * n)
+            for j in np.flatnonzero(~same & (lens > 0)).tolist():
+                arr = np.asarray(hits[j], dtype=np.int64)
+                extra.append(arr)
+                vmax = max(vmax, int(arr.max()))
+                lo.append(np.array([n_vals], np.int64))
+                n_vals += len(arr)
+                hi.append(np.array([n_vals], np.int64))
+                span[j] = n_spans
+                n_spans += 1
+            self.tier_span[t] = span
+            self.ints.append(tuple(np.fromiter(map(attrgetter(f), tiers), np.int64, n)
+                                   for f in ("bytes_read", "read_ops", "batch_size")))
+            lats = list(map(attrgetter("latency_us"), tiers))
+            for v in lats:
+                if v not in lat_index:
+                    lat_index[v] = len(lat_index)
+            self.lat.append(np.fromiter(map(lat_index.__getitem__, lats), np.int64, n))
+        if (total != np.diff(bstart)).any():
+            j = int(np.flatnonzero(total != np.diff(bstart))[0])
+            raise ValueError(f"backend {backend!r}: the tiers' hit_blocks of a row hold "
+                             f"{int(total[j])} blocks, the row selected {int(bstart[j + 1] - bstart[j])} "
+                             "(the three lists must partition its block_ids)")
+        self.lat_texts = [enc.encode(v) for v in lat_index]
+        self.lv = np.concatenate([st.block_ids[:int(bstart[-1])], *extra]) if extra else st.block_ids
+        self.lo = np.concatenate(lo)
+        self.hi = np.concatenate(hi)
+        self.width = 0 if vmax > MAX_VALUE else len(str(vmax)) + 1
+
+    def texts(self) -> list:
+        """Each span's JSON text without brackets (the numpy path)."""
+        lo, hi = self.lo.tolist(), self.hi.tolist()
+        if self.width:
+            w = self.width
+            mv = memoryview(encode_elements(self.lv, w))
+            return [mv[a * w:b * w - 1] if b > a else b"" for a, b in zip(lo, hi, strict=True)]
+        lv = self.lv
+        return [msgspec.json.encode(lv[a:b].tolist())[1:-1] for a, b in zip(lo, hi, strict=True)]
 
 
 class _Layer:
@@ -161,6 +265,7 @@ class Tracer:
         self.rank = rank
         self.world_size = world_size
         self.summary: Summary | None = None
+        self._next_id = 0  # request ids are 0, 1, 2, ... in admission order (on every rank)
         if not self.enabled:
             return
         bpt = settings.kv_bytes_per_token or kv_bytes_per_token
@@ -186,13 +291,14 @@ class Tracer:
                                   shard_records=settings.shard_records, background=background)
         self.builder = SummaryBuilder(run_name, dataset, full_config)
         self.prefix = PrefixAnalyzer(settings.kv_block_size, settings.prefix_key_tokens)
-        self._encoder = msgspec.json.Encoder()
+        self.requests = RequestLog(self.out_dir)
+        self._encoder = record_encoder()
         enc = self._encoder
         self._head = (b'{"event":"' + EVENT_DSA_TOPK.encode() + b'","run_name":' + enc.encode(run_name)
                       + b',"dataset":' + enc.encode(dataset)
                       + b',"rank":%d,"world_size":%d,"request_id":' % (rank, world_size))
-        self._seen_requests: set[str] = set()
-        self._request_ids: list[str] = []
+        self._batches = 0
+        self._request_ids: list[int] = []
         self._prefix_states: list[PrefixState] = []
         self._sample_keys = np.zeros(0, np.uint64)
         self._n_prefix = np.zeros(0, np.int64)
@@ -204,7 +310,6 @@ class Tracer:
         self._bits: np.ndarray | None = None
         self._use_bits = False
         self._pos_scratch = np.zeros(0, np.uint8)
-        self._blk_scratch = np.zeros(0, np.uint8)
         self._kern = step_numba.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
         self._stats_scratch: dict = {}
         self._closed = False
@@ -216,28 +321,57 @@ class Tracer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def begin_batch(self, request_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> None:
-        """New requests enter: prefix analysis (point D) and ``backend.admit``."""
+    def begin_batch(self, request_ids: Sequence[int] | None, prompts: Sequence[Sequence[int]],
+                    info: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """New requests enter: prefix analysis (point D), ``backend.admit`` and one line each in
+        ``requests.jsonl``. Returns their request ids.
+
+        ``request_ids`` are the integer ids of the trace, 0, 1, 2, ... in admission order
+        (the caller's numbering, checked), or None to let the tracer number them. ``info``
+        (one mapping per request) is what identifies each request in its dataset (sample
+        id, conversation and turn, arrival row, ...); it goes to ``requests.jsonl`` next to
+        the tracer's own facts (prompt length, prefix key and blocks, batch)."""
+        n = len(prompts)
+        if request_ids is None:
+            request_ids = list(range(self._next_id, self._next_id + n))
         if not self.enabled:
-            return
-        if len(request_ids) != len(prompts):
-            raise ValueError(f"{len(request_ids)} request ids but {len(prompts)} prompts")
-        ids = [str(r) for r in request_ids]
-        if len(set(ids)) != len(ids):
-            raise ValueError("duplicate request ids in one batch")
-        for rid in ids:
-            if rid in self._seen_requests:
-                raise ValueError(f"request id {rid!r} was already traced in this run")
-        self._seen_requests.update(ids)
+            self._next_id += n
+            return list(request_ids)
+        if len(request_ids) != n:
+            raise ValueError(f"{len(request_ids)} request ids but {n} prompts")
+        if info is not None and len(info) != n:
+            raise ValueError(f"{len(info)} request infos but {n} prompts")
+        ids = [_request_id(r) for r in request_ids]
+        want = list(range(self._next_id, self._next_id + n))
+        if ids != want:
+            raise ValueError(f"request ids must be 0, 1, 2, ... in admission order: expected "
+                             f"{want}, got {ids}")
+        self._next_id += n
         self._request_ids = ids
         self._prefix_states = []
-        for rid, prompt in zip(ids, prompts, strict=True):
+        rows = []
+        for i, (rid, prompt) in enumerate(zip(ids, prompts, strict=True)):
             state = self.prefix.admit(prompt)
             self._prefix_states.append(state)
             self.backend.admit(rid, len(prompt), state.hashes)
+            row = {"request_id": rid}
+            if info is not None:
+                row.update((k, v) for k, v in info[i].items() if k != "request_id")
+            row.update(prompt_len=len(prompt), prefix_key=state.key,
+                       prefix_blocks=state.n_prefix_blocks,
+                       prefix_cached_blocks=state.cached_blocks, batch=self._batches)
+            rows.append(row)
+        self.requests.write(rows)
+        self._batches += 1
         self._n_prefix = np.array([s.n_prefix_blocks for s in self._prefix_states], dtype=np.int64)
         self._sample_keys = np.array([_sample_key(self.settings.sample_seed, r) for r in ids],
                                      dtype=np.uint64)
+        return ids
+
+    @property
+    def next_request_id(self) -> int:
+        """The request id the next admitted request gets (the number admitted so far)."""
+        return self._next_id
 
     def start_step(self, start_pos: int, active: Sequence[bool] | None = None) -> None:
         """Before a 1-token decode forward at ``start_pos``; inactive rows are not recorded."""
@@ -466,101 +600,118 @@ class Tracer:
         keep = np.tile(keep_row, n_layers)
         if keep.any():
             if self._kern is not None and stats.scores_min is None:
-                self._emit_fast(step, layers, rows, ids, stats, fetches, keep)
+                self._emit_fast(step, layers, rows, ids, stats, fetches, bl_all, keep)
             else:
-                self._emit(step, layers, rows, ids, stats, fetches, keep)
+                self._emit(step, layers, rows, ids, stats, fetches, bl_all, keep)
 
-    def _emit(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[str],
-              st: StepStats, fetches: list, keep: np.ndarray) -> None:
+    def _emit(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[int],
+              st: StepStats, fetches: list, views: list, keep: np.ndarray) -> None:
+        """The numpy path: one ``_TEMPLATE`` % (fields) per record, lists spliced in as
+        spans of one encoded buffer per step."""
         n_rows = len(rows)
         sel = np.flatnonzero(keep)
-        sub = st if len(sel) == len(keep) else st.subset(sel)
+        n_sel = len(sel)
+        whole = n_sel == len(keep)
+        sub = st if whole else st.subset(sel)
         if sub.positions_2d is not None:
             pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d, None, self._pos_scratch)
         else:
             pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions, sub.row_starts, self._pos_scratch)
-        blk_buf, blk_lo, blk_hi = encode_int_rows(sub.block_ids, sub.block_starts, self._blk_scratch)
-        self._pos_scratch, self._blk_scratch = _owner(pos_buf), _owner(blk_buf)
-        pos_mv, blk_mv = memoryview(pos_buf), memoryview(blk_buf)
-        pos_lo, pos_hi, blk_lo, blk_hi = pos_lo.tolist(), pos_hi.tolist(), blk_lo.tolist(), blk_hi.tolist()
+        self._pos_scratch = _owner(pos_buf)
+        pos_mv = memoryview(pos_buf)
+        pos_lo, pos_hi = pos_lo.tolist(), pos_hi.tolist()
+        sel_list = sel.tolist()
+        lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
+                       views if whole else [views[i] for i in sel_list], self.backend.name,
+                       self._encoder)
+        span_text = lists.texts()
         # summary (only what is written, so `kvtier summarize` sees the same records)
-        rec_ids = [ids[i % n_rows] for i in sel]
+        rec_ids = [ids[i % n_rows] for i in sel_list]
         prefix_rows, prefix_blocks = sub.prefix_touches()
         end = step + 1
         self.builder.add(rec_ids, sub.unique_blocks, sub.block_counts, None,
                          sub.ratio, prefix_rows, prefix_blocks,
                          offset_hist=np.bincount(sub.positions, minlength=end)[::-1])
-        # python scalars for the per-record structs
+        # python scalars for the per-record fields
         unique = sub.unique_blocks.tolist()
         n_unique_tok = np.diff(sub.row_starts).tolist()
         off_min = sub.offset_min.tolist()
         off_p50 = sub.offset_p50.tolist()
         off_max = sub.offset_max.tolist()
         tpb_mean, tpb_p50, tpb_p95 = sub.tpb_mean.tolist(), sub.tpb_p50.tolist(), sub.tpb_p95.tolist()
-        inter, ratio = sub.intersection.tolist(), sub.ratio.tolist()
+        ratio = sub.ratio.tolist()
+        tiers = []
+        for t in range(len(TIER_NAMES)):
+            span = lists.tier_span[t].tolist()
+            nbytes, ops, batch = (x.tolist() for x in lists.ints[t])
+            lat = [lists.lat_texts[x] for x in lists.lat[t].tolist()]
+            tiers.append((span, nbytes, ops, lat, batch))
+        (h_sp, h_by, h_op, h_la, h_ba), (l_sp, l_by, l_op, l_la, l_ba), (r_sp, r_by, r_op, r_la, r_ba) = tiers
         if sub.scores_min is not None:
             smin, smean, smax = sub.scores_min.tolist(), sub.scores_mean.tolist(), sub.scores_max.tolist()
         else:
             smin = None
         store = self.settings.store_scores and sub.scores is not None
         enc = self._encoder
-        head = self._head
         layer_ids = [lay.layer_id for lay in layers]
-        # per request row: its JSON id and its prefix facts (identical for every layer)
+        # per request row: its head and its prefix facts (identical for every layer)
         row_head = []
         row_prefix = []
         for r in rows.tolist():
             pstate = self._prefix_states[r]
-            row_head.append(head + enc.encode(self._request_ids[r]))
+            row_head.append(self._head + b"%d" % self._request_ids[r])
             key = b"null" if pstate.key is None else b'"%s"' % pstate.key.encode()
             row_prefix.append((b"true" if pstate.cache_hit else b"false", pstate.cached_blocks, key))
         bs = self.settings.kv_block_size
         pieces: list = []
         add = pieces.extend
-        for j, i in enumerate(sel.tolist()):
+        for j, i in enumerate(sel_list):
             li, r = divmod(i, n_rows)
             hit, cached, key = row_prefix[r]
             if smin is None:
-                tail = b',"scores_stats":null}\n'
+                tail = _CLOSE
             else:
                 tail = b',"scores_stats":{"min":%r,"mean":%r,"max":%r}' % (smin[j], smean[j], smax[j])
                 if store:
                     s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
                     tail += b',"scores_topk":' + enc.encode(sub.scores[s0:s1].tolist())
                 tail += b"}\n"
-            add((
-                row_head[r],
-                _MID1 % (layer_ids[li], step, end, n_unique_tok[j], off_min[j], off_p50[j],
-                         off_max[j], bs),
-                blk_mv[blk_lo[j]:blk_hi[j]],
-                _MID2 % (unique[j], tpb_mean[j], tpb_p50[j], tpb_p95[j], enc.encode(fetches[i]),
-                         hit, cached, key, ratio[j], inter[j]),
-                pos_mv[pos_lo[j]:pos_hi[j]],
-                tail,
-            ))
-        self.writer.write(b"".join(pieces), len(sel))
+            add((_TEMPLATE % (
+                row_head[r], layer_ids[li], step, end, n_unique_tok[j], off_min[j], off_p50[j],
+                off_max[j], bs, span_text[j], unique[j], tpb_mean[j], tpb_p50[j], tpb_p95[j],
+                span_text[h_sp[j]], h_by[j], h_op[j], h_la[j], h_ba[j],
+                span_text[l_sp[j]], l_by[j], l_op[j], l_la[j], l_ba[j],
+                span_text[r_sp[j]], r_by[j], r_op[j], r_la[j], r_ba[j],
+                hit, cached, key, ratio[j], span_text[n_sel + j], pos_mv[pos_lo[j]:pos_hi[j]]),
+                tail))
+        self.writer.write(b"".join(pieces), n_sel)
 
-    def _emit_fast(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[str],
-                   st: StepStats, fetches: list, keep: np.ndarray) -> None:
+    def _emit_fast(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[int],
+                   st: StepStats, fetches: list, views: list, keep: np.ndarray) -> None:
         """``_emit`` for records without scores via one numba kernel that writes every record
-        of the step into one buffer (same bytes; only float reprs and kv_fetch JSON come
-        from Python, a few per record)."""
+        of the step into one buffer (same bytes; only float reprs, latency texts and the
+        backend's answer are gathered in Python, with C-level maps)."""
         assert self._kern is not None
         n_rows = len(rows)
         sel = np.flatnonzero(keep)
         n_sel = len(sel)
-        sub = st if n_sel == len(keep) else st.subset(sel)
+        whole = n_sel == len(keep)
+        sub = st if whole else st.subset(sel)
         end = step + 1
-        enc = self._encoder
-        # text spans: per batch row (head, cache hit, key), then per record (kv_fetch, floats)
+        sel_list = None if whole else sel.tolist()
+        lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
+                       views if whole else [views[i] for i in sel_list], self.backend.name,
+                       self._encoder)
+        # text spans: per batch row (head, cache hit, key), latency texts, then float reprs
         row_list = rows.tolist()
-        texts: list[bytes] = [self._head + enc.encode(self._request_ids[r]) for r in row_list]
+        texts: list[bytes] = [self._head + b"%d" % self._request_ids[r] for r in row_list]
         for r in row_list:
             texts.append(b"true" if self._prefix_states[r].cache_hit else b"false")
         for r in row_list:
             key = self._prefix_states[r].key
             texts.append(b"null" if key is None else b'"%s"' % key.encode())
-        texts.extend(map(enc.encode, [fetches[i] for i in sel.tolist()] if n_sel < len(keep) else fetches))
+        lat0 = len(texts)
+        texts.extend(lists.lat_texts)
         lens = [len(t) for t in texts]
         # floats: repr of each distinct value once (all are >= 0, so no -0.0 to tell apart)
         float_cols = []
@@ -574,31 +725,37 @@ class Tracer:
         text_buf = np.frombuffer(b"".join(texts) + "".join(float_texts).encode() + bytes(8), np.uint8)
         text_starts = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=text_starts[1:])
-        fetch0 = 3 * n_rows
         j = np.arange(n_sel, dtype=np.int64)
         li, r = np.divmod(sel, n_rows)
         kinds = _FAST_KINDS.copy()
         vals = np.empty((n_sel, len(kinds)), np.int64)
-        vals[:, 0] = r
-        vals[:, 1] = np.array([lay.layer_id for lay in layers], np.int64)[li]
-        vals[:, 2] = step
-        vals[:, 3] = end
-        vals[:, 4] = np.diff(sub.row_starts)
-        vals[:, 5] = sub.offset_min
-        vals[:, 7] = sub.offset_max
-        vals[:, 8] = self.settings.kv_block_size
-        vals[:, 9] = j
-        vals[:, 10] = sub.unique_blocks
-        vals[:, 11] = float_cols[0]
-        vals[:, 13] = float_cols[1]
-        vals[:, 14] = fetch0 + j
-        vals[:, 15] = n_rows + r
-        vals[:, 16] = np.array([self._prefix_states[x].cached_blocks for x in row_list], np.int64)[r]
-        vals[:, 17] = 2 * n_rows + r
-        vals[:, 18] = float_cols[2]
-        vals[:, 19] = sub.intersection
-        vals[:, 20] = j
-        for col, arr in ((6, sub.offset_p50), (12, sub.tpb_p50)):
+        f = _F
+        vals[:, f["head"]] = r
+        vals[:, f["layer"]] = np.array([lay.layer_id for lay in layers], np.int64)[li]
+        vals[:, f["step"]] = step
+        vals[:, f["seq"]] = end
+        vals[:, f["n_tok"]] = np.diff(sub.row_starts)
+        vals[:, f["off_min"]] = sub.offset_min
+        vals[:, f["off_max"]] = sub.offset_max
+        vals[:, f["bs"]] = self.settings.kv_block_size
+        vals[:, f["blocks"]] = j
+        vals[:, f["unique"]] = sub.unique_blocks
+        vals[:, f["tpb_mean"]] = float_cols[0]
+        vals[:, f["tpb_p95"]] = float_cols[1]
+        for t, name in enumerate(("hbm", "local", "remote")):
+            vals[:, f[name]] = lists.tier_span[t]
+            nbytes, ops, batch = lists.ints[t]
+            vals[:, f[name + "_bytes"]] = nbytes
+            vals[:, f[name + "_ops"]] = ops
+            vals[:, f[name + "_lat"]] = lat0 + lists.lat[t]
+            vals[:, f[name + "_batch"]] = batch
+        vals[:, f["hit"]] = n_rows + r
+        vals[:, f["cached"]] = np.array([self._prefix_states[x].cached_blocks for x in row_list], np.int64)[r]
+        vals[:, f["key"]] = 2 * n_rows + r
+        vals[:, f["ratio"]] = float_cols[2]
+        vals[:, f["inter"]] = n_sel + j
+        vals[:, f["pos"]] = j
+        for col, arr in ((f["off_p50"], sub.offset_p50), (f["tpb_p50"], sub.tpb_p50)):
             twice = arr * 2.0
             if (twice >= 0).all() and (twice < 2.0**52).all() and (twice == np.floor(twice)).all():
                 vals[:, col] = twice.astype(np.int64)
@@ -610,18 +767,18 @@ class Tracer:
                 kinds[col] = step_numba.TEXT
                 vals[:, col] = base + j
         pos_w = _list_width(sub.positions, sub.row_starts)
-        blk_w = _list_width(sub.block_ids, sub.block_starts)
+        blk_w = lists.width
         row_max = max(map(len, texts[:3 * n_rows]))
+        n_lists = len(lists.lv) + int(sub.intersection.sum()) + 2 * int(sub.block_starts[-1])
         bound = (n_sel * (len(_FAST_LITS) + 24 * len(kinds) + 3 * row_max) + len(text_buf)
-                 + len(sub.positions) * (pos_w or 21) + len(sub.block_ids) * (blk_w or 21) + 16)
+                 + len(sub.positions) * (pos_w or 21) + n_lists * (blk_w or 21) + 16)
         out = np.empty(bound, np.uint8)
         counted = sub.position_hist is not None
         ohist = sub.position_hist[::-1] if counted else np.zeros(end, np.int64)
         n_bytes = self._kern.emit_records(
             out, _FAST_LITS, _FAST_LIT_STARTS, kinds, vals, text_buf, text_starts,
-            sub.positions, sub.row_starts, pos_w, _table(pos_w), sub.block_ids,
-            sub.block_starts, blk_w, _table(blk_w), _NO_HIST if counted else ohist,
-            -1 if counted else step)
+            sub.positions, sub.row_starts, pos_w, _table(pos_w), lists.lv, lists.lo, lists.hi,
+            blk_w, _table(blk_w), _NO_HIST if counted else ohist, -1 if counted else step)
         hot = np.zeros((n_rows, int(self._n_prefix.max(initial=0))), np.int64)
         self._kern.prefix_hist(sub.block_ids, sub.block_starts, sub.intersection, r, hot)
         self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, None, None, sub.ratio,
@@ -650,11 +807,29 @@ class Tracer:
         self._closed = True
         if self._request_ids:
             self.end_batch()
+        self.requests.close()
         self.writer.close()
         sections = backend_sections(self.backend.summary())
         self.summary = self.builder.build(serving=serving, skipped=skipped, **sections)
         write_json_atomic(self.out_dir / SUMMARY_FILE, self.summary)
         return self.summary
+
+
+class WithRequestInfo:
+    """A tracer whose ``begin_batch`` also hands the batch's dataset identity (one mapping per
+    request, for ``requests.jsonl``) to the tracer, for callers such as
+    ``kvtier.model.generate.generate`` that pass request ids and prompts only."""
+
+    def __init__(self, tracer: Any, info: Sequence[Mapping[str, Any]]) -> None:
+        self.tracer = tracer
+        self.info = list(info)
+
+    def begin_batch(self, request_ids: Sequence[int] | None, prompts: Sequence[Sequence[int]],
+                    info: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        return self.tracer.begin_batch(request_ids, prompts, self.info if info is None else info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracer, name)
 
 
 def _owner(buf: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from kvtier.schema import SUMMARY_FILE, TIER_NAMES, Summary, TopkRecord
+from kvtier.trace import legacy
 from kvtier.trace.reader import (
     TraceError,
     TraceFiles,
@@ -87,22 +88,36 @@ def check_record(rec: TopkRecord) -> list[tuple[str, str]]:
         if not _close(got, exp):
             bad.append((f"$.tokens_per_touched_block.{name}", f"{got} != {exp} from the positions"))
     pre = rec.prefix
-    if not 0 <= pre.intersection_blocks <= uniq.size:
-        bad.append(("$.prefix.intersection_blocks", f"{pre.intersection_blocks} outside [0, {uniq.size}]"))
-    elif not _close(pre.intersection_ratio, pre.intersection_blocks / uniq.size):
+    inter = pre.intersection_blocks
+    if inter != rec.selected_block_ids[:len(inter)]:
+        bad.append(("$.prefix.intersection_blocks",
+                    "must be the touched blocks inside the prefix (block ids 0 .. n-1): a "
+                    "leading run of selected_block_ids"))
+    elif not _close(pre.intersection_ratio, len(inter) / uniq.size):
         bad.append(("$.prefix.intersection_ratio",
-                    f"{pre.intersection_ratio} != intersection_blocks / unique_blocks"))
+                    f"{pre.intersection_ratio} != len(intersection_blocks) / unique_blocks "
+                    f"= {len(inter) / uniq.size}"))
     if pre.prefix_cache_hit != (pre.prefix_cached_blocks > 0):
         bad.append(("$.prefix.prefix_cache_hit", "must equal prefix_cached_blocks > 0"))
-    if pre.prefix_key is None and (pre.prefix_cached_blocks or pre.intersection_blocks):
+    if pre.prefix_key is None and (pre.prefix_cached_blocks or inter):
         bad.append(("$.prefix.prefix_key", "null (no full prefix block) but prefix blocks are counted"))
+    served: list[int] = []
     for tier in TIER_NAMES:
         t = getattr(rec.kv_fetch, tier)
-        for name in ("hit_blocks", "bytes_read", "read_ops", "batch_size"):
+        hits = t.hit_blocks
+        if any(b >= a for a, b in zip(hits[1:], hits, strict=False)):
+            bad.append((f"$.kv_fetch.{tier}.hit_blocks", "not sorted ascending and unique"))
+        served.extend(hits)
+        if t.batch_size != len(hits):
+            bad.append((f"$.kv_fetch.{tier}.batch_size",
+                        f"{t.batch_size} != len(hit_blocks) = {len(hits)}"))
+        for name in ("bytes_read", "read_ops"):
             if getattr(t, name) < 0:
                 bad.append((f"$.kv_fetch.{tier}.{name}", f"must be >= 0, got {getattr(t, name)}"))
         if t.latency_us is not None and t.latency_us < 0:
             bad.append((f"$.kv_fetch.{tier}.latency_us", f"must be >= 0 or null, got {t.latency_us}"))
+    if sorted(served) != rec.selected_block_ids:
+        bad.append(("$.kv_fetch", "the tiers' hit_blocks do not partition selected_block_ids"))
     if rec.scores_topk is not msgspec.UNSET:
         if len(rec.scores_topk) != pos.size:
             bad.append(("$.scores_topk", f"{len(rec.scores_topk)} scores for {pos.size} positions"))
@@ -167,6 +182,24 @@ def _records_with_location(tf: TraceFiles) -> Iterator[tuple[str, TopkRecord | N
                 yield loc, None, f"$: malformed JSON: {exc}"
 
 
+def old_form(tf: TraceFiles, where: str | Path) -> str | None:
+    """One line naming the earlier-form fields of a trace's first record, else None."""
+    path = tf.files[0] if tf.files else None
+    if path is None:
+        return None
+    if tf.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return legacy.describe_parquet_schema(pq.read_schema(path), where)
+        except Exception:  # unreadable: the record loop reports it
+            return None
+    for _lineno, line, _complete in iter_jsonl_lines(path):
+        if line.strip():
+            return legacy.describe(line, where)
+    return None
+
+
 def validate_trace(path: str | Path, max_messages: int = 50) -> Report:
     """Validate every record (and ``summary.json`` if present) of a trace directory or file."""
     rep = Report()
@@ -176,6 +209,10 @@ def validate_trace(path: str | Path, max_messages: int = 50) -> Report:
         rep.add(str(exc), max_messages)
         return rep
     rep.files = list(tf.files)
+    old = old_form(tf, path)
+    if old is not None:
+        rep.add(old, max_messages)
+        return rep
     if tf.meta is None and Path(path).is_dir():
         rep.add(f"{Path(path) / 'trace_meta.json'}: missing", max_messages)
     try:

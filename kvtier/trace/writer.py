@@ -16,11 +16,11 @@ from pathlib import Path
 
 import msgspec
 
-from kvtier.schema import META_FILE, SUMMARY_FILE, TRACE_FILE, TraceMeta
+from kvtier.schema import META_FILE, REQUESTS_FILE, SUMMARY_FILE, TRACE_FILE, TraceMeta
 
 #: file names a trace directory may contain; ``force=True`` removes exactly these
 TRACE_GLOBS = ("trace_steps.jsonl", "trace_steps.*.jsonl", "trace_steps.parquet",
-               META_FILE, SUMMARY_FILE)
+               META_FILE, SUMMARY_FILE, REQUESTS_FILE, ".trace_steps*.columns.arrow")
 
 
 def shard_name(index: int) -> str:
@@ -54,6 +54,37 @@ def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
     os.replace(tmp, path)
+
+
+class RequestLog:
+    """``requests.jsonl``: one JSON line per admitted request, keyed by its integer
+    ``request_id``, appended (unbuffered, whole lines) as each batch begins, so a killed run
+    keeps the lines of every request it started."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.path = Path(out_dir) / REQUESTS_FILE
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                                       0o644)
+        self._enc = msgspec.json.Encoder(enc_hook=_plain)
+
+    def write(self, rows: list[dict]) -> None:
+        if self._fd is None:
+            raise RuntimeError("requests log is closed")
+        data = b"".join(self._enc.encode(r) + b"\n" for r in rows)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _plain(obj: object) -> object:
+    """numpy scalars and arrays in dataset metadata; anything else as its str."""
+    tolist = getattr(obj, "tolist", None)
+    return tolist() if tolist is not None else str(obj)
 
 
 class TraceWriter:

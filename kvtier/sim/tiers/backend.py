@@ -6,7 +6,10 @@ Model (docs/TIERS.md has the full version):
 - HBM is a cache of blocks (``(request, layer, block)`` keys) driven by the demand stream: a
   selected block resident in HBM is a hit; a miss is read from the nearest pool tier holding
   it and becomes resident (the HBM eviction policy picks victims). With no pool holding it the
-  block is ``unserved`` (dropped everywhere) and is refilled into HBM uncosted.
+  block is ``unserved`` (dropped everywhere) and is refilled into HBM uncosted, then read
+  there: the record lists it under ``hbm`` (so the tiers' ``hit_blocks`` partition the row's
+  blocks, and its bytes are HBM bytes), while the summary keeps ``tiers.hbm.hit_blocks`` for
+  resident hits and counts it in ``tiers.hbm.refilled_blocks`` (= ``_totals.unserved_blocks``).
 - Pools are the backing store: prompt KV is written at ``admit`` and decoded tokens at
   ``append`` (write-through) or when a dirty HBM block is evicted (write-back), to the tiers
   the placement policy picks; a pool's victims are demoted to the next pool or dropped.
@@ -31,7 +34,7 @@ import numpy as np
 import simpy
 
 from kvtier.backend import LayerAccess
-from kvtier.policies.base import AccessContext, EvictionPolicy
+from kvtier.policies.base import _BLOCK_MASK, AccessContext, EvictionPolicy
 from kvtier.schema import PERCENTILE_METHOD, TIER_NAMES, KVFetch, TierFetch, empty_tier
 from kvtier.sim.tiers.config import POOL_TIERS, ConfigError, TierConfig, TierSpec, _check
 from kvtier.sim.tiers.cost import batch_time_us, read_ops
@@ -100,6 +103,7 @@ class _Tier:
         self.read, self.write = read, write
         self.ops_per_block = int(read_ops(spec, 1, block_bytes))
         self.hits = self.bytes = self.ops = 0
+        self.refilled = 0  # hbm: blocks no tier held, refilled uncosted and then read
         self.latencies: list[float] = []
         self.evictions = self.dropped = self.demoted_in = 0
         self.write_bytes = self.write_ops = 0
@@ -111,6 +115,7 @@ class _Tier:
         return {
             "capacity_blocks": self.capacity,
             "hit_blocks": self.hits,
+            "refilled_blocks": self.refilled,
             "bytes_read": self.bytes,
             "read_ops": self.ops,
             "latency_us": _pcts(self.latencies),
@@ -218,7 +223,7 @@ class TieredBackend:
         self.keyspace = KeySpace()
         self.length: dict[int, int] = {}  # tokens whose KV is written
         self.target: dict[int, int] = {}  # prompt + appended tokens
-        self.prompt_lens: dict[str, int] = {}
+        self.prompt_lens: dict[int, int] = {}
         self.released: set[int] = set()
         self.dirty: set[int] = set()
         # False while every HBM-resident block provably has a pool copy (nothing was unserved
@@ -254,7 +259,7 @@ class TieredBackend:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _idx(self, request_id: str) -> int:
+    def _idx(self, request_id: int) -> int:
         try:
             idx = self.keyspace.index[request_id]
         except KeyError:
@@ -263,7 +268,7 @@ class TieredBackend:
             raise KeyError(f"request {request_id!r} was already released")
         return idx
 
-    def admit(self, request_id: str, prompt_len: int, prefix_hashes: Sequence[int] = ()) -> None:
+    def admit(self, request_id: int, prompt_len: int, prefix_hashes: Sequence[int] = ()) -> None:
         """Register the request and write its prompt KV (all layers) to the pools."""
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
@@ -280,7 +285,7 @@ class TieredBackend:
             keys = self.keyspace.keys(idx, layer, blocks)
             self._store(keys.tolist(), (tokens * self.kvb).tolist())
 
-    def append(self, request_id: str, n_tokens: int = 1) -> None:
+    def append(self, request_id: int, n_tokens: int = 1) -> None:
         """Decoded tokens: write-through stores them in the pools now; write-back marks their
         HBM blocks dirty (written when evicted). Tokens a ``fetch`` already selected were
         written then, so calling ``append`` after the step's fetches does not write twice."""
@@ -330,7 +335,7 @@ class TieredBackend:
         b = ((hi - 1) % self.bs) // self.g
         return ((1 << (b + 1)) - 1) ^ ((1 << a) - 1)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: int) -> None:
         """``on_release = "drop"`` frees the request's blocks everywhere except prompt blocks it
         registered for prefix sharing; ``"keep"`` leaves them to the eviction policies."""
         idx = self._idx(request_id)
@@ -341,15 +346,20 @@ class TieredBackend:
         shared = self.keyspace.shared_blocks(idx)
         keep = self.keyspace.owned[idx]
         blocks = np.setdiff1d(np.arange(shared, n_blocks, dtype=np.int64), keep)
-        tiers = list(self.tiers.values())
-        for layer in range(self.num_layers):
-            for k in self.keyspace.keys(idx, layer, blocks).tolist():
-                for t in tiers:
-                    t.policy.remove(k)
-                self.dirty.discard(k)
-                self.have.pop(k, None)
-                self.pending.pop(k, None)
-                self.prefetched.discard(k)
+        keys = np.concatenate([self.keyspace.keys(idx, layer, blocks)
+                               for layer in range(self.num_layers)]).tolist()
+        for t in self.tiers.values():  # C-level removal on LRU/FIFO dicts, else the policy's
+            fast = self._fast(t.policy)
+            if fast is not None:
+                _consume(map(fast[0].pop, keys, repeat(None)))
+            else:
+                _consume(map(t.policy.remove, keys))
+        for aux in (self.dirty, self.prefetched):
+            if aux:
+                _consume(map(aux.discard, keys))
+        for aux in (self.have, self.pending):
+            if aux:
+                _consume(map(aux.pop, keys, repeat(None)))
 
     # ------------------------------------------------------------------ residency helpers
 
@@ -569,16 +579,20 @@ class TieredBackend:
 
         # keys per row, in trace order (rows in order, blocks ascending)
         row_keys: list[list[int]] = []
+        row_blocks: list = []
         row_masks: list[list[int]] | None = [] if self.g else None
         idxs = [self._idx(r) for r in access.request_ids]
         for i, idx in enumerate(idxs):
             if self.g:
                 blocks, masks = self._masks(np.asarray(access.token_pos[i], dtype=np.int64))
                 row_masks.append(masks.tolist())
+                if access.block_size == self.bs:
+                    blocks = access.block_ids[i]  # the same ids (the caller's array)
             elif access.block_size != self.bs:
                 blocks = np.unique(np.asarray(access.token_pos[i], dtype=np.int64) // self.bs)
             else:
                 blocks = access.block_ids[i]
+            row_blocks.append(blocks)
             if len(blocks):
                 need = int(access.token_pos[i][-1]) + 1 if len(access.token_pos[i]) else 0
                 if need > self.length[idx]:  # the step's own token(s), produced in HBM now
@@ -592,6 +606,7 @@ class TieredBackend:
         sub_counts = np.zeros((rows, n_tiers + 1), dtype=np.int64) if self.g else None
         served: list[list[int]] = [[] for _ in range(n_tiers)]
         seq_lens = [int(self.length[i]) for i in idxs]
+        row_pooled: list[tuple | None] = []  # per row: keys each pool served (None: no misses)
         for i, keys in enumerate(row_keys):
             if self._needs_ctx:
                 hbm.begin_record(access.step_idx, layer, idxs[i], seq_lens[i], self.bs)
@@ -605,17 +620,21 @@ class TieredBackend:
             if victims:
                 self._hbm_victims(victims)
             c = counts[i]
-            c[0] = len(keys) - len(miss)
+            pooled = None
             if miss:
-                cnt, wsum = self._pool_lookup(miss, served, missing)
+                cnt, wsum, pooled = self._pool_lookup(miss, served, missing)
                 c[1:] = cnt[1:]
                 if missing is not None:
                     sub_counts[i, 1:] = wsum[1:]
+                    sub_counts[i, 0] += wsum[_UNSERVED]  # refilled, then read from HBM
+            # HBM serves every block no pool served: its hits and the unserved refills
+            c[0] = len(keys) - c[1] - c[2]
+            row_pooled.append(pooled)
         n_hbm = len(hbm)
         if n_hbm > self.hbm.peak:
             self.hbm.peak = n_hbm
         total = counts.sum(axis=0)
-        self.accesses += int(total.sum())
+        self.accesses += int(total[:n_tiers].sum())  # the unserved column is inside hbm
         self.unserved += int(total[_UNSERVED])
         if total[_UNSERVED]:
             self._lost_possible = True
@@ -652,7 +671,11 @@ class TieredBackend:
             t = self.tiers[n]
             j = TIER_NAMES.index(n)
             t.latencies.append(v)
-            t.hits += int(out_blocks[:, j].sum())
+            served_here = int(out_blocks[:, j].sum())
+            if j == 0:  # HBM's list also holds the unserved blocks it was refilled with
+                t.refilled += int(total[_UNSERVED])
+                served_here -= int(total[_UNSERVED])
+            t.hits += served_here
             t.bytes += int(tier_bytes[j])
             t.ops += int(tier_ops[j])
         stall = max((lat[n] for n in POOL_TIERS if n in lat), default=0.0)
@@ -677,9 +700,23 @@ class TieredBackend:
         if gap > 0:
             env.run(until=env.now + gap)
 
-        # one KVFetch per row
+        # one KVFetch per row: each tier's block ids (the pools' from their keys; HBM the rest,
+        # the caller's own array when no pool served any block of the row)
         result = []
+        mask = _BLOCK_MASK
         for i in range(rows):
+            blocks = row_blocks[i]
+            pooled = row_pooled[i]
+            lists = [blocks, (), ()]
+            if pooled is not None and (pooled[0] or pooled[1]):
+                arr = np.asarray(blocks, dtype=np.int64)
+                keep = np.ones(len(arr), dtype=bool)
+                for j, got in ((1, pooled[0]), (2, pooled[1])):
+                    if got:
+                        ids = np.asarray(got, dtype=np.int64) & mask  # ascending: keys were
+                        lists[j] = ids
+                        keep[np.searchsorted(arr, ids)] = False
+                lists[0] = arr[keep]
             per = []
             for j, n in enumerate(TIER_NAMES):
                 nb = int(out_blocks[i, j])
@@ -687,8 +724,8 @@ class TieredBackend:
                     per.append(empty_tier())
                     continue
                 per.append(TierFetch(
-                    hit_blocks=nb, bytes_read=int(row_bytes[i, j]), read_ops=int(row_ops[i, j]),
-                    latency_us=float(lat[n]), batch_size=int((out_blocks[:, j] > 0).sum())))
+                    hit_blocks=lists[j], bytes_read=int(row_bytes[i, j]),
+                    read_ops=int(row_ops[i, j]), latency_us=float(lat[n]), batch_size=nb))
             result.append(KVFetch(hbm=per[0], local_pool=per[1], remote_pool=per[2]))
         return result
 
@@ -702,6 +739,17 @@ class TieredBackend:
             d, refresh, cap = fast
             if cap == 0:
                 return list(keys), []
+            if refresh:
+                # LRU, hits first: move keys to the MRU end until the first miss (one dict op
+                # per hit instead of a lookup and a move; a mostly-hit row costs half). The
+                # hits moved are exactly what the per-key loop does before that miss, so the
+                # rest of the row continues from the same state.
+                it = iter(keys)
+                try:
+                    _consume(map(d.move_to_end, it))
+                    return [], []
+                except KeyError as exc:
+                    keys = [exc.args[0], *it]
             done = _dict_batch(d, refresh, cap, keys)
             if done is not None:
                 if len(d) > self.hbm.peak:
@@ -785,11 +833,13 @@ class TieredBackend:
         return waits
 
     def _pool_lookup(self, miss: list[int], served: list[list[int]],
-                     weights: list[int] | None = None) -> tuple[list[int], list[int]]:
+                     weights: list[int] | None = None) -> tuple[list[int], list[int], tuple]:
         """Blocks (and sub-block weights) each pool tier served for these HBM misses, nearest
-        first; the serving pool sees each as an access (touch). Index 3 = unserved."""
+        first; the serving pool sees each as an access (touch). Index 3 = unserved. Also the
+        keys (in ``miss`` order) the local and the remote pool served."""
         counts = [0, 0, 0, 0]
         wsum = [0, 0, 0, 0]
+        by_tier: list = [None, [], []]
         todo, w = miss, weights
         for t in self.pools:
             if not todo:
@@ -801,6 +851,7 @@ class TieredBackend:
             if not n:
                 continue
             got = todo if n == len(todo) else list(compress(todo, found))
+            by_tier[tier_no] = got
             if touch is not None:
                 _consume(map(touch, got))
             if self._observe is not None:
@@ -813,7 +864,7 @@ class TieredBackend:
         counts[_UNSERVED] = len(todo)
         if w is not None:
             wsum[_UNSERVED] = sum(w)
-        return counts, wsum
+        return counts, wsum, (by_tier[1], by_tier[2])
 
     def _issue_prefetch(self, keys: np.ndarray) -> None:
         """Move predicted keys into HBM in the background, one batch per source tier."""

@@ -119,9 +119,10 @@ def break_even_tokens(m: ModelDims, cfg: TierConfig, tier: TierSpec, block_size:
     return None
 
 
-def fetch_vs_recompute(m: ModelDims, cfg: TierConfig, prompt_lens: dict[str, int],
+def fetch_vs_recompute(m: ModelDims, cfg: TierConfig, prompt_lens: dict[int, int],
                        block_size: int) -> dict | None:
-    """The summary section: per request fetch and recompute time, and the break-even."""
+    """The summary section: per request (keyed by its request id as a JSON object key) fetch
+    and recompute time, and the break-even."""
     name = "remote_pool" if cfg.remote_pool is not None else "local_pool"
     tier = getattr(cfg, name)
     if tier is None:
@@ -142,7 +143,7 @@ def fetch_vs_recompute(m: ModelDims, cfg: TierConfig, prompt_lens: dict[str, int
         "fetch_us_total": float(f.sum()),
         "recompute_us_total": float(r.sum()),
         "per_request": {
-            rid: {"prefix_tokens": int(n), "fetch_us": float(a), "recompute_us": float(b)}
+            str(rid): {"prefix_tokens": int(n), "fetch_us": float(a), "recompute_us": float(b)}
             for rid, n, a, b in zip(ids, lens, f, r, strict=True)
         },
     }
