@@ -134,6 +134,12 @@ def reference_analysis(trace, settings, tier_cfg, kvb_default=None, shared=True)
     ``shared=False`` leaves out the shared-cache curves (their list-scan LRU stack is
     quadratic)."""
     raw, bad_lines, tf = iter_raw_records(trace)
+    return reference_from_records(raw, bad_lines, tf, settings, tier_cfg, kvb_default, shared)
+
+
+def reference_from_records(raw, bad_lines, tf, settings, tier_cfg, kvb_default=None,
+                           shared=True):
+    """``reference_analysis`` of already parsed record dicts (they are annotated in place)."""
     meta_cfg = (tf.meta.config if tf.meta is not None else {}) or {}
     kvb = settings.kv_bytes_per_token or meta_cfg.get("kv_bytes_per_token") or kvb_default
     req_index = {}

@@ -113,7 +113,7 @@ def _twin_reader():
 
 
 #: share of the available memory the twin's decompressed columns may take (else: stream)
-TWIN_MEMORY_SHARE = 0.5
+TWIN_MEMORY_SHARE = 0.6
 
 
 def _available_memory() -> int:
@@ -127,20 +127,34 @@ def _available_memory() -> int:
     return 4 << 30
 
 
+def _twin_bytes(tf: TraceFiles) -> int | None:
+    """Memory the twin's analysed columns take decompressed: 8 bytes per selected position
+    (summary.json counts them) plus a tenth for the per-record columns; without a summary,
+    1.5x the JSONL size (a position takes ~5-7 bytes of JSON text with its block ids)."""
+    import json
+
+    try:
+        summ = json.loads((tf.root / "summary.json").read_bytes())
+        return int(8.8 * int(summ["offsets"]["count"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return int(1.5 * sum(f.stat().st_size for f in tf.files))
+    except OSError:
+        return None
+
+
 def _twin_table(tf: TraceFiles, trace, columns: Sequence[str], log: ReadLog) -> pa.Table | None:
     """The requested columns from the columnar twin (built on first use), or None to stream:
     Parquet (already columnar, streamed by row batch), no twin module, columns that would not
-    fit in ``TWIN_MEMORY_SHARE`` of the available memory (estimated as twice the JSONL size),
+    fit in ``TWIN_MEMORY_SHARE`` of the available memory (``_twin_bytes``),
     or a trace the twin refuses (a malformed or incomplete record: streaming skips and counts
     those)."""
     read_columns = _twin_reader()
     if read_columns is None or tf.format == "parquet":
         return None
-    try:
-        size = sum(f.stat().st_size for f in tf.files)
-    except OSError:
-        return None
-    if 2 * size > TWIN_MEMORY_SHARE * _available_memory():
+    need = _twin_bytes(tf)
+    if need is None or need > TWIN_MEMORY_SHARE * _available_memory():
         return None
     target = trace if not isinstance(trace, TraceFiles) else tf.root
     try:
