@@ -135,5 +135,8 @@ def test_the_columnar_twin_and_the_streamed_lines_agree(trace, monkeypatch):
     streamed = strip(analyze(trace, s))
     assert_same(streamed, twin)
     monkeypatch.undo()
-    monkeypatch.setattr(source, "TWIN_MEMORY_SHARE", 0.0)  # "too big for memory": streamed
+    # no twin yet and "too big to build in memory": streamed, no twin written
+    column_cache_path(trace).unlink()
+    monkeypatch.setattr(source, "TWIN_MEMORY_SHARE", 0.0)
     assert_same(strip(analyze(trace, s)), twin)
+    assert column_cache_path(trace) is None

@@ -4,10 +4,10 @@
 ``pyarrow.Table`` chunks with dotted column names (``request_id``, ``selected_token_pos``,
 ``prefix.prefix_cached_blocks``, ``kv_fetch.hbm.bytes_read``, ...), from
 
-- the columnar twin of a JSONL trace (``kvtier.trace.columnar.read_columns``: parsed once,
-  cached beside the trace as Arrow IPC, memory-mapped afterwards), when the requested columns
-  fit comfortably in memory (the twin is one lz4-compressed record batch, so a column is
-  decompressed whole) and every record is valid;
+- the columnar twin of a JSONL trace (``kvtier.trace.columnar``: parsed once by
+  ``read_columns``, cached beside the trace as an lz4 Arrow IPC file), memory-mapped and read
+  one record batch at a time, only the requested columns decompressed; it is built on first
+  use when the parse fits in memory and every record is valid;
 - ``trace_steps.parquet`` (row batches, only the requested columns decoded);
 - otherwise JSONL or JSONL shards streamed a few MB of lines at a time, parsed by Arrow's C++
   JSON reader with an explicit schema, every other field skipped.
@@ -90,11 +90,9 @@ def iter_columns(trace: str | Path | TraceFiles, columns: Sequence[str],
     """
     tf = trace if isinstance(trace, TraceFiles) else open_trace_files(trace)
     log = log if log is not None else ReadLog()
-    table = _twin_table(tf, trace, columns, log)
-    if table is not None:
-        # whole record batches (never a slice spanning two: that would copy the positions)
-        for batch in table.to_batches(max_chunksize=CHUNK_RECORDS):
-            yield _complete(pa.Table.from_batches([batch]), columns)
+    twin = _twin_file(tf, trace, log)
+    if twin is not None:
+        yield from _iter_twin(twin, columns)
         return
     for path in tf.files:
         if tf.format == "parquet" or path.suffix == ".parquet":
@@ -112,7 +110,7 @@ def _twin_reader():
     return getattr(columnar, "read_columns", None)
 
 
-#: share of the available memory the twin's decompressed columns may take (else: stream)
+#: share of the available memory building a twin may take (else: the trace is streamed)
 TWIN_MEMORY_SHARE = 0.6
 
 
@@ -128,41 +126,64 @@ def _available_memory() -> int:
 
 
 def _twin_bytes(tf: TraceFiles) -> int | None:
-    """Memory the twin's analysed columns take decompressed: 8 bytes per selected position
-    (summary.json counts them) plus a tenth for the per-record columns; without a summary,
-    1.5x the JSONL size (a position takes ~5-7 bytes of JSON text with its block ids)."""
+    """Memory ``read_columns`` needs to build the twin: every column of every record, about
+    8 bytes per selected position and ~4 per block id (position lists, block lists and hbm hit
+    lists; summary.json counts the positions), so ~14 bytes per position; without a summary,
+    2.5x the JSONL size."""
     import json
 
     try:
         summ = json.loads((tf.root / "summary.json").read_bytes())
-        return int(8.8 * int(summ["offsets"]["count"]))
+        return int(14 * int(summ["offsets"]["count"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        return int(1.5 * sum(f.stat().st_size for f in tf.files))
+        return int(2.5 * sum(f.stat().st_size for f in tf.files))
     except OSError:
         return None
 
 
-def _twin_table(tf: TraceFiles, trace, columns: Sequence[str], log: ReadLog) -> pa.Table | None:
-    """The requested columns from the columnar twin (built on first use), or None to stream:
-    Parquet (already columnar, streamed by row batch), no twin module, columns that would not
-    fit in ``TWIN_MEMORY_SHARE`` of the available memory (``_twin_bytes``),
-    or a trace the twin refuses (a malformed or incomplete record: streaming skips and counts
-    those)."""
+def _twin_file(tf: TraceFiles, trace, log: ReadLog) -> Path | None:
+    """The columnar twin of a JSONL trace (``kvtier.trace.columnar``), building it first if
+    there is none and the parse fits in ``TWIN_MEMORY_SHARE`` of the available memory
+    (``read_columns`` builds the whole table once); None to stream the record files instead:
+    Parquet (already columnar), no twin module, not enough memory to build it, or a trace the
+    twin refuses (a malformed or incomplete record, which streaming skips and counts)."""
     read_columns = _twin_reader()
     if read_columns is None or tf.format == "parquet":
         return None
-    need = _twin_bytes(tf)
-    if need is None or need > TWIN_MEMORY_SHARE * _available_memory():
-        return None
+    from kvtier.trace.columnar import column_cache_path
+
     target = trace if not isinstance(trace, TraceFiles) else tf.root
     try:
-        return read_columns(target, [c for c in columns if c not in COUNT_ONLY])
+        path = column_cache_path(target)
+        if path is not None:
+            return path
+        need = _twin_bytes(tf)
+        if need is None or need > TWIN_MEMORY_SHARE * _available_memory():
+            return None
+        read_columns(target, ["layer_id"])  # parses once and writes the twin
+        return column_cache_path(target)
     except (TraceError, ValueError, OSError) as exc:
         msg = str(exc).split("\n")[0]
         log.note(f"columnar twin not used ({msg}); records read line by line")
         return None
+
+
+def _iter_twin(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """The twin read one record batch at a time, only the requested columns decompressed
+    (``read_columns`` would decompress whole columns at once: for K = 2048 that is gigabytes
+    of fresh memory, whose page faults cost more than the analysis)."""
+    src = pa.memory_map(str(path))
+    schema = pa.ipc.open_file(src).schema
+    want = [c for c in columns if c not in COUNT_ONLY and schema.get_field_index(c) >= 0]
+    idx = sorted(schema.get_field_index(c) for c in want)
+    reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        for start in range(0, batch.num_rows, CHUNK_RECORDS):
+            part = batch.slice(start, CHUNK_RECORDS)
+            yield _complete(pa.Table.from_batches([part]), columns)
 
 
 def _flatten(table: pa.Table) -> pa.Table:

@@ -68,17 +68,6 @@ def _records(pos, offsets, seq_len, edges, cut, sizes, shifts, wins, clogc, bad,
         if b == a:
             continue
         seg = pos[a:b]
-        # validity and order (branch-free: vectorised)
-        lo_v = seg[0]
-        hi_v = seg[0]
-        down = 0
-        for k in range(1, seg.shape[0]):
-            v = seg[k]
-            lo_v = min(lo_v, v)
-            hi_v = max(hi_v, v)
-            down += v <= seg[k - 1]
-        bad[i] = lo_v < 0 or hi_v >= seq_len[i]
-        unsorted |= down > 0
         # positions below the cached-prefix cut
         lo, hi = 0, seg.shape[0]
         while lo < hi:
@@ -105,10 +94,18 @@ def _records(pos, offsets, seq_len, edges, cut, sizes, shifts, wins, clogc, bad,
             ge[i, j] = lo
             hi = lo
         # consecutive positions p < q fall in different 2**l-token blocks iff
-        # p ^ q > 2**l - 1: ten branch-free counters (LLVM vectorises this loop)
+        # p ^ q > 2**l - 1: ten branch-free counters (LLVM vectorises this loop), and in the
+        # same loop the order check (a record must be strictly increasing) and the range
         c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = 0
+        down = 0
+        lo_v = seg[0]
+        hi_v = seg[0]
         for k in range(1, seg.shape[0]):
-            x = seg[k] ^ seg[k - 1]
+            v = seg[k]
+            lo_v = min(lo_v, v)
+            hi_v = max(hi_v, v)
+            down += v <= seg[k - 1]
+            x = v ^ seg[k - 1]
             c0 += x > 0
             c1 += x > 1
             c2 += x > 3
@@ -122,6 +119,8 @@ def _records(pos, offsets, seq_len, edges, cut, sizes, shifts, wins, clogc, bad,
         amp[i, 0], amp[i, 1], amp[i, 2], amp[i, 3] = 1 + c0, 1 + c1, 1 + c2, 1 + c3
         amp[i, 4], amp[i, 5], amp[i, 6], amp[i, 7] = 1 + c4, 1 + c5, 1 + c6, 1 + c7
         amp[i, 8], amp[i, 9] = 1 + c8, 1 + c9
+        bad[i] = lo_v < 0 or hi_v >= seq_len[i]
+        unsorted |= down > 0
         for z in range(sizes.shape[0]):
             bs = sizes[z]
             first = ms[z]
