@@ -67,6 +67,55 @@ def first_lines(trace: Path, out: Path, n: int) -> Path:
     return out
 
 
+def breakdown(trace: Path, sizes) -> dict[str, float]:
+    """CPU seconds by part of one ``analyze`` run: each kernel, the twin reader, the rest."""
+    from kvtier.analysis import kernels, source
+    from kvtier.analysis.analyze import AnalysisSettings, analyze
+
+    spent: dict[str, float] = {}
+    k = kernels.kernels()
+    saved = {name: getattr(k, name) for name in ("records_pass", "stream_pass", "iou_pass",
+                                                  "sample_keys", "opt_hits")}
+    saved_iter = source._iter_twin
+
+    def wrap(name, fn):
+        def inner(*a, **kw):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - c0
+        return inner
+
+    def twin(*a, **kw):
+        it = saved_iter(*a, **kw)
+        while True:
+            c0 = time.process_time()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                spent["twin read (lz4 decompress)"] = (spent.get("twin read (lz4 decompress)", 0)
+                                                       + time.process_time() - c0)
+            yield item
+
+    for name, fn in saved.items():
+        setattr(k, name, wrap(name, fn))
+    source._iter_twin = twin
+    try:
+        c0 = time.process_time()
+        analyze(trace, AnalysisSettings(block_sizes=tuple(sizes)))
+        total = time.process_time() - c0
+    finally:
+        for name, fn in saved.items():
+            setattr(k, name, fn)
+        source._iter_twin = saved_iter
+    spent["everything else (Python, numpy, Arrow)"] = total - sum(spent.values())
+    spent["total"] = total
+    return spent
+
+
 def timed(fn, repeat: int):
     walls, cpus, res = [], [], None
     for _ in range(repeat):
@@ -139,6 +188,10 @@ def main() -> None:
         print(f"{name:<66} {w:>8.2f} {c:>8.2f} {rate:>20,.0f} {rate / base:>7.0f}x")
     print(f"fast path equals the reference on the first {args.ref_records} records (every "
           "section but the shared-cache curves)")
+    for sizes in ((16,), (16, 32, 64, 128)):
+        parts = breakdown(trace, sizes)
+        print(f"CPU seconds by part, block sizes {sizes}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

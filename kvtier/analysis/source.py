@@ -181,9 +181,10 @@ def _iter_twin(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
     reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))
     for i in range(reader.num_record_batches):
         batch = reader.get_batch(i)
-        for start in range(0, batch.num_rows, CHUNK_RECORDS):
-            part = batch.slice(start, CHUNK_RECORDS)
-            yield _complete(pa.Table.from_batches([part]), columns)
+        parts = max(1, round(batch.num_rows / CHUNK_RECORDS))  # ~CHUNK_RECORDS, no stubs
+        size = -(-batch.num_rows // parts)
+        for start in range(0, batch.num_rows, size):
+            yield _complete(pa.Table.from_batches([batch.slice(start, size)]), columns)
 
 
 def _flatten(table: pa.Table) -> pa.Table:

@@ -62,29 +62,31 @@ class BlockTables:
                 arr = np.empty(new_cap, dtype=self.pools[k].dtype)
                 arr[:self.used] = self.pools[k][:self.used]
                 self.pools[k] = arr
+        for k, (_, fill) in self.fields.items():  # every new region starts empty
+            self.pools[k][self.used:total] = fill
         moved = []
-        for o, nb, ns in zip(grow.tolist(), new_base.tolist(), new_size.tolist(), strict=True):
-            ob, osz = int(self.base[o]), int(self.size[o])
+        old_size = self.size[grow]
+        for j in np.flatnonzero(old_size).tolist():  # tables that move keep their entries
+            o, nb = int(grow[j]), int(new_base[j])
+            ob, osz = int(self.base[o]), int(old_size[j])
             for k, (_, fill) in self.fields.items():
                 p = self.pools[k]
-                if osz:
-                    p[nb:nb + osz] = p[ob:ob + osz]
-                    p[ob:ob + osz] = fill
-                p[nb + osz:nb + ns] = fill
-            if osz:
-                moved.append((o, ob, nb, osz))
-            self.base[o], self.size[o] = nb, ns
+                p[nb:nb + osz] = p[ob:ob + osz]
+                p[ob:ob + osz] = fill
+            moved.append((o, ob, nb, osz))
+        self.base[grow], self.size[grow] = new_base, new_size
         self.used = total
         return moved
 
 
 class StreamIndex:
-    """Dense stream numbers for (request, layer) pairs, in order of first appearance."""
+    """Dense stream numbers for (request, layer) pairs, in order of first appearance (a
+    request x layer lookup table, so a chunk is numbered without a Python loop)."""
 
     def __init__(self, per_layer: bool) -> None:
         self.per_layer = per_layer
-        self.index: dict[int, int] = {}
-        self.layer_of: list[int] = []
+        self.table = np.full((0, 0), -1, dtype=np.int64)
+        self.n = 0
         self.seen = np.zeros(0, dtype=bool)  # requests seen, when streams are requests
 
     def __call__(self, req: np.ndarray, layer: np.ndarray) -> np.ndarray:
@@ -94,20 +96,29 @@ class StreamIndex:
                 self.seen = np.concatenate([self.seen, np.zeros(m - self.seen.shape[0], bool)])
             self.seen[req] = True
             return req
-        packed = (req << np.int64(16)) | (layer & 0xFFFF)
-        uniq, inv = np.unique(packed, return_inverse=True)
-        idx = self.index
-        codes = np.empty(uniq.shape[0], dtype=np.int64)
-        for j, p in enumerate(uniq.tolist()):
-            c = idx.get(p)
-            if c is None:
-                c = idx[p] = len(idx)
-                self.layer_of.append(p & 0xFFFF)
-            codes[j] = c
-        return codes[inv]
+        if req.shape[0] == 0:
+            return req
+        rows, cols = int(req.max()) + 1, int(layer.max()) + 1
+        if rows > self.table.shape[0] or cols > self.table.shape[1]:
+            t = np.full((max(rows, 2 * self.table.shape[0]), max(cols, self.table.shape[1])),
+                        -1, dtype=np.int64)
+            t[:self.table.shape[0], :self.table.shape[1]] = self.table
+            self.table = t
+        sid = self.table[req, layer]
+        new = sid < 0
+        if new.any():  # number new pairs by first appearance
+            flat = req[new] * self.table.shape[1] + layer[new]
+            uniq, first = np.unique(flat, return_index=True)
+            order = np.argsort(first, kind="stable")
+            codes = np.empty(uniq.shape[0], dtype=np.int64)
+            codes[order] = self.n + np.arange(uniq.shape[0])
+            self.n += int(uniq.shape[0])
+            self.table.flat[uniq] = codes
+            sid = self.table[req, layer]
+        return sid
 
     def count(self) -> int:
-        return len(self.index) if self.per_layer else int(self.seen.sum())
+        return self.n if self.per_layer else int(self.seen.sum())
 
 
 class StepOrdinals:

@@ -77,22 +77,17 @@ def _records(pos, offsets, seq_len, edges, cut, sizes, shifts, wins, clogc, bad,
             else:
                 hi = mid
         below[i] = lo
-        # #pos <= tail - edges[j]; the thresholds fall as the edges rise
+        # #pos <= tail - edges[j]: the thresholds fall as the edges rise, so one walk down
+        # the sorted positions serves every edge (each position passed once)
         tail = seq_len[i] - 1
         hi = seg.shape[0]
         for j in range(q):
             t = tail - edges[j]
-            if t < seg[0]:
+            while hi > 0 and seg[hi - 1] > t:
+                hi -= 1
+            if hi == 0:
                 break  # this and every larger edge: none
-            lo = 0
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if seg[mid] <= t:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            ge[i, j] = lo
-            hi = lo
+            ge[i, j] = hi
         # consecutive positions p < q fall in different 2**l-token blocks iff
         # p ^ q > 2**l - 1: ten branch-free counters (LLVM vectorises this loop), and in the
         # same loop the order check (a record must be strictly increasing) and the range
