@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -137,8 +138,16 @@ def main() -> None:
                     help="decode steps (default %(default)s: 249,856 records)")
     ap.add_argument("--cores", type=int, default=1, help="CPU cores to pin to (default 1)")
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+    cores = sorted(os.sched_getaffinity(0))[:args.cores] if hasattr(os, "sched_getaffinity") \
+        else []
+    if cores and os.environ.get("KVTIER_BENCH_PINNED") != "1" and shutil.which("taskset"):
+        # pin the whole process (threads already started by imports included) by re-running
+        # under taskset: sched_setaffinity from here would pin this thread only
+        os.environ["KVTIER_BENCH_PINNED"] = "1"
+        cpus = ",".join(map(str, cores))
+        os.execvp("taskset", ["taskset", "-c", cpus, sys.executable, *sys.argv])
+    if cores:
+        os.sched_setaffinity(0, set(cores))
     from analysis_ref import iter_raw_records, reference_from_records
     from test_analysis import assert_same
 
@@ -180,12 +189,16 @@ def main() -> None:
     for r in fast["results"]:
         r.pop("shared_cache")
     assert_same(fast, ref)
-    base = rows[-1][3] / rows[-1][2]
+    base = rows[-1][3] / rows[-1][2]  # the reference's records per CPU second
     print(f"trace: {n_rec:,} records, K = {SHAPE['topk']}, 16-token blocks recorded")
-    print(f"{'run':<66} {'wall s':>8} {'cpu s':>8} {'rec/s per bs (wall)':>20} {'vs ref':>8}")
+    print(f"{'run':<66} {'wall s':>7} {'CPU s':>7} {'rec/s per bs':>13} {'(wall)':>9} "
+          f"{'vs ref':>7}")
     for name, w, c, n, k in rows:
-        rate = n * k / w
-        print(f"{name:<66} {w:>8.2f} {c:>8.2f} {rate:>20,.0f} {rate / base:>7.0f}x")
+        rate = n * k / c
+        print(f"{name:<66} {w:>7.2f} {c:>7.2f} {rate:>13,.0f} {n * k / w:>9,.0f} "
+              f"{rate / base:>6.0f}x")
+    print("rec/s per block size = records x block sizes / CPU seconds (wall in brackets); the "
+          "ratio is on CPU time")
     print(f"fast path equals the reference on the first {args.ref_records} records (every "
           "section but the shared-cache curves)")
     for sizes in ((16,), (16, 32, 64, 128)):
