@@ -83,7 +83,7 @@ def main() -> int:
     tracer = Tracer(TraceSettings(), out, run_name="overhead", dataset="random",
                     kv_bytes_per_token=bpt)
     tee = _Tee(tracer)
-    tracer.begin_batch(["r0"], [tokens[0, : opts.context].tolist()])
+    tracer.begin_batch([0], [tokens[0, : opts.context].tolist()])
     with torch.inference_mode():
         model(tokens[:, : opts.context], 0)
         for p in range(opts.context, opts.context + 3):  # warm-up (last one traced: JIT), untimed

@@ -84,7 +84,7 @@ def run_fast(pool, args, out_dir: Path) -> tuple[int, float, int]:
     t0 = time.perf_counter()
     tracer = Tracer(settings, out_dir, run_name="bench", dataset="synthetic",
                     kv_bytes_per_token=1284, force=True)
-    tracer.begin_batch([f"r{i}" for i in range(args.batch)], prompts)
+    tracer.begin_batch(list(range(args.batch)), prompts)
     for s in range(args.steps):
         tracer.start_step(prompt_len + s)
         for layer in range(args.layers):

@@ -28,7 +28,7 @@ def main() -> int:
     want = []
     with Tracer(TraceSettings(store_scores=True), out, run_name="cuda", dataset="check",
                 kv_bytes_per_token=1284) as tr:
-        tr.begin_batch([f"r{i}" for i in range(batch)], [[1] * ctx] * batch)
+        tr.begin_batch(list(range(batch)), [[1] * ctx] * batch)
         for step in range(3):
             tr.start_step(ctx + step)
             for layer in range(layers):

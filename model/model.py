@@ -1,6 +1,15 @@
 """DeepSeek-V3.2-Exp (DSA) inference model, a faithful re-implementation of the upstream v2
 ``inference/model.py`` (dsa_model.md §3-§7) with a ``v1`` flag, an fp32 ``indexer_exact``
-mode, a sparse (gathered top-k) decode and a trace hook after the indexer's top-k.
+mode and a trace hook after the indexer's top-k.
+
+Where the reference is dense, kvtier runs the same function over the selected positions only:
+decode and (chunked) prefill attend to each query's own top-k cache rows (``kernels.sparse_mla``),
+the prefill runs in chunks of ``Transformer.prefill_chunk`` queries against the caches (O(S·k)
+attention, the indexer never holds more than chunk × S scores), and the routed experts run as
+grouped GEMMs (``kernels.fp8_grouped_gemm``) instead of a loop. ``MLA.sparse_decode = False``,
+``MLA.sparse_prefill = False`` and ``MoE.grouped = False`` restore the reference's paths; the
+tests pin each fast path to its reference. CUDA decode steps replay captured graphs
+(``model/cuda_graphs.py``).
 
 Parameter and module names produce exactly the converted checkpoint keys of dsa_model.md §9.
 Tensor parallelism follows the reference: the module globals ``world_size`` and ``rank`` are
@@ -9,6 +18,9 @@ set from ``torch.distributed`` in ``Transformer.__init__`` and size every shard.
 
 from __future__ import annotations
 
+import warnings
+from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -36,6 +48,64 @@ class TopkTracer(Protocol):
 
 def _tp_active() -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+@dataclass
+class Span:
+    """The positions one forward covers: tokens ``[start, end)`` of every batch row.
+
+    ``index`` (decode): the position as a one-element int64 device tensor, so that cache writes
+    and masks read it on the device (a CUDA graph replays with new positions); ``kv_len``:
+    the cache rows the indexer scores (``end``, or a graph's bucket, masked past the query);
+    ``causal``: a prefill chunk whose keys after each query are masked inside the kernels.
+    """
+
+    start: int
+    end: int
+    kv_len: int
+    index: torch.Tensor | None = None
+    causal: bool = False
+
+    @classmethod
+    def of(cls, start_pos: int | Span, seqlen: int) -> Span:
+        if isinstance(start_pos, Span):
+            return start_pos
+        return cls(start_pos, start_pos + seqlen, start_pos + seqlen)
+
+    @property
+    def mask_start(self) -> int | torch.Tensor | None:
+        """Position of the first query for the kernels' causal mask (None: no mask)."""
+        if self.index is not None:
+            return self.index
+        return self.start if self.causal else None
+
+    def write(self, cache: torch.Tensor, value: torch.Tensor) -> None:
+        """``cache[:b, start:end] = value`` (through ``index`` when set; fp8 as bytes)."""
+        bsz = value.size(0)
+        if self.index is None:
+            cache[:bsz, self.start : self.end] = value
+            return
+        if cache.dtype == kernels.FP8:
+            cache, value = cache.view(torch.uint8), value.view(torch.uint8)
+        cache[:bsz].index_copy_(1, self.index, value.to(cache.dtype))
+
+
+#: per-position weights of the top-k fingerprint (< 2^20, so 2048 int64 products of
+#: positions < 2^24 cannot overflow); fixed, so every rank uses the same ones
+_FP_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def topk_fingerprint(indices: torch.Tensor) -> torch.Tensor:
+    """Two int64 hashes per top-k row (``[rows, 2]``): ``Σ_k idx[k]·w_j[k]`` for two fixed
+    random weight vectors. A single differing position always changes both (all weights are
+    positive); several cancel in both with probability about 2^-40."""
+    k = indices.size(-1)
+    key = (k, indices.device)
+    if key not in _FP_WEIGHTS:
+        g = torch.Generator().manual_seed(0x5EED)
+        with torch.inference_mode(False):
+            _FP_WEIGHTS[key] = torch.randint(1, 1 << 20, (k, 2), generator=g).to(indices.device)
+    return indices.reshape(-1, k) @ _FP_WEIGHTS[key]
 
 
 # ----------------------------------------------------------------------------- linears
@@ -145,15 +215,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        dtype = x.dtype
-        if residual is None:
-            return self._norm(x.float()).to(dtype)
-        r = x.float() + residual.float()
-        return self._norm(r).to(dtype), r.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):
@@ -201,15 +264,7 @@ def apply_rotary_emb(
     interleaved: pairs (x[2i], x[2i+1]) (MLA, v1 indexer); otherwise pairs (x[i], x[i+d/2])
     (NeoX rotate-half, the v2 indexer).
     """
-    dtype, shape = x.dtype, x.shape
-    xf = x.float()
-    if not interleaved:
-        xf = xf.view(*shape[:-1], 2, -1).transpose(-1, -2)
-    xc = torch.view_as_complex(xf.reshape(*shape[:-1], -1, 2).contiguous())
-    y = torch.view_as_real(xc * freqs_cis.view(1, x.size(1), 1, -1)).flatten(-2)
-    if not interleaved:
-        y = torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
-    return y.to(dtype)
+    return kernels.rotary(x, freqs_cis, interleaved)
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -256,31 +311,37 @@ class Indexer(nn.Module):
         return torch.cat([pe, nope], dim=-1)
 
     def _head_weights(self, x: torch.Tensor) -> torch.Tensor:
-        xin = x if self.v1 else x.float()
-        return (
-            self.weights_proj(xin.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
-        )
+        xin = x if self.v1 else x.float()  # v1 scales in the projection's (bf16) dtype
+        w = self.weights_proj(xin.to(self.weights_proj.weight.dtype)) * self.n_heads**-0.5
+        return w.float()
 
     def forward(
         self,
         x: torch.Tensor,
         qr: torch.Tensor,
-        start_pos: int,
+        start_pos: int | Span,
         freqs_cis: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(indices int64 [b,s,K], scores fp32 [b,s,K])`` with K = min(topk, end)."""
+        """Return ``(indices int64 [b,s,K], scores fp32 [b,s,K])`` with K = min(topk, end).
+
+        Scores cover cache rows ``[0, kv_len)``; the reference's ``mask`` (whole-prompt
+        prefill) is added as upstream, a ``Span``'s causal mask is applied in ``fp8_index``.
+        """
         bsz, seqlen, _ = x.shape
-        end_pos = start_pos + seqlen
+        span = Span.of(start_pos, seqlen)
         q = self._rope(self.wq_b(qr).view(bsz, seqlen, self.n_heads, self.head_dim), freqs_cis)
         k = self._rope(self.k_norm(self.wk(x)).unsqueeze(2), freqs_cis).squeeze(2)
         weights = self._head_weights(x)  # [b, s, h]
         if self.exact:
-            self.k_cache[:bsz, start_pos:end_pos] = k.float()
-            keys = self.k_cache[:bsz, :end_pos]  # [b, t, d]
+            span.write(self.k_cache, k.float())
+            keys = self.k_cache[:bsz, : span.kv_len]  # [b, t, d]
             logits = torch.relu(q.float().flatten(1, 2) @ keys.transpose(1, 2) * self.softmax_scale)
-            logits = logits.view(bsz, seqlen, self.n_heads, end_pos)
+            logits = logits.view(bsz, seqlen, self.n_heads, span.kv_len)
             score = (weights.unsqueeze(-2) @ logits).squeeze(-2)
+            if span.mask_start is not None:
+                masked = kernels.causal_mask(span.mask_start, seqlen, span.kv_len, x.device)
+                score = score.masked_fill(masked, float("-inf"))
         else:
             q8, q_s = kernels.act_quant(
                 kernels.hadamard(q).contiguous(), block_size, self.scale_fmt
@@ -288,48 +349,43 @@ class Indexer(nn.Module):
             k8, k_s = kernels.act_quant(
                 kernels.hadamard(k).contiguous(), block_size, self.scale_fmt
             )
-            self.k_cache[:bsz, start_pos:end_pos] = k8
-            self.k_scale_cache[:bsz, start_pos:end_pos] = k_s
+            span.write(self.k_cache, k8)
+            span.write(self.k_scale_cache, k_s)
             w = weights.unsqueeze(-1) * q_s * self.softmax_scale  # q's dequant scale folded in
             score = kernels.fp8_index(
                 q8,
                 w.squeeze(-1),
-                self.k_cache[:bsz, :end_pos],
-                self.k_scale_cache[:bsz, :end_pos].squeeze(-1),
+                self.k_cache[:bsz, : span.kv_len],
+                self.k_scale_cache[:bsz, : span.kv_len].squeeze(-1),
+                span.mask_start,
             )
         if mask is not None:
             score = score + mask
-        values, indices = score.topk(min(self.index_topk, end_pos), dim=-1)
-        if _tp_active():
-            self._check_ranks(indices, start_pos)
+        values, indices = score.topk(min(self.index_topk, span.end), dim=-1)
+        # TP: each rank hashes its top-k; Transformer compares the hashes across ranks
+        self.fingerprint = topk_fingerprint(indices) if _tp_active() else None
         return indices, values
 
-    def _check_ranks(self, indices: torch.Tensor, start_pos: int) -> None:
-        """Compare with rank 0's top-k; every rank raises on a mismatch (no rank hangs)."""
-        ref = indices.clone()
-        dist.broadcast(ref, src=0)
-        bad = (ref != indices).any(-1)  # [b, s]
-        flag = bad.any().to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            where = bad.nonzero()[0].tolist() if bad.any() else "on another rank"
-            raise TopkMismatchError(
-                f"indexer top-k differs between tensor-parallel ranks at layer {self.layer_id}, "
-                f"step {start_pos} (start_pos); rank {rank}: first differing (row, token) {where}"
-            )
+    fingerprint: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------- MLA
 class MLA(nn.Module):
     """Multi-head latent attention with a latent KV cache (kv_lora_rank + rope part).
 
-    Prefill (s > 1, start 0) runs masked-dense MHA over the current chunk like the reference.
-    Decode (s == 1) runs in absorbed (MQA) mode over ONLY the top-k selected cache rows:
-    O(K) per head instead of the reference's O(end) masked softmax (``sparse_decode=False``
-    restores the reference's masked-dense decode; both give the same result).
+    Every forward without the reference's prefill ``mask`` (decode, and prefill chunks at any
+    start position) runs in absorbed (MQA) mode over ONLY each query's top-k selected cache
+    rows (``kernels.sparse_mla``): O(K) per head instead of the reference's masked softmax over
+    all positions. ``sparse_decode=False`` restores the reference's masked-dense decode, and
+    the reference's prefill (masked-dense MHA over the chunk, start 0) runs when a ``mask`` is
+    given (``Transformer`` does so with ``sparse_prefill=False``); all give the same function.
     """
 
     sparse_decode = True
+    #: None: chunked sparse prefill for CUDA inputs and for prompts continued at start_pos > 0
+    #: (which the reference cannot do); the reference's masked-dense prefill otherwise, so CPU
+    #: runs keep the reference's numerics bit for bit (tests/test_reference_numerics.py)
+    sparse_prefill: bool | None = None
 
     def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
@@ -382,13 +438,13 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: int | Span,
         freqs_cis: torch.Tensor,
         mask: torch.Tensor | None,
         tracer: TopkTracer | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        end_pos = start_pos + seqlen
+        span = Span.of(start_pos, seqlen)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(bsz, seqlen, self.n_local_heads, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -403,12 +459,14 @@ class MLA(nn.Module):
                 .flatten(-2)
                 .to(kv.dtype)
             )
-        self.kv_cache[:bsz, start_pos:end_pos] = kv
-        self.pe_cache[:bsz, start_pos:end_pos] = k_pe.squeeze(2)
-        cdt = torch.float32 if self.v1 else x.dtype  # v1 fp32 einsums, v2 in the model dtype
+        span.write(self.kv_cache, kv)
+        span.write(self.pe_cache, k_pe.squeeze(2))
+        # v1: score einsums and softmax in fp32, probabilities cast back, the q_nope·wkv_b,
+        # P·V and output einsums in the model dtype; v2: everything in the model dtype
+        cdt = torch.float32 if self.v1 else x.dtype
 
-        topk, topk_scores = self.indexer(x, qr, start_pos, freqs_cis, mask)
-        if mask is not None:  # MHA prefill over the current chunk (start_pos == 0)
+        topk, topk_scores = self.indexer(x, qr, span, freqs_cis, mask)
+        if mask is not None:  # the reference's MHA prefill over the current chunk (start 0)
             q = torch.cat([q_nope, q_pe], dim=-1)
             kvb = self.wkv_b(kv).view(
                 bsz, seqlen, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim
@@ -420,37 +478,38 @@ class MLA(nn.Module):
                 -1, topk, 0
             )
             scores = scores + (index_mask + mask).unsqueeze(2).to(scores.dtype)
-            out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v.to(cdt)).to(x.dtype)
-        else:  # absorbed MQA decode
-            if tracer is not None:
-                tracer.on_topk(self.layer_id, topk[:, 0, :], topk_scores[:, 0, :])
-            wkv_b = self._wkv_b().to(cdt)
-            q_abs = torch.einsum(
-                "bshd,hdc->bshc", q_nope.to(cdt), wkv_b[:, : self.qk_nope_head_dim]
+            out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1).to(x.dtype), v)
+            return self.wo(out.flatten(2))
+        # absorbed MQA: decode, and prefill chunks against the caches
+        if tracer is not None and seqlen == 1:
+            tracer.on_topk(self.layer_id, topk[:, 0, :], topk_scores[:, 0, :])
+        wkv_b = self._wkv_b()
+        q_abs = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
+        if self.sparse_decode or seqlen > 1:
+            o = kernels.sparse_mla(
+                torch.cat([q_abs, q_pe.to(q_abs.dtype)], dim=-1),
+                self.kv_cache[:bsz],
+                self.pe_cache[:bsz],
+                topk,
+                span.start if span.index is None else span.index,
+                self.softmax_scale,
+                score_dtype=cdt,
             )
-            if self.sparse_decode:
-                rows = torch.arange(bsz, device=x.device).unsqueeze(1)
-                kv_sel = self.kv_cache[rows, topk[:, 0]].to(cdt)  # [b, K, c]
-                pe_sel = self.pe_cache[rows, topk[:, 0]].to(cdt)
-                scores = (
-                    torch.einsum("bshc,bkc->bshk", q_abs, kv_sel)
-                    + torch.einsum("bshr,bkr->bshk", q_pe.to(cdt), pe_sel)
-                ) * self.softmax_scale
-                o = torch.einsum("bshk,bkc->bshc", scores.softmax(dim=-1), kv_sel)
-            else:  # the reference: dense scores over every cached position, masked to the top-k
-                kv_all = self.kv_cache[:bsz, :end_pos].to(cdt)
-                scores = (
-                    torch.einsum("bshc,btc->bsht", q_abs, kv_all)
-                    + torch.einsum(
-                        "bshr,btr->bsht", q_pe.to(cdt), self.pe_cache[:bsz, :end_pos].to(cdt)
-                    )
-                ) * self.softmax_scale
-                index_mask = torch.full((bsz, 1, end_pos), float("-inf"), device=x.device).scatter_(
-                    -1, topk, 0
+        else:  # the reference: dense scores over every cached position, masked to the top-k
+            n_keys = span.kv_len  # = end; a graph's bucket: rows past the query are never selected
+            kv_all = self.kv_cache[:bsz, :n_keys]
+            scores = (
+                torch.einsum("bshc,btc->bsht", q_abs.to(cdt), kv_all.to(cdt))
+                + torch.einsum(
+                    "bshr,btr->bsht", q_pe.to(cdt), self.pe_cache[:bsz, :n_keys].to(cdt)
                 )
-                scores = scores + index_mask.unsqueeze(2).to(scores.dtype)
-                o = torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1), kv_all)
-            out = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim :]).to(x.dtype)
+            ) * self.softmax_scale
+            index_mask = torch.full((bsz, 1, n_keys), float("-inf"), device=x.device).scatter_(
+                -1, topk, 0
+            )
+            scores = scores + index_mask.unsqueeze(2).to(scores.dtype)
+            o = torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1).to(x.dtype), kv_all)
+        out = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim :])
         return self.wo(out.flatten(2))
 
 
@@ -493,7 +552,7 @@ class Gate(nn.Module):
         self.score_func = args.score_func
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        if args.gate_bias:
+        if args.has_gate_bias:  # reference: only dim == 7168 (ModelArgs.gate_bias)
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.register_parameter("bias", None)
@@ -522,7 +581,16 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (whole experts split by rank) plus TP-sharded shared experts."""
+    """Routed experts (whole experts split by rank) plus TP-sharded shared experts.
+
+    With fp8 weights the local experts' ``w1``/``w3`` live in one ``[E, 2·inter, dim]`` tensor
+    and ``w2`` in one ``[E, dim, inter]`` tensor (each expert's parameters are views into them,
+    so the checkpoint keys and ``load_state_dict`` are unchanged); the grouped path
+    (``grouped``: None = on for CUDA inputs) sorts the (token, expert) pairs by expert and runs
+    one grouped fp8 GEMM per projection, the reference path loops over the used experts.
+    """
+
+    grouped: bool | None = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -534,35 +602,108 @@ class MoE(nn.Module):
         self.n_routed_experts = args.n_routed_experts
         self.n_local_experts = args.n_routed_experts // world_size
         self.n_activated_experts = args.n_activated_experts
+        self.moe_inter_dim = args.moe_inter_dim
         self.experts_start_idx = rank * self.n_local_experts
         self.experts_end_idx = self.experts_start_idx + self.n_local_experts
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(
-            [
-                Expert(args.dim, args.moe_inter_dim)
-                if self.experts_start_idx <= i < self.experts_end_idx
-                else None
-                for i in range(self.n_routed_experts)
-            ]
-        )
+        self._stacked: tuple[torch.Tensor, ...] | None = None
+        stack = Linear.dtype == kernels.FP8 and self.n_local_experts > 0
+        if stack:
+            e, i, d = self.n_local_experts, args.moe_inter_dim, args.dim
+            nb = lambda n: -(-n // block_size)  # noqa: E731
+            self._stacked = (
+                torch.empty(e, 2 * i, d, dtype=kernels.FP8),
+                torch.empty(e, nb(2 * i), nb(d), dtype=torch.float32),
+                torch.empty(e, d, i, dtype=kernels.FP8),
+                torch.empty(e, nb(d), nb(i), dtype=torch.float32),
+            )
+        experts: list[Expert | None] = []
+        for j in range(self.n_routed_experts):
+            if not self.experts_start_idx <= j < self.experts_end_idx:
+                experts.append(None)
+                continue
+            expert = Expert(args.dim, args.moe_inter_dim)
+            if stack:  # re-point its parameters into the stacked tensors (one expert at a time)
+                self._adopt(expert, j - self.experts_start_idx)
+            experts.append(expert)
+        self.experts = nn.ModuleList(experts)
         self.shared_experts = MLP(
             args.dim, args.n_shared_experts * args.moe_inter_dim, reduce_output=False
         )
+
+    def _adopt(self, expert: Expert, j: int) -> None:
+        assert self._stacked is not None
+        w13, s13, w2, s2 = self._stacked
+        i, nbi = self.moe_inter_dim, self.moe_inter_dim // block_size
+        for lin, w, sc in ((expert.w1, w13[j, :i], s13[j, :nbi]),
+                           (expert.w3, w13[j, i:], s13[j, nbi:]),
+                           (expert.w2, w2[j], s2[j])):  # fmt: skip
+            w.copy_(lin.weight.detach())
+            sc.copy_(lin.scale.detach())
+            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+            lin.scale = nn.Parameter(sc, requires_grad=lin.scale.requires_grad)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """``(w13, s13, w2, s2)``; re-stacked if the expert parameters were moved (``.to()``)."""
+        if self._stacked is None:
+            return None
+        first = self.experts[self.experts_start_idx]
+        last = self.experts[self.experts_end_idx - 1]
+        w13, _, w2, _ = self._stacked
+        if (first.w1.weight.data_ptr() != w13[0].data_ptr()
+                or last.w2.weight.data_ptr() != w2[-1].data_ptr()):  # fmt: skip
+            dev = first.w1.weight.device
+            self._stacked = tuple(torch.empty_like(t, device=dev) for t in self._stacked)
+            for j in range(self.n_local_experts):
+                self._adopt(self.experts[self.experts_start_idx + j], j)
+        return self._stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.view(-1, self.dim)
         weights, indices = self.gate(x)
-        y = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
-        local = counts[self.experts_start_idx : self.experts_end_idx].nonzero().flatten()
-        for i in (local + self.experts_start_idx).tolist():  # one iteration per used expert
-            rows, slot = torch.where(indices == i)
-            y.index_add_(0, rows, self.experts[i](x[rows]) * weights[rows, slot, None])
+        grouped = self.grouped if self.grouped is not None else x.is_cuda
+        if grouped and self._stacked is not None:
+            y = self._grouped(x, weights, indices)
+        else:
+            y = self._loop(x, weights, indices)
         y += self.shared_experts(x)
         if _tp_active():
             dist.all_reduce(y)
         return y.type_as(x).view(shape)
+
+    def _loop(self, x, weights, indices) -> torch.Tensor:
+        """The reference: one iteration per used local expert (host sync for the list)."""
+        y = torch.zeros_like(x, dtype=torch.float32)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        local = counts[self.experts_start_idx : self.experts_end_idx].nonzero().flatten()
+        for i in (local + self.experts_start_idx).tolist():
+            rows, slot = torch.where(indices == i)
+            y.index_add_(0, rows, self.experts[i](x[rows]) * weights[rows, slot, None])
+        return y
+
+    def _grouped(self, x, weights, indices) -> torch.Tensor:
+        """All local experts in two grouped fp8 GEMMs, no host synchronisation: pairs sorted by
+        expert (``kernels.moe_align``), ``w1|w3`` on each pair's token row, SwiGLU, ``w2``,
+        then each token sums its pairs' outputs times their routing weights (fp32)."""
+        w13, s13, w2, s2 = self.stacked_weights()
+        n_tok, topk = indices.shape
+        local = indices - self.experts_start_idx
+        local = torch.where((local >= 0) & (local < self.n_local_experts), local, -1)
+        block_m = kernels.grouped_block_m(n_tok * topk, self.n_local_experts)
+        slot_pair, block_expert, pair_slot = kernels.moe_align(
+            local.flatten(), self.n_local_experts, block_m
+        )
+        rows = torch.where(slot_pair >= 0, slot_pair // topk, -1).to(torch.int32)
+        xq, xs = kernels.act_quant(x.contiguous(), block_size, Linear.scale_fmt)
+        h13 = kernels.fp8_grouped_gemm(xq, xs, rows, w13, s13, block_expert, block_m)
+        i = self.moe_inter_dim
+        h = (F.silu(h13[:, :i].float()) * h13[:, i:].float()).type_as(x)
+        hq, hs = kernels.act_quant(h, block_size, Linear.scale_fmt)
+        out = kernels.fp8_grouped_gemm(hq, hs, None, w2, s2, block_expert, block_m)
+        out = torch.cat([out, out.new_zeros(1, out.size(1))])  # row R: pairs of other ranks
+        picked = out[pair_slot].float().view(n_tok, topk, -1)
+        return (picked * weights.unsqueeze(-1)).sum(dim=1)
 
 
 # ----------------------------------------------------------------------- block, model
@@ -595,7 +736,20 @@ class Transformer(nn.Module):
 
     ``tracer`` (default None) receives ``on_topk(layer_id, indices [B,K], scores [B,K])`` from
     every layer of every decode forward (s == 1); prefill is never traced.
+
+    Prefill (s > 1) runs in chunks of ``prefill_chunk`` tokens at any ``start_pos`` (the
+    reference: one masked-dense forward at start 0, restored by ``MLA.sparse_prefill=False``).
+    On CUDA, decode steps with ``end >= index_topk`` replay CUDA graphs (``cuda_graphs``).
+    Under tensor parallelism every forward (every ``rank_check_every``-th; 0: off, with a
+    warning) hashes each layer's top-k on every rank and compares the hashes with one
+    all-reduce; the host reads the result at the start of the next forward, or in
+    ``check_ranks()``, so no step waits for it. A mismatch raises ``TopkMismatchError`` on
+    every rank, naming layer, step and row.
     """
+
+    prefill_chunk = 2048
+    cuda_graphs = True
+    rank_check_every = 1
 
     def __init__(self, args: ModelArgs):
         global world_size, rank
@@ -623,14 +777,47 @@ class Transformer(nn.Module):
         # the checkpoint stores head in bf16; fp32 here so the logits are computed in fp32
         self.head = ColumnParallelLinear(args.dim, args.vocab_size, dtype=torch.float32)
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self.register_buffer("positions", torch.arange(args.max_seq_len), persistent=False)
+        self._graphs = None  # cuda_graphs.DecodeGraphs, made on the first CUDA decode
+        self._rank_pending: deque = deque()
+        self._forwards = 0
+        self._warned_no_check = False
+
+    def resize_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Re-allocate every KV cache as ``[max_batch_size, max_seq_len, ...]`` (contents
+        dropped): one model serves a batch of 8 at 16K and then one 128K sequence without
+        holding both sizes. Refused where it would change YaRN (the attention scale)."""
+        new = ModelArgs.from_dict({**self.args.to_dict(), "max_batch_size": max_batch_size,
+                                   "max_seq_len": max_seq_len})  # fmt: skip
+        if new.yarn != self.args.yarn:
+            raise ValueError(f"max_seq_len {max_seq_len}: YaRN would switch {'on' if new.yarn else 'off'} "
+                             f"(it applies above original_seq_len {self.args.original_seq_len})")
+        dev = self.freqs_cis.device
+        for layer in self.layers:
+            for mod, names in ((layer.attn, ("kv_cache", "pe_cache")),
+                               (layer.attn.indexer, ("k_cache", "k_scale_cache"))):  # fmt: skip
+                for name in names:
+                    old = getattr(mod, name)
+                    setattr(mod, name, None)  # free first: the two sizes never coexist
+                    buf = torch.zeros(max_batch_size, max_seq_len, *old.shape[2:], dtype=old.dtype,
+                                      device=dev)  # fmt: skip
+                    if name == "k_scale_cache":
+                        buf.fill_(1.0)
+                    mod.register_buffer(name, buf, persistent=False)
+                    del old
+        self.args = new
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.register_buffer("freqs_cis", precompute_freqs_cis(new, dev), persistent=False)
+        self.register_buffer("positions", torch.arange(max_seq_len, device=dev), persistent=False)
+        self._graphs = None  # captured graphs point at the old caches
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         bsz, seqlen = tokens.shape
-        if seqlen > 1 and start_pos != 0:
+        if seqlen > 1 and start_pos != 0 and MLA.sparse_prefill is False:
             raise ValueError(
-                f"prefill of {seqlen} tokens at start_pos {start_pos}: like the reference, "
-                "multi-token forwards are supported only at start_pos 0 (no chunked prefill)"
+                f"prefill of {seqlen} tokens at start_pos {start_pos}: the reference's "
+                "masked-dense prefill (MLA.sparse_prefill = False) runs only at start_pos 0"
             )
         if start_pos + seqlen > self.max_seq_len:
             raise ValueError(
@@ -638,18 +825,149 @@ class Transformer(nn.Module):
             )
         if bsz > self.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size {self.max_batch_size}")
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1:
+        self._poll_ranks(wait=False)
+        end = start_pos + seqlen
+        if seqlen == 1:
+            if self._use_graphs(tokens, end):
+                if self._graphs is None:
+                    from .cuda_graphs import DecodeGraphs
+
+                    self._graphs = DecodeGraphs(self)
+                return self._graphs.run(tokens, start_pos)
+            span = Span(start_pos, end, end, index=self.positions[start_pos:end])
+            return self.run_span(tokens, span, None, self.tracer)
+        sparse = MLA.sparse_prefill
+        if sparse is None:
+            sparse = tokens.is_cuda or start_pos > 0
+        if not sparse:  # the reference: one masked-dense forward at start 0
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu_(1)
-        tracer = self.tracer if mask is None else None
+            return self.run_span(tokens, Span(0, seqlen, seqlen), mask, None)
+        logits = None
+        for c0 in range(0, seqlen, self.prefill_chunk):
+            c1 = min(seqlen, c0 + self.prefill_chunk)
+            span = Span(start_pos + c0, start_pos + c1, start_pos + c1, causal=True)
+            logits = self.run_span(tokens[:, c0:c1], span, None, None)
+        return logits
+
+    def _use_graphs(self, tokens: torch.Tensor, end: int) -> bool:
+        return (
+            self.cuda_graphs
+            and tokens.is_cuda
+            and end >= self.args.index_topk
+            and torch.cuda.is_current_stream_capturing() is False
+        )
+
+    def run_span(
+        self,
+        tokens: torch.Tensor,
+        span: Span,
+        mask: torch.Tensor | None,
+        tracer: TopkTracer | None,
+        submit: bool = True,
+    ) -> torch.Tensor:
+        """One forward over ``span`` (no validation; ``forward`` is the entry point).
+        ``submit=False`` (graph capture) leaves the rank-check flags in ``last_rank_flags``."""
+        if span.index is not None:  # (as real pairs: index_select of complex is not everywhere)
+            pairs = torch.view_as_real(self.freqs_cis).index_select(0, span.index)
+            freqs_cis = torch.view_as_complex(pairs)
+        else:
+            freqs_cis = self.freqs_cis[span.start : span.end]
         h, residual = self.embed(tokens), None
         for layer in self.layers:
-            h, residual = layer(h, residual, start_pos, freqs_cis, mask, tracer)
+            h, residual = layer(h, residual, span, freqs_cis, mask, tracer)
         h, _ = self.norm(h, residual)
-        logits = self.head(h[:, -1].float())
+        logits = self._head(h[:, -1].float())
+        self.last_rank_flags = None
         if _tp_active():
             parts = [torch.empty_like(logits) for _ in range(world_size)]
             dist.all_gather(parts, logits)
             logits = torch.cat(parts, dim=-1)
+            self.last_rank_flags = self._rank_check_flags()
+            if submit:
+                self.submit_rank_check(self.last_rank_flags, span.start, tokens.size(1))
         return logits
+
+    last_rank_flags: torch.Tensor | None = None
+    _head_shadow: tuple | None = None
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 head. On CUDA, when every weight is exactly a bf16 value (checkpoints
+        store the head in bf16), a bf16 copy is read instead (``kernels.linear_bf16w``: fp32
+        math, half the bytes; the fp32 head is a quarter of a 4-layer decode step), for one row
+        (batch 1: H200 0.45 vs 0.87 ms; at 8 rows the kernel re-reads the weights per row and
+        is 2x slower than cuBLAS). Checked once per weight version (one host sync); otherwise
+        the fp32 GEMM as the reference."""
+        w = self.head.weight
+        if x.size(0) != 1 or not x.is_cuda:  # measured faster than cuBLAS fp32 at one row only
+            return self.head(x)
+        if torch.cuda.is_current_stream_capturing() and self._head_shadow is None:
+            return self.head(x)
+        key = (w.data_ptr(), w._version)
+        if self._head_shadow is None or self._head_shadow[0] != key:
+            wb = w.detach().to(torch.bfloat16)
+            self._head_shadow = (key, wb if torch.equal(wb.float(), w.detach()) else None)
+        shadow = self._head_shadow[1]
+        return self.head(x) if shadow is None else kernels.linear_bf16w(x, shadow)
+
+    # ------------------------------------------------------------- TP top-k rank check
+    def _rank_check_flags(self) -> torch.Tensor | None:
+        """All-reduce (MAX) each layer's top-k hashes and their negation: a row differs on
+        some rank iff max != -max(-h), i.e. max != min. Returns the ``[layers, rows]``
+        mismatch flags on the device; nothing waits for them here (inside a CUDA graph the
+        all-reduce is captured with the rest of the step)."""
+        self._forwards += 1
+        every = self.rank_check_every
+        if every <= 0:
+            if not self._warned_no_check:
+                warnings.warn("Transformer.rank_check_every <= 0: the cross-rank top-k check "
+                              "is off", stacklevel=3)  # fmt: skip
+                self._warned_no_check = True
+            return None
+        if (self._forwards - 1) % every:
+            return None
+        fps = [layer.attn.indexer.fingerprint for layer in self.layers]
+        if any(f is None for f in fps):
+            return None
+        hashes = torch.stack(fps)  # [L, rows, 2]
+        both = torch.cat([hashes, -hashes])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        n = len(fps)
+        return (both[:n] != -both[n:]).any(-1)
+
+    def submit_rank_check(self, flags: torch.Tensor | None, start: int, seqlen: int) -> None:
+        """Queue a forward's device-side flags for a later host check: a non-blocking copy
+        into pinned memory and an event, read by ``_poll_ranks``."""
+        if flags is None:
+            return
+        event = None
+        host = flags
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._rank_pending.append((host, event, start, seqlen))
+
+    def _poll_ranks(self, wait: bool) -> None:
+        """Check the queued flags whose copies are complete (all of them if ``wait``)."""
+        while self._rank_pending:
+            host, event, start, seqlen = self._rank_pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            self._rank_pending.popleft()
+            if event is not None:
+                event.synchronize()
+            if bool(host.any()):
+                self._rank_pending.clear()
+                layer, row = (int(v) for v in host.nonzero()[0])
+                b, i = divmod(row, seqlen)
+                raise TopkMismatchError(
+                    f"indexer top-k differs between tensor-parallel ranks at layer {layer}, "
+                    f"step {start + i} (start_pos {start}); rank {rank}: batch row {b} "
+                    f"(checked after the forward, so later steps may have run)"
+                )
+
+    def check_ranks(self) -> None:
+        """Wait for every queued cross-rank top-k check and raise ``TopkMismatchError`` on a
+        mismatch (``generate`` calls this at the end; each forward checks what is done)."""
+        self._poll_ranks(wait=True)

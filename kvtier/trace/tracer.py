@@ -2,9 +2,19 @@
 
 The model calls ``begin_batch`` / ``start_step`` / ``on_topk`` (every layer) / ``end_step`` /
 ``end_batch`` / ``close``. ``on_topk`` only copies (on CUDA: non-blocking into pinned host
-buffers, plus an event), so the forward never waits for the tracer; ``end_step`` then processes
-all layers x rows of the step as one 2-D numpy problem (see ``kvtier.trace.step_numpy``), asks the
-KVBackend for point C, and hands complete JSONL lines to the background writer.
+buffers, plus an event), so the forward never waits for the tracer; the step's records are
+then built from all layers x rows as one 2-D numpy problem (see ``kvtier.trace.step_numpy``),
+the KVBackend is asked for point C, and complete JSONL lines go to the background writer.
+
+Where the step is built: for CUDA top-k (the model on a GPU) ``end_step`` queues the step to a
+background builder thread and returns at once, so records of step t are built while the GPU
+computes step t+1 (``build_in_background="always"``: host arrays too, copied in ``on_topk``;
+``"never"``: every step in ``end_step``). The queue holds ``max_pending_steps``; when the builder falls behind,
+``end_step`` waits for a free slot (back-pressure, never a dropped step), and the waits are
+counted in ``build_stats`` and reported by a warning at ``close``. Anything that reads or
+changes the batch (``begin_batch``, ``end_batch``, ``close``, a step of host arrays) first
+waits for the queued steps; an error in the builder is raised by the next call. Host (numpy,
+CPU tensor) steps are built in ``end_step`` itself, as before.
 
 With numba (extra ``fast``; ``KVTIER_NO_NUMBA=1`` turns it off) the same happens in compiled
 kernels (``kvtier.trace.step_numba``): ``on_topk`` keeps per-row bitmaps instead of a copy, and one
@@ -17,6 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from operator import attrgetter, is_
 from pathlib import Path
@@ -235,6 +249,16 @@ class _Lists:
         return [msgspec.json.encode(lv[a:b].tolist())[1:-1] for a, b in zip(lo, hi, strict=True)]
 
 
+class _Job:
+    """One step queued for the background builder."""
+
+    __slots__ = ("step", "active", "use_bits", "layers", "wall", "pinned")
+
+    def __init__(self, step, active, use_bits, layers, wall, pinned) -> None:
+        self.step, self.active, self.use_bits = step, active, use_bits
+        self.layers, self.wall, self.pinned = layers, wall, pinned
+
+
 class _Layer:
     """One on_topk call waiting for end_step."""
 
@@ -257,7 +281,8 @@ class Tracer:
     def __init__(self, settings: TraceSettings, out_dir: str | os.PathLike, *, run_name: str,
                  dataset: str, backend: KVBackend | None = None,
                  kv_bytes_per_token: int | None = None, rank: int = 0, world_size: int = 1,
-                 config: dict | None = None, force: bool = False, background: bool = True) -> None:
+                 config: dict | None = None, force: bool = False, background: bool = True,
+                 build_in_background: str = "cuda", max_pending_steps: int = 4) -> None:
         self.enabled = rank == 0
         self.settings = settings
         self.run_name = run_name
@@ -266,6 +291,14 @@ class Tracer:
         self.world_size = world_size
         self.summary: Summary | None = None
         self._next_id = 0  # request ids are 0, 1, 2, ... in admission order (on every rank)
+        if max_pending_steps < 1:
+            raise ValueError(f"max_pending_steps must be >= 1, got {max_pending_steps}")
+        if build_in_background not in ("cuda", "always", "never"):
+            raise ValueError("build_in_background must be 'cuda', 'always' or 'never', "
+                             f"got {build_in_background!r}")
+        #: steps built on the builder thread / in the caller, and the caller's waits for a
+        #: free queue slot (back-pressure): count and seconds
+        self.build_stats = {"background_steps": 0, "caller_steps": 0, "waits": 0, "wait_s": 0.0}
         if not self.enabled:
             return
         bpt = settings.kv_bytes_per_token or kv_bytes_per_token
@@ -305,7 +338,15 @@ class Tracer:
         self._step: int | None = None
         self._active: np.ndarray | None = None
         self._layers: list[_Layer] = []
-        self._pinned: dict[tuple, Any] = {}
+        self._pinned: dict[tuple, Any] = {}  # the set the current step copies into
+        self._free_pinned: list[dict] = []
+        self._background = build_in_background  # which steps the builder thread builds
+        self._jobs: queue.Queue = queue.Queue(maxsize=max_pending_steps)
+        self._builder: threading.Thread | None = None
+        self._builder_error: BaseException | None = None
+        self._free_lock = threading.Lock()
+        self._proc_step = 0  # the step being built (caller or builder thread, never both)
+        self._proc_bits = False
         self._ibuf: np.ndarray | None = None
         self._bits: np.ndarray | None = None
         self._use_bits = False
@@ -337,6 +378,7 @@ class Tracer:
         if not self.enabled:
             self._next_id += n
             return list(request_ids)
+        self._drain()
         if len(request_ids) != n:
             raise ValueError(f"{len(request_ids)} request ids but {n} prompts")
         if info is not None and len(info) != n:
@@ -377,6 +419,7 @@ class Tracer:
         """Before a 1-token decode forward at ``start_pos``; inactive rows are not recorded."""
         if not self.enabled:
             return
+        self._raise_builder_error()
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         n = len(self._request_ids)
@@ -408,6 +451,13 @@ class Tracer:
             return
         arr = self._numpy(indices)
         self._check_shape(layer_id, arr)
+        if self._background == "always":  # built later on the builder thread: keep a copy
+            sc = None if scores is None else np.array(self._numpy(scores), dtype=np.float64)
+            self._layers.append(_Layer(int(layer_id), np.array(arr, copy=True), sc, None))
+            return
+        if self._builder is not None and self._jobs.unfinished_tasks:
+            self._drain()  # host arrays are built right here: the builder must be idle
+        self._proc_step, self._proc_bits = self._step, self._use_bits
         self._store_indices(slot, layer_id, arr)
         if scores is not None:
             scores = np.array(self._numpy(scores), dtype=np.float64, copy=True)
@@ -433,9 +483,8 @@ class Tracer:
     def _store_indices(self, slot: int, layer_id: int, arr: np.ndarray) -> None:
         """Copy one layer into the step's [layers, B, K] buffer (int32 while positions fit),
         checking the range first so the narrowing copy cannot wrap a bad index."""
-        assert self._step is not None
-        seq_len = self._step + 1
-        if self._use_bits:
+        seq_len = self._proc_step + 1
+        if self._proc_bits:
             self._store_bits(slot, layer_id, arr)
             return
         amax = None if self._kern is None else self._copy_checked(slot, arr)
@@ -443,7 +492,7 @@ class Tracer:
             amax = int(arr.max())
         if amax >= seq_len:
             raise ValueError(f"layer {layer_id}: selected position {amax} >= seq_len_current {seq_len} "
-                             f"(a decode step at start_pos {self._step} sees positions 0..{self._step})")
+                             f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
         dtype = np.int32 if seq_len < 2**31 else np.int64
         buf = self._ibuf
         if (buf is None or buf.dtype != dtype or buf.shape[1:] != arr.shape
@@ -464,8 +513,8 @@ class Tracer:
     def _store_bits(self, slot: int, layer_id: int, arr: np.ndarray) -> None:
         """numba path: one pass over the indices sets the row bitmaps of this layer (what the
         step's sort needs) and takes the max for the range check; nothing else is copied."""
-        assert self._step is not None and self._kern is not None
-        seq_len = self._step + 1
+        assert self._kern is not None
+        seq_len = self._proc_step + 1
         n_batch, k = arr.shape
         if slot == 0:
             self._step_k = k
@@ -483,14 +532,14 @@ class Tracer:
         amax = int(self._kern.set_bits(np.ascontiguousarray(arr), bits[slot], seq_len))
         if amax >= seq_len:
             raise ValueError(f"layer {layer_id}: selected position {amax} >= seq_len_current {seq_len} "
-                             f"(a decode step at start_pos {self._step} sees positions 0..{self._step})")
+                             f"(a decode step at start_pos {seq_len - 1} sees positions 0..{seq_len - 1})")
 
     def _copy_checked(self, slot: int, arr: np.ndarray) -> int | None:
         """numba path: copy into the step buffer and take the max in one pass (the max of the
         source, so an out-of-range index is still caught). None when the buffer must grow."""
-        assert self._step is not None and self._kern is not None
+        assert self._kern is not None
         buf = self._ibuf
-        dtype = np.int32 if self._step + 1 < 2**31 else np.int64
+        dtype = np.int32 if self._proc_step + 1 < 2**31 else np.int64
         self._copied = -1
         if buf is None or buf.dtype != dtype or buf.shape[1:] != arr.shape or buf.shape[0] <= slot:
             return None
@@ -500,6 +549,10 @@ class Tracer:
     def _to_pinned(self, slot: int, kind: str, x: Any) -> tuple[Any, Any]:
         import torch  # only reached with a CUDA tensor, so torch is already imported
 
+        if not self._pinned:  # first copy of this step: take a free set of pinned buffers
+            with self._free_lock:
+                self._pinned = self._free_pinned.pop() if self._free_pinned else {}
+            self._pinned["in_use"] = True
         key = (slot, kind, tuple(x.shape), x.dtype)
         buf = self._pinned.get(key)
         if buf is None:
@@ -512,24 +565,84 @@ class Tracer:
 
     # ------------------------------------------------------------------ the step
     def end_step(self, wall_time_s: float | None) -> None:
-        """After the forward: build all records of the step, point C, and write them."""
+        """After the forward: build all records of the step, point C, and write them (on the
+        builder thread for CUDA top-k, see the module docstring)."""
         if not self.enabled:
             return
         if self._step is None:
             raise RuntimeError("end_step without start_step")
-        step, layers, active = self._step, self._layers, self._active
-        if not layers:
-            self._step = None
+        self._raise_builder_error()
+        layers = self._layers
+        deferred = any(lay.indices is not None for lay in layers)
+        if deferred and (self._background == "always"
+                         or (self._background == "cuda" and layers[0].event is not None)):
+            job = _Job(self._step, self._active, self._use_bits, layers, wall_time_s, self._pinned)
+            self._step, self._layers, self._pinned = None, [], {}
+            self._submit(job)
             return
-        for slot, lay in enumerate(layers):  # CUDA layers: wait for their copies now
-            if lay.event is not None:
-                lay.event.synchronize()
+        step, active, use_bits = self._step, self._active, self._use_bits
+        self._step, self._layers = None, []
+        self._build_step(step, active, use_bits, layers, wall_time_s)
+        self.build_stats["caller_steps"] += 1
+
+    # ------------------------------------------------------------- background builder
+    def _submit(self, job: _Job) -> None:
+        if self._builder is None:
+            self._builder = threading.Thread(target=self._build_loop, name="kvtier-trace-builder",
+                                             daemon=True)
+            self._builder.start()
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:  # the builder is behind: wait (counted), never drop the step
+            t0 = time.perf_counter()
+            self._jobs.put(job)
+            self.build_stats["waits"] += 1
+            self.build_stats["wait_s"] += time.perf_counter() - t0
+
+    def _build_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._builder_error is None:
+                    self._build_step(job.step, job.active, job.use_bits, job.layers, job.wall)
+                    self.build_stats["background_steps"] += 1
+            except BaseException as exc:  # raised in the caller by its next call
+                self._builder_error = exc
+            finally:
+                if job is not None and job.pinned:
+                    with self._free_lock:
+                        self._free_pinned.append(job.pinned)
+                self._jobs.task_done()
+
+    def _drain(self) -> None:
+        """Wait until every queued step is built; raise the builder's error, if any."""
+        if self._builder is not None:
+            self._jobs.join()
+        self._raise_builder_error()
+
+    def _raise_builder_error(self) -> None:
+        exc = self._builder_error
+        if exc is not None:
+            self._builder_error = None
+            raise RuntimeError(f"trace record builder failed: {exc}") from exc
+
+    def _build_step(self, step: int, active: np.ndarray | None, use_bits: bool,
+                    layers: list[_Layer], wall_time_s: float | None) -> None:
+        """The records of one step (caller thread with the builder idle, or builder thread)."""
+        self._proc_step, self._proc_bits = step, use_bits
+        if not layers:
+            return
+        for slot, lay in enumerate(layers):  # copied layers (CUDA: wait for the copy now)
+            if lay.indices is not None:
+                if lay.event is not None:
+                    lay.event.synchronize()
                 arr = self._numpy(lay.indices)
                 self._check_shape(lay.layer_id, arr)
                 self._store_indices(slot, lay.layer_id, arr)
-                if lay.scores is not None:
+                if lay.event is not None and lay.scores is not None:
                     lay.scores = np.array(self._numpy(lay.scores), dtype=np.float64, copy=True)
-        self._step, self._layers = None, []
         assert active is not None
         rows = np.flatnonzero(active)
         if len(rows) == 0:
@@ -542,7 +655,7 @@ class Tracer:
         all_rows = len(rows) == n_batch
         n_rows = len(rows)
         req_rows = np.tile(rows, n_layers)  # batch row of every (layer, row)
-        if self._use_bits:
+        if use_bits:
             assert self._bits is not None
             bits3 = self._bits[:n_layers]
             bits2 = (bits3 if all_rows else bits3[:, rows]).reshape(n_layers * n_rows, -1)
@@ -787,9 +900,10 @@ class Tracer:
         self.writer.write(memoryview(out)[:n_bytes], n_sel)
 
     def end_batch(self) -> None:
-        """The batch's requests finished: ``backend.release`` each."""
+        """The batch's requests finished: ``backend.release`` each (after the queued steps)."""
         if not self.enabled:
             return
+        self._drain()
         for rid in self._request_ids:
             self.backend.release(rid)
         self._request_ids = []
@@ -805,6 +919,17 @@ class Tracer:
         if self._closed:
             return self.summary
         self._closed = True
+        if self._builder is not None:
+            self._jobs.put(None)
+            self._builder.join()
+            self._builder = None
+        self._raise_builder_error()
+        if self.build_stats["waits"]:
+            warnings.warn(
+                f"trace: the model waited {self.build_stats['waits']} times "
+                f"({self.build_stats['wait_s']:.3f} s) for the record builder "
+                f"(queue of {self._jobs.maxsize} steps full); no step was dropped",
+                stacklevel=2)
         if self._request_ids:
             self.end_batch()
         self.requests.close()
