@@ -20,6 +20,9 @@ _EXPORTS = {
     "TopkRecord": "kvtier.schema",
     "Tracer": "kvtier.trace.tracer",
     "TraceSettings": "kvtier.trace.settings",
+    "open_trace": "kvtier.analysis.api",
+    "analyze": "kvtier.analysis.analyze",
+    "AnalysisSettings": "kvtier.analysis.analyze",
 }
 
 __all__ = ["__version__", *_EXPORTS]

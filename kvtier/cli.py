@@ -22,6 +22,8 @@ COMMANDS = (
     "replay",
     "sweep",
     "mrc",
+    "analyze",
+    "report",
     "convert_checkpoint",
     "generate",
     "run",

@@ -56,6 +56,12 @@ def test_demo_end_to_end(tmp_path):
     report = format_report(result)
     assert "SEEDED RANDOM WEIGHTS" in report and "validate sim" in report
     assert "local_pool" in report
+    # the analysis report of both traces, linked from what the demo prints
+    page = result["report"]["page"]
+    assert page == tmp_path / "demo" / "report" / "index.html" and page.is_file()
+    assert f"report: {page}" in report and "read amplification" in report
+    for name in ("hbm", "sim"):
+        assert (page.parent / f"{name}.analysis.json").is_file()
     with pytest.raises(DemoError, match="--force"):
         run_demo(tmp_path / "demo", bundle=demo_bundle())
 
