@@ -201,7 +201,8 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         else:
             requests.append(req)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
+    config = {"mode": "model_free", "kv_block_size_tokens": _trace_settings(args).kv_block_size,
+              "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace}  # fmt: skip
     hook, sections = None, {}
