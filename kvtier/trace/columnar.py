@@ -132,7 +132,6 @@ def _read_cache(path: Path, columns: Sequence[str] | None):
 def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
     """Write the twin to the first place that takes it; None if none does."""
     import pyarrow as pa
-    import pyarrow.feather as feather
 
     table = table.replace_schema_metadata({_KEY: key})
     for path in paths:
@@ -144,8 +143,11 @@ def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as readable as the trace files (mkstemp: 0600)
-            # one record batch: columns then read as single chunks, without a combining copy
-            feather.write_feather(table, tmp, compression="lz4", chunksize=max(table.num_rows, 1))
+            # one record batch (columns then read as single chunks, without a combining
+            # copy); pyarrow.ipc rather than feather.write_feather, which imports pandas
+            opts = pa.ipc.IpcWriteOptions(compression="lz4")
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=opts) as w:
+                w.write_table(table, max_chunksize=max(table.num_rows, 1))
             os.replace(tmp, path)
             return path
         except (OSError, pa.ArrowException):
