@@ -31,11 +31,14 @@ class ModelArgs:
 
     kvtier-only fields (not in upstream configs):
       * ``v1``: reproduce upstream commit 3b99a53 (interleaved indexer RoPE, default-dtype
-        ``weights_proj``, no latent fake-quantisation, fp32 MLA einsums).
+        ``weights_proj``, no latent fake-quantisation, fp32 MLA score einsums and softmax with the
+        rest of MLA in the activation dtype).
       * ``indexer_exact``: fp32 indexer without Hadamard or fp8 (HF transformers' formula);
         also skips the v2 latent fake-quantisation so that a cross-check is comparable.
-      * ``gate_bias``: create the routing correction bias. Upstream creates it only when
-        ``dim == 7168``; HF checkpoints always carry it, so kvtier creates it for any dim.
+      * ``gate_bias``: create the routing correction bias (``ffn.gate.bias``). ``None`` (the
+        default) follows the reference: a bias only when ``dim == 7168``;
+        ``loading.build_model`` also turns it on when the checkpoint carries the bias (HF
+        checkpoints always have ``e_score_correction_bias``). ``True``/``False`` force it.
       * ``dtype="fp32"``: fp32 weights for exact-mode runs under ``set_default_dtype(float32)``.
     """
 
@@ -78,7 +81,7 @@ class ModelArgs:
     # kvtier flags
     v1: bool = False
     indexer_exact: bool = False
-    gate_bias: bool = True
+    gate_bias: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,10 +93,16 @@ class ModelArgs:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        if "hidden_size" in data and "dim" not in data:
+            raise ConfigError(
+                f"{source}: this is a Hugging Face config.json (field 'hidden_size'); --config "
+                "takes the reference's ModelArgs json (dim, n_layers, ...), e.g. "
+                "model/configs/config_671B_v3.2.json"
+            )
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in fields:
-                raise ConfigError(f"{source}: unknown field {key!r}")
+                raise ConfigError(f"{source}: {_unknown_field(key, fields)}")
             kwargs[key] = _coerce(key, value, fields[key].type, source)
         try:
             return cls(**kwargs)
@@ -173,7 +182,7 @@ class ModelArgs:
         if self.n_limited_groups > self.n_expert_groups:
             raise ConfigError("field 'n_limited_groups' exceeds n_expert_groups")
         per_group = self.n_routed_experts // self.n_expert_groups
-        if self.n_expert_groups > 1 and self.gate_bias and per_group < 2:
+        if self.n_expert_groups > 1 and self.has_gate_bias and per_group < 2:
             raise ConfigError(
                 "field 'n_expert_groups': biased group scores need >= 2 experts per group"
             )
@@ -211,6 +220,12 @@ class ModelArgs:
 
     # ------------------------------------------------------------ derived values
     @property
+    def has_gate_bias(self) -> bool:
+        """Whether MoE gates carry the correction bias: ``gate_bias``, or the reference's
+        rule (``dim == 7168``) when it is None."""
+        return self.dim == 7168 if self.gate_bias is None else self.gate_bias
+
+    @property
     def yarn(self) -> bool:
         """YaRN applies iff the context exceeds the pre-training length (a config property)."""
         return self.max_seq_len > self.original_seq_len
@@ -241,6 +256,22 @@ class ModelArgs:
         return max(low, 0), min(high, dim - 1)
 
 
+#: kvtier's own fields; every other field is the reference ``ModelArgs``'s (dsa_model.md §2)
+KVTIER_FIELDS = ("v1", "indexer_exact", "gate_bias")
+
+
+def _unknown_field(key: str, fields: dict[str, Any]) -> str:
+    """``unknown field 'x'`` plus the closest known name, for typos."""
+    import difflib
+
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"unknown field {key!r}{hint} (a config holds the reference ModelArgs fields and "
+        f"kvtier's {', '.join(KVTIER_FIELDS)})"
+    )
+
+
 def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     """Check a json value against a field's annotation (ints accepted for floats)."""
     ann = str(annotation)
@@ -253,6 +284,8 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         value = float(value) if ok else value
     elif ann == "str":
         ok = isinstance(value, str)
+    elif ann == "bool | None":
+        ok = value is None or isinstance(value, bool)
     elif ann == "str | None":
         ok = value is None or isinstance(value, str)
     else:  # pragma: no cover - all fields are covered above

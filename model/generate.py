@@ -42,19 +42,28 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def generate(
     model: torch.nn.Module,
     prompt_tokens: list[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_id: int,
     temperature: float = 0.0,
     tracer: GenerateTracer | None = None,
     request_ids: Sequence[int] | None = None,
     sync_cuda: bool = True,
     progress: Any = None,
+    forced_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt; returns completions cut at EOS.
 
     ``total_len = min(max_seq_len, max_new_tokens + longest prompt)``. ``progress`` is an
     optional tqdm-like object; ``update(1)`` is called per forward. The model's own
     ``tracer`` attribute is restored afterwards; prefill is never traced.
+
+    Teacher forcing: ``forced_tokens[i]`` (may be empty) are row i's first completion tokens,
+    fed instead of the samples, so the decode steps (and their trace) are exactly those of an
+    implementation that produced them; after them the row samples again. ``max_new_tokens``
+    may be one cap per row: row i then finishes (and leaves the trace) after that many
+    tokens; a single int keeps the reference's rule (every row runs to ``total_len``, the
+    completion is cut at ``max_new_tokens``). A forced EOS ends its row like a sampled one,
+    so ``eos_id`` may only be a row's last forced token.
     """
     if not prompt_tokens:
         raise ValueError("generate: no prompts")
@@ -69,8 +78,41 @@ def generate(
         raise ValueError(
             f"generate: a prompt of {max(prompt_lens)} tokens exceeds max_seq_len {model.max_seq_len}"
         )
-    if max_new_tokens < 1:
+    caps = None if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+    if caps is not None and len(caps) != len(prompt_tokens):
+        raise ValueError("generate: max_new_tokens and prompt_tokens differ in length")
+    if min(caps or [max_new_tokens]) < 1:
         raise ValueError("generate: max_new_tokens must be >= 1")
+    forced = [list(f) for f in forced_tokens] if forced_tokens is not None else None
+    if forced is not None:
+        if len(forced) != len(prompt_tokens):
+            raise ValueError("generate: forced_tokens and prompt_tokens differ in length")
+        for i, f in enumerate(forced):
+            cap = caps[i] if caps is not None else max_new_tokens
+            if len(f) > cap:
+                raise ValueError(
+                    f"generate: row {i} forces {len(f)} tokens, more than max_new_tokens {cap}"
+                )
+            if prompt_lens[i] + len(f) > model.max_seq_len:
+                raise ValueError(
+                    f"generate: row {i}: prompt ({prompt_lens[i]}) + forced tokens ({len(f)}) "
+                    f"exceed max_seq_len {model.max_seq_len}"
+                )
+            if eos_id in f[:-1]:
+                raise ValueError(
+                    f"generate: row {i} forces eos_id {eos_id} at offset {f.index(eos_id)}, "
+                    "before its last forced token; generation stops at EOS"
+                )
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    for what, rows in (("prompt", prompt_tokens), ("forced token", forced or [])):
+        for i, row in enumerate(rows):
+            if any(t < 0 for t in row):
+                raise ValueError(f"generate: {what} ids of row {i} must be >= 0")
+            if vocab is not None and max(row, default=0) >= vocab:
+                raise ValueError(
+                    f"generate: {what} ids of row {i} hold {max(row)}, outside the model's "
+                    f"vocab_size {vocab} (does the config's vocab_size fit the tokenizer?)"
+                )
     if request_ids is None:  # the trace's ids: 0, 1, 2, ... in admission order
         request_ids = list(range(len(prompt_tokens)))
     request_ids = list(request_ids)
@@ -80,13 +122,18 @@ def generate(
     device = _model_device(model)
     on_cuda = device.type == "cuda"
     bsz = len(prompt_tokens)
-    total_len = min(model.max_seq_len, max_new_tokens + max(prompt_lens))
+    longest_new = max(caps) if caps is not None else max_new_tokens
+    total_len = min(model.max_seq_len, longest_new + max(prompt_lens))
     tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=device)
     for i, p in enumerate(prompt_tokens):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     prompt_mask = tokens != -1
+    for i, f in enumerate(forced or []):  # forced ids sit after the prompt, fed like it
+        tokens[i, prompt_lens[i] : prompt_lens[i] + len(f)] = torch.tensor(f, device=device)
+    given = tokens != -1  # prompt or forced: fed instead of the sample
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     lens_t = torch.tensor(prompt_lens, device=device)
+    stop_at = None if caps is None else lens_t + torch.tensor(caps, device=device) - 1
 
     saved_tracer = getattr(model, "tracer", None)
     if tracer is not None:
@@ -108,9 +155,11 @@ def generate(
                     torch.cuda.synchronize(device)
                 tracer.end_step(time.perf_counter() - t0)
             next_token = sample(logits, temperature)
-            next_token = torch.where(prompt_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            next_token = torch.where(given[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             finished |= ~prompt_mask[:, cur_pos] & (next_token == eos_id)
+            if stop_at is not None:  # row i's last token sits at len(prompt_i) + cap_i - 1
+                finished |= stop_at <= cur_pos
             prev_pos = cur_pos
             if progress is not None:
                 progress.update(1)
@@ -123,7 +172,8 @@ def generate(
 
     completions = []
     for i, row in enumerate(tokens.tolist()):
-        out = row[prompt_lens[i] : prompt_lens[i] + max_new_tokens]
+        cap = caps[i] if caps is not None else max_new_tokens
+        out = row[prompt_lens[i] : prompt_lens[i] + cap]
         out = out[: out.index(-1)] if -1 in out else out
         if eos_id in out:
             out = out[: out.index(eos_id)]

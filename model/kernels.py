@@ -165,24 +165,14 @@ def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape)
 
 
-_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
-    """``H_n / sqrt(n)`` in fp32 (the butterfly applied to the identity), cached per device."""
-    key = (n, device)
-    if key not in _HADAMARD:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            _HADAMARD[key] = hadamard_butterfly(torch.eye(n, device=device)) * n**-0.5
-    return _HADAMARD[key]
-
-
 def torch_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x · H_n / sqrt(n)`` in fp32 (one matmul with the symmetric Sylvester matrix), in bf16."""
+    """``x · H_n / sqrt(n)`` rounded as ``fast_hadamard_transform`` rounds it: the exact fp32
+    butterfly (same stride order as the kernel), then one fp32 multiply by ``n^-0.5``, then
+    bf16. Scaling the matrix first would round every term before the sum and flip ~1 in 6,000
+    bf16 outputs, enough to move fp8-quantised indexer rows
+    (tests/test_model_kernels.py::test_hadamard_rounds_once_like_the_kernel)."""
     n = x.size(-1)
-    if n & (n - 1):
-        raise ValueError(f"hadamard: last dim {n} is not a power of two")
-    return (x.float() @ _hadamard_matrix(n, x.device)).to(torch.bfloat16)
+    return (hadamard_butterfly(x) * n**-0.5).to(torch.bfloat16)
 
 
 @lru_cache(maxsize=1)

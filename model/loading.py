@@ -59,7 +59,10 @@ def check_shard(model: Transformer, path: str | Path) -> None:
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in header:
-            raise CheckpointError(f"{path.name}: missing tensor {name!r} {list(tensor.shape)} {_dtype_name(tensor.dtype)}")
+            raise CheckpointError(
+                f"{path.name}: missing tensor {name!r} {list(tensor.shape)} "
+                f"{_dtype_name(tensor.dtype)}; {_missing_hint(name, model.args, header)}"
+            )
         shape, st_dtype = header[name]
         if shape != tuple(tensor.shape):
             raise CheckpointError(
@@ -79,6 +82,36 @@ def check_shard(model: Transformer, path: str | Path) -> None:
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
             + "; config or model-parallel size mismatch?"
         )
+
+
+def _missing_hint(name: str, args: ModelArgs, header: dict) -> str:
+    """What to do about a tensor the model needs and the shard lacks."""
+    if name.endswith(".ffn.gate.bias"):
+        return (
+            f"this model has a router bias (gate_bias={args.gate_bias}, dim={args.dim}; the "
+            "reference creates one only when dim == 7168): set \"gate_bias\": false in the "
+            "config to run without it, or use a checkpoint that has it"
+        )
+    if name.endswith(".scale") and name[: -len("scale")] + "weight" in header:
+        return (
+            f"the config's dtype is {args.dtype!r} (fp8 weights with block scales), but this "
+            "weight has no scale: set \"dtype\" to the checkpoint's (\"bf16\")"
+        )
+    return (
+        "the shard does not fit the config: check that --config is the one the checkpoint "
+        "was converted for (n_layers, n_dense_layers, n_routed_experts, ...) and the "
+        "model-parallel size, or re-write the shard (kvtier convert-checkpoint) if it was cut short"
+    )
+
+
+def checkpoint_has_gate_bias(path: str | Path, args: ModelArgs) -> bool:
+    """Whether the shard at ``path`` carries a router bias on its first MoE layer."""
+    from safetensors import safe_open
+
+    if args.n_dense_layers >= args.n_layers:
+        return False
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f"layers.{args.n_dense_layers}.ffn.gate.bias" in set(f.keys())
 
 
 def load_shard(model: Transformer, path: str | Path) -> None:
@@ -147,6 +180,15 @@ def build_model(
                 f"{path}: shard for rank {rank} of {world} not found"
                 + (f" (found {', '.join(found)})" if found else "")
             )
+        if args.gate_bias is None and not args.has_gate_bias:
+            # the reference's rule says no bias (dim != 7168); a checkpoint that carries one
+            # (every HF-converted checkpoint has e_score_correction_bias) turns it on
+            try:
+                found_bias = checkpoint_has_gate_bias(path, args)
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+            if found_bias:
+                args = ModelArgs.from_dict({**args.to_dict(), "gate_bias": True}, source=str(path))
     with torch.device(device):
         model = Transformer(args)
     if ckpt_path is not None:

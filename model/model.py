@@ -256,10 +256,9 @@ class Indexer(nn.Module):
         return torch.cat([pe, nope], dim=-1)
 
     def _head_weights(self, x: torch.Tensor) -> torch.Tensor:
-        xin = x if self.v1 else x.float()
-        return (
-            self.weights_proj(xin.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
-        )
+        xin = x if self.v1 else x.float()  # v1 scales in the projection's (bf16) dtype
+        w = self.weights_proj(xin.to(self.weights_proj.weight.dtype)) * self.n_heads**-0.5
+        return w.float()
 
     def forward(
         self,
@@ -405,7 +404,9 @@ class MLA(nn.Module):
             )
         self.kv_cache[:bsz, start_pos:end_pos] = kv
         self.pe_cache[:bsz, start_pos:end_pos] = k_pe.squeeze(2)
-        cdt = torch.float32 if self.v1 else x.dtype  # v1 fp32 einsums, v2 in the model dtype
+        # v1: score einsums and softmax in fp32, probabilities cast back, the q_nope·wkv_b,
+        # P·V and output einsums in the model dtype; v2: everything in the model dtype
+        cdt = torch.float32 if self.v1 else x.dtype
 
         topk, topk_scores = self.indexer(x, qr, start_pos, freqs_cis, mask)
         if mask is not None:  # MHA prefill over the current chunk (start_pos == 0)
@@ -420,27 +421,25 @@ class MLA(nn.Module):
                 -1, topk, 0
             )
             scores = scores + (index_mask + mask).unsqueeze(2).to(scores.dtype)
-            out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1), v.to(cdt)).to(x.dtype)
+            out = torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1).to(x.dtype), v)
         else:  # absorbed MQA decode
             if tracer is not None:
                 tracer.on_topk(self.layer_id, topk[:, 0, :], topk_scores[:, 0, :])
-            wkv_b = self._wkv_b().to(cdt)
-            q_abs = torch.einsum(
-                "bshd,hdc->bshc", q_nope.to(cdt), wkv_b[:, : self.qk_nope_head_dim]
-            )
+            wkv_b = self._wkv_b()
+            q_abs = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
             if self.sparse_decode:
                 rows = torch.arange(bsz, device=x.device).unsqueeze(1)
-                kv_sel = self.kv_cache[rows, topk[:, 0]].to(cdt)  # [b, K, c]
-                pe_sel = self.pe_cache[rows, topk[:, 0]].to(cdt)
+                kv_sel = self.kv_cache[rows, topk[:, 0]]  # [b, K, c]
+                pe_sel = self.pe_cache[rows, topk[:, 0]]
                 scores = (
-                    torch.einsum("bshc,bkc->bshk", q_abs, kv_sel)
-                    + torch.einsum("bshr,bkr->bshk", q_pe.to(cdt), pe_sel)
+                    torch.einsum("bshc,bkc->bshk", q_abs.to(cdt), kv_sel.to(cdt))
+                    + torch.einsum("bshr,bkr->bshk", q_pe.to(cdt), pe_sel.to(cdt))
                 ) * self.softmax_scale
-                o = torch.einsum("bshk,bkc->bshc", scores.softmax(dim=-1), kv_sel)
+                o = torch.einsum("bshk,bkc->bshc", scores.softmax(dim=-1).to(x.dtype), kv_sel)
             else:  # the reference: dense scores over every cached position, masked to the top-k
-                kv_all = self.kv_cache[:bsz, :end_pos].to(cdt)
+                kv_all = self.kv_cache[:bsz, :end_pos]
                 scores = (
-                    torch.einsum("bshc,btc->bsht", q_abs, kv_all)
+                    torch.einsum("bshc,btc->bsht", q_abs.to(cdt), kv_all.to(cdt))
                     + torch.einsum(
                         "bshr,btr->bsht", q_pe.to(cdt), self.pe_cache[:bsz, :end_pos].to(cdt)
                     )
@@ -449,8 +448,8 @@ class MLA(nn.Module):
                     -1, topk, 0
                 )
                 scores = scores + index_mask.unsqueeze(2).to(scores.dtype)
-                o = torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1), kv_all)
-            out = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim :]).to(x.dtype)
+                o = torch.einsum("bsht,btc->bshc", scores.softmax(dim=-1).to(x.dtype), kv_all)
+            out = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim :])
         return self.wo(out.flatten(2))
 
 
@@ -493,7 +492,7 @@ class Gate(nn.Module):
         self.score_func = args.score_func
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        if args.gate_bias:
+        if args.has_gate_bias:  # reference: only dim == 7168 (ModelArgs.gate_bias)
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
         else:
             self.register_parameter("bias", None)

@@ -99,6 +99,34 @@ def tokenize_request(
     return None
 
 
+def prompt_budget(max_seq_len: int, max_new_tokens: int, max_prompt_tokens: int | None) -> int:
+    """The longest prompt a run admits: ``max_prompt_tokens`` if given, else
+    ``max_seq_len - max_new_tokens`` (the model's context window minus the generation cap).
+    The live run and the model-free replay both use it, so they admit the same requests."""
+    budget = max_seq_len - max_new_tokens if max_prompt_tokens is None else max_prompt_tokens
+    if budget < 1:
+        raise ValueError(f"--max-prompt-tokens: max_seq_len {max_seq_len} - max_new_tokens "
+                         f"{max_new_tokens} leaves no room for a prompt")
+    return budget
+
+
+def request_cap(req: Request, max_new_tokens: int) -> int:
+    """Tokens a request may generate: ``min(its own cap, max_new_tokens)``."""
+    return max_new_tokens if req.max_new_tokens is None else min(req.max_new_tokens, max_new_tokens)
+
+
+def _skip_reason(cap: int, n_tokens: int | None, max_prompt_tokens: int) -> str | None:
+    if cap < 1:
+        return SKIP_BAD_CAP
+    if n_tokens is None:
+        return SKIP_NO_PROMPT
+    if n_tokens == 0:
+        return SKIP_EMPTY
+    if n_tokens > max_prompt_tokens:
+        return SKIP_TOO_LONG
+    return None
+
+
 def prepare(
     requests: Iterable[Request],
     tokenizer: PromptTokenizer,
@@ -121,22 +149,37 @@ def prepare(
     for index, req in enumerate(requests):
         if limit is not None and taken >= limit:
             return
-        cap = max_new_tokens if req.max_new_tokens is None else min(req.max_new_tokens, max_new_tokens)
+        cap = request_cap(req, max_new_tokens)
         if cap < 1:
             skipped[SKIP_BAD_CAP] += 1
             continue
         tokens = tokenize_request(req, tokenizer, bos_id, seed, index, vocab_size)
-        if tokens is None:
-            skipped[SKIP_NO_PROMPT] += 1
-            continue
-        if not tokens:
-            skipped[SKIP_EMPTY] += 1
-            continue
-        if len(tokens) > max_prompt_tokens:
-            skipped[SKIP_TOO_LONG] += 1
+        why = _skip_reason(cap, None if tokens is None else len(tokens), max_prompt_tokens)
+        if why is not None:
+            skipped[why] += 1
             continue
         taken += 1
         yield Prepared(req, tokens, cap)
+
+
+def admit_length_only(
+    requests: Iterable[Request],
+    *,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    skipped: Counter,
+) -> list[Request]:
+    """The length-only requests (``prompt_len``: BurstGPT, Mooncake, Azure) that ``prepare``
+    would admit, without building their prompts: the same skips, counted in ``skipped``, for
+    the model-free replay. A synthetic prompt has exactly ``prompt_len`` tokens."""
+    out = []
+    for req in requests:
+        why = _skip_reason(request_cap(req, max_new_tokens), req.prompt_len, max_prompt_tokens)
+        if why is not None:
+            skipped[why] += 1
+        else:
+            out.append(req)
+    return out
 
 
 def batches(items: Iterable[Prepared], batch_size: int) -> Iterator[list[Prepared]]:

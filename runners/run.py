@@ -20,8 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvtier.runners.model_setup import ModelBundle
-from kvtier.runners.prepare import Prepared, batches, prepare
+from kvtier.runners.model_setup import ModelBundle, kv_bytes_per_token
+from kvtier.runners.prepare import Prepared, batches, prepare, prompt_budget
 from kvtier.runners.provenance import build_meta, utc_now, write_meta
 from kvtier.runners.requests import Workload, request_info
 from kvtier.runners.serving import SERVING_FILE, CompletedLog, replay, serving_section
@@ -49,6 +49,7 @@ class RunOptions:
     force: bool = False
     serving: bool = False
     time_scale: float = 1.0
+    warmup: bool = True  # one untraced forward pass before the first batch (``warm_up``)
     extra: dict = field(default_factory=dict)  # CLI flags not listed above
 
     def to_config(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class RunResult:
     new_tokens: int
     skipped: Counter
     wall_s: float
+    warmup_s: float | None = None  # the untraced warm-up, kept out of every measurement
 
 
 def default_out_dir(dataset: str, root: Path | str = "outputs") -> Path:
@@ -151,21 +153,67 @@ class FetchTimer:
         return getattr(self.inner, name)
 
 
-def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any) -> RunResult:
-    """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring."""
+def warm_up(model: Any, items: Sequence[Prepared], batch_size: int, eos_id: int,
+            settings: Any, kvb: int, rank: int = 0, world_size: int = 1) -> float:
+    """One throw-away traced ``generate`` (a prefill and one decode step) on the first prompt,
+    as many rows as the first batch, before anything is measured; returns its seconds.
+    ``kvb``: KV bytes per token (the throw-away HBM backend's).
+
+    The first forward of a process pays one-time costs: CUDA context, kernel loading,
+    cuBLAS/Triton set-up and allocator growth on the GPU (hundreds of ms against a ~17 ms
+    decode step), and on every device the tracer's first decode step (its numba kernels
+    load or compile: ~0.4 s on the 2-core dev box against a ~25 ms step). Measured inside
+    the first batch they land in the first request's latency, in everything queued behind
+    it and in the first step time ``--cost-from-trace`` fits. The warm-up traces into a
+    temporary directory with an HBM-only backend, so the run's trace and backend never see
+    it; it is greedy (the sampling RNG is not advanced) and the KV caches it writes are
+    overwritten by the next ``generate``.
+    """
+    import tempfile
+
+    import msgspec
+
+    from kvtier.backend import HBMOnlyBackend
+    from kvtier.model.generate import generate
+    from kvtier.trace.tracer import Tracer
+
+    rows = [items[0].tokens] * max(1, min(batch_size, len(items)))
+    settings = msgspec.structs.replace(settings, sample_rate=1.0)  # trace its one step
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvtier-warmup-") as tmp:
+        tracer = Tracer(settings, tmp, run_name="warmup", dataset="warmup",
+                        backend=HBMOnlyBackend(kvb), rank=rank, world_size=world_size,
+                        kv_bytes_per_token=kvb)  # fmt: skip
+        try:
+            generate(model, rows, 2, eos_id, temperature=0.0, tracer=tracer,
+                     request_ids=list(range(len(rows))), sync_cuda=settings.sync_cuda)  # fmt: skip
+        finally:
+            tracer.close()
+    if settings.sync_cuda:
+        _cuda_sync(model)
+    return time.perf_counter() - t0
+
+
+def _cuda_sync(model: Any) -> None:
+    import torch
+
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.is_cuda:
+        torch.cuda.synchronize(param.device)
+
+
+def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_settings: Any,
+            items: list[Prepared] | None = None) -> RunResult:  # fmt: skip
+    """Run ``workload`` through ``bundle.model`` with tracing; see the module docstring.
+
+    ``items``: the workload already through ``prepare`` (its skips counted in
+    ``workload.skipped``), so a caller can filter before it loads the model."""
     from kvtier.model.generate import generate
     from kvtier.trace.tracer import Tracer
 
     out_dir = Path(opts.out_dir)
     args = bundle.args
-    max_prompt = opts.max_prompt_tokens
-    if max_prompt is None:
-        max_prompt = args.max_seq_len - opts.max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(
-            f"--max-prompt-tokens: max_seq_len {args.max_seq_len} - max_new_tokens "
-            f"{opts.max_new_tokens} leaves no room for a prompt"
-        )
+    max_prompt = prompt_budget(args.max_seq_len, opts.max_new_tokens, opts.max_prompt_tokens)
     skipped: Counter = Counter(workload.skipped)
     backend = make_backend(opts, bundle, trace_settings)
     timer = FetchTimer(backend) if opts.backend == "sim" else None
@@ -188,8 +236,9 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
     if bundle.rank == 0:
         write_meta(out_dir, meta)
     tok = bundle.tokenizer
-    state = {"done": 0, "tokens": 0, "status": "finished"}
-    items: list[Prepared] = []
+    state = {"done": 0, "tokens": 0, "status": "finished", "warmup_s": None}
+    prepared = items
+    items = []
     served: list = []  # filled as batches finish, so an interrupted replay keeps its rows
     log = CompletedLog(out_dir / SERVING_FILE) if opts.serving and bundle.rank == 0 else None
     bar = tqdm(unit="req", desc=opts.dataset, disable=bundle.rank != 0)
@@ -230,13 +279,19 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
 
     summary = None
     try:
-        items = list(
+        items = prepared if prepared is not None else list(
             prepare(
                 workload.requests, tok, max_prompt_tokens=max_prompt,
                 max_new_tokens=opts.max_new_tokens, limit=opts.limit, seed=opts.seed,
                 bos_id=tok.bos_id, vocab_size=args.vocab_size, skipped=skipped,
             )
         )  # fmt: skip
+        if opts.warmup and items:  # before the first measured forward (and the clock)
+            state["warmup_s"] = warm_up(
+                bundle.model, items, opts.batch_size, tok.eos_id, trace_settings,
+                trace_settings.kv_bytes_per_token or kv_bytes_per_token(args),
+                bundle.rank, bundle.world_size,
+            )  # fmt: skip
         bar.reset(total=len(items))
         bar.set_postfix(skipped=sum(skipped.values()))
         if opts.serving:
@@ -268,11 +323,13 @@ def execute(opts: RunOptions, workload: Workload, bundle: ModelBundle, trace_set
             requests_prepared=len(items),
             new_tokens=state["tokens"],
             wall_s=round(wall, 3),
+            warmup_s=None if state["warmup_s"] is None else round(state["warmup_s"], 4),
             skipped=dict(sorted(skipped.items())),
         )
         if bundle.rank == 0:
             write_meta(out_dir, meta)
-    return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall)
+    return RunResult(out_dir, summary, state["done"], state["tokens"], skipped, wall,
+                     state["warmup_s"])
 
 
 def _broadcast_from_rank0(value: float, device: str) -> float:

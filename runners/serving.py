@@ -20,6 +20,34 @@ from kvtier.runners.prepare import Prepared
 from kvtier.schema import PERCENTILE_METHOD, LatencyMs, Serving
 
 SERVING_FILE = "serving_requests.jsonl"
+#: the columns of ``serving_requests.jsonl``, live and model-free alike: one line per served
+#: request, every time in seconds on the virtual clock (0 = the first arrival)
+SERVING_FIELDS = (
+    "request_id",  # the trace's integer id (requests.jsonl maps it to the dataset row)
+    "sample_id",  # the loader's id of the request
+    "arrival_s",  # arrival (trace time x --time-scale)
+    "start_s",  # its batch starts
+    "finish_s",  # it is done
+    "queue_s",  # start_s - arrival_s
+    "service_s",  # finish_s - start_s
+    "latency_s",  # finish_s - arrival_s = queue_s + service_s
+    "batch",  # 0-based batch number, in serving order
+    "batch_size",  # requests in its batch
+    "prompt_tokens",  # prompt length in tokens
+    "max_new_tokens",  # its generation cap: min(the request's own, --max-new-tokens)
+)
+
+
+def serving_row(request_id: int | None, sample_id: str, arrival_s: float, start_s: float,
+                finish_s: float, batch: int, batch_size: int, prompt_tokens: int,
+                max_new_tokens: int) -> dict:  # fmt: skip
+    """One line of ``serving_requests.jsonl`` (``SERVING_FIELDS``, in that order)."""
+    arrival_s, start_s, finish_s = float(arrival_s), float(start_s), float(finish_s)
+    return {"request_id": request_id, "sample_id": sample_id, "arrival_s": arrival_s, "start_s": start_s,
+            "finish_s": finish_s, "queue_s": start_s - arrival_s,
+            "service_s": finish_s - start_s, "latency_s": finish_s - arrival_s,
+            "batch": int(batch), "batch_size": int(batch_size),
+            "prompt_tokens": int(prompt_tokens), "max_new_tokens": int(max_new_tokens)}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -31,6 +59,7 @@ class Completed:
     arrival_s: float
     start_s: float
     finish_s: float
+    batch: int
     batch_size: int
     prompt_tokens: int
     max_new_tokens: int
@@ -76,6 +105,7 @@ def replay(
     clock = 0.0
     head = 0  # next not-yet-served position in arrival order
     n = len(order)
+    batch_no = 0
     while head < n:
         clock = max(clock, float(sorted_arrivals[head]))
         # FIFO: everything that has arrived by `clock`, oldest first, up to batch_size
@@ -93,6 +123,7 @@ def replay(
                 arrival_s=float(arrivals[i]),
                 start_s=clock,
                 finish_s=clock + service,
+                batch=batch_no,
                 batch_size=len(batch),
                 prompt_tokens=len(items[i].tokens),
                 max_new_tokens=items[i].max_new_tokens,
@@ -104,6 +135,7 @@ def replay(
             on_done(finished)
         clock += service
         head = end
+        batch_no += 1
     return done
 
 
@@ -127,7 +159,8 @@ def serving_section(done: Sequence[Completed], batch_size: int, cap: int) -> Ser
 
 
 class CompletedLog:
-    """Appends one JSON line per served request, so an interrupted replay keeps its rows."""
+    """Appends one ``SERVING_FIELDS`` line per served request, so an interrupted replay keeps
+    its rows."""
 
     def __init__(self, path) -> None:
         self._fh = open(path, "wb")
@@ -135,23 +168,9 @@ class CompletedLog:
 
     def write(self, rows: Sequence[Completed]) -> None:
         for c in rows:
-            self._fh.write(
-                self._enc.encode(
-                    {
-                        "request_id": c.request_id,
-                        "sample_id": c.sample_id,
-                        "arrival_s": c.arrival_s,
-                        "start_s": c.start_s,
-                        "finish_s": c.finish_s,
-                        "queue_ms": c.queue_s * 1e3,
-                        "latency_ms": c.latency_s * 1e3,
-                        "batch_size": c.batch_size,
-                        "prompt_tokens": c.prompt_tokens,
-                        "max_new_tokens": c.max_new_tokens,
-                    }
-                )
-                + b"\n"
-            )
+            row = serving_row(c.request_id, c.sample_id, c.arrival_s, c.start_s, c.finish_s,
+                              c.batch, c.batch_size, c.prompt_tokens, c.max_new_tokens)  # fmt: skip
+            self._fh.write(self._enc.encode(row) + b"\n")
         self._fh.flush()
 
     def close(self) -> None:

@@ -25,8 +25,8 @@ tiered backend's KV fetch time). Two engines serve a batch:
   step ``s`` runs only the requests still generating (context ``prompt + s + 1``); a
   request finishes after its own ``g - 1`` steps, the batch when its longest one does.
 
-Per request: queue wait = batch start - arrival, service = finish - batch start,
-latency = wait + service. Percentiles use numpy's default linear method.
+Per request: queue (``queue_s``) = batch start - arrival, service = finish - batch start,
+latency = queue + service. Percentiles use numpy's default linear method.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import msgspec
 import numpy as np
 
 from kvtier.runners.requests import Request, Workload
+from kvtier.runners.serving import serving_row
 from kvtier.schema import TRACE_FILE, LatencyMs, Serving
 
 #: ``extra_step_time(active_request_ids, step) -> seconds`` added to a decode step
@@ -198,7 +199,7 @@ class SimResult:
     max_new_tokens_cap: int
 
     @property
-    def wait_s(self) -> np.ndarray:
+    def queue_s(self) -> np.ndarray:
         return self.start_s - self.arrival_s
 
     @property
@@ -207,7 +208,7 @@ class SimResult:
 
     @property
     def latency_s(self) -> np.ndarray:
-        return self.wait_s + self.service_s
+        return self.queue_s + self.service_s
 
     @property
     def batches(self) -> int:
@@ -225,16 +226,15 @@ class SimResult:
                        max_new_tokens_cap=self.max_new_tokens_cap)
 
     def per_request(self) -> list[dict]:
-        """One plain dict per request (for a CSV/JSONL dump): ``request_id`` is its integer
+        """One ``serving_requests.jsonl`` line per request, in FIFO order: the live replay's
+        columns (``serving.SERVING_FIELDS``), times in seconds; ``request_id`` is its integer
         id (0, 1, 2, ... in FIFO admission order, as in a traced run), ``sample_id`` the
         loader's id."""
-        wait, service = self.wait_s, self.service_s
+        sizes = np.bincount(self.batch_index) if len(self.batch_index) else np.zeros(0, int)
         return [
-            {"request_id": i, "sample_id": rid, "arrival_s": float(self.arrival_s[i]),
-             "start_s": float(self.start_s[i]), "finish_s": float(self.finish_s[i]),
-             "wait_s": float(wait[i]), "service_s": float(service[i]),
-             "latency_s": float(wait[i] + service[i]), "prompt_len": int(self.prompt_len[i]),
-             "gen_tokens": int(self.gen_tokens[i]), "batch": int(self.batch_index[i])}
+            serving_row(i, rid, self.arrival_s[i], self.start_s[i], self.finish_s[i],
+                        self.batch_index[i], sizes[self.batch_index[i]], self.prompt_len[i],
+                        self.gen_tokens[i])
             for i, rid in enumerate(self.request_ids)
         ]
 

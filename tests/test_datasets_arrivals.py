@@ -86,6 +86,24 @@ def test_azure_rows_crlf_and_skips(tmp_path):
                                 "non_numeric": 1, "zero_output_tokens": 1}
 
 
+@pytest.mark.skipif(not AZURE.is_file(), reason="shared/data Azure trace absent")
+def test_azure_short_and_long_rows_are_never_read_shifted(tmp_path):
+    """Real rows (CRLF, no final newline) with a cell dropped or added: never read by
+    position into the wrong column."""
+    lines = AZURE.read_bytes().decode().split("\r\n")
+    header, rows = lines[0], lines[1:11]
+    cut = rows[:]
+    ts, ctx, gen = rows[0].split(",")
+    cut[0] = f"{ts},{gen}"  # no ContextTokens cell
+    cut[1] = rows[1] + ",12"  # one cell too many
+    p = tmp_path / "a.csv"
+    p.write_bytes("\r\n".join([header, *cut]).encode())
+    wl = load_azure(p)
+    assert dict(wl.skipped) == {"missing_field": 1, "extra_cells": 1}
+    assert [(r.prompt_len, r.max_new_tokens) for r in wl.requests] == [
+        (int(r.split(",")[1]), int(r.split(",")[2])) for r in rows[2:]]
+
+
 def test_missing_inputs(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:17:03.9,1\n")

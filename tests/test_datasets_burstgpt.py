@@ -94,9 +94,42 @@ def test_missing_column_and_missing_file(tmp_path):
         load_burstgpt(tmp_path / "empty_dir_missing")
 
 
+def test_binary_file_is_one_clear_error(tmp_path):
+    """A binary file used to report its undecodable header bytes as the missing header."""
+    p = write(tmp_path, b"\x8f9\xc0\xa38\xd3T\xdf,\xd9\n\x00\x01,\x02\n")
+    with pytest.raises(DatasetFormatError, match="line 1: not UTF-8 text, expected a CSV header"):
+        load_burstgpt(p)
+    from kvtier.runners.datasets import load_azure
+
+    with pytest.raises(DatasetFormatError, match="line 1: not UTF-8 text"):
+        load_azure(p)
+
+
 def test_directory_lookup(tmp_path):
     write(tmp_path, V11, "BurstGPT_1.csv")
     assert len(load_burstgpt(tmp_path).requests) == 2
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason="shared/data BurstGPT sample absent")
+@pytest.mark.parametrize("limit", [None, 50])  # the columnar fallback and the row path
+def test_short_and_long_rows_are_never_read_shifted(tmp_path, limit):
+    """Real rows of the sample with one cell dropped or one added: a short row is
+    ``missing_field`` and a long one ``extra_cells``, whichever cell went missing. (Read by
+    position, a row without its ``Response tokens`` cell took ``Total tokens`` as the
+    response length.)"""
+    lines = SAMPLE.read_text().splitlines()
+    header, rows = lines[0], lines[1:21]
+    assert rows[0] == "5,ChatGPT,472,18,490,Conversation log"
+    cut = rows[:]
+    cut[0] = "5,ChatGPT,472,490,Conversation log"  # no Response tokens cell
+    cut[1] = ",".join(c for i, c in enumerate(rows[1].split(",")) if i != 0)  # no Timestamp
+    cut[2] = rows[2] + ",extra"  # one cell too many
+    cut[3] = ",".join(rows[3].split(",")[:3])  # cut after Request tokens
+    wl = load_burstgpt(write(tmp_path, "\n".join([header, *cut]) + "\n"), limit)
+    assert dict(wl.skipped) == {"missing_field": 3, "extra_cells": 1}
+    full = load_burstgpt(write(tmp_path, "\n".join([header, *rows]) + "\n", "ok.csv"), limit)
+    assert wl.requests == [r for r in full.requests if r.meta["row"] >= 4]
+    assert all(r.meta["total_tokens"] == r.prompt_len + r.max_new_tokens for r in wl.requests)
 
 
 @pytest.mark.skipif(not SAMPLE.is_file(), reason="shared/data BurstGPT sample absent")

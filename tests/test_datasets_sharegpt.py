@@ -24,7 +24,7 @@ ENTRIES = [
     {"id": "b_0", "conversations": [t("system", "shared from TypingMind.com"),
                                     t("user", "q"), t("assistant", "r"), t("Bing", "x")]},
     {"id": "e_0", "conversations": []},
-    {"id": "e_1", "conversations": [t("human", "alone")]},
+    {"id": "l_1", "conversations": [t("human", "alone")]},  # a lone user turn: a prompt
     {"id": "e_2", "conversations": [t("human", "x"), t("gpt", "\u200b")]},
     {"id": "e_3", "conversations": [t("human", "x"), t("gpt", "EmptyMarkdownContent")]},
     {"id": "e_4", "conversations": [t("human", "x"), t("wizard", "y")]},
@@ -36,7 +36,7 @@ ENTRIES = [
     {"id": "e_9", "conversations": [t("gpt", "only"), t("gpt", "assistant")]},
     {"id": "a_0", "conversations": [t("human", "dup id"), t("gpt", "ok")]},
 ]
-SKIPS = {"empty_conversation": 1, "too_few_turns": 1, "empty_turn": 2, "unknown_role": 1,
+SKIPS = {"empty_conversation": 1, "empty_turn": 2, "unknown_role": 1,
          "missing_field": 2, "wrong_type": 2, "not_an_object": 1, "no_user_turn": 1}
 
 
@@ -50,8 +50,8 @@ def sharegpt_file(tmp_path) -> Path:
 def test_full_mode_one_request_per_conversation(sharegpt_file):
     wl = load_sharegpt(sharegpt_file)
     assert dict(wl.skipped) == SKIPS
-    assert [r.request_id for r in wl.requests] == ["a_0", "a_4", "b_0", "a_0#1"]
-    a0, a4, b0, _ = wl.requests
+    assert [r.request_id for r in wl.requests] == ["a_0", "a_4", "b_0", "l_1", "a_0#1"]
+    a0, a4, b0, lone, _ = wl.requests
     assert a0.messages == [{"role": "user", "content": "hi"},
                            {"role": "assistant", "content": "hello"},
                            {"role": "user", "content": "how?"}]
@@ -62,13 +62,16 @@ def test_full_mode_one_request_per_conversation(sharegpt_file):
     # system banner dropped, roles normalised, ends at the last user turn
     assert b0.messages == [{"role": "user", "content": "q"}]
     assert b0.meta["dropped_system_turns"] == 1 and b0.meta["reference"] == "r"
+    # a lone user turn is the prompt; there is no recorded answer
+    assert lone.messages == [{"role": "user", "content": "alone"}]
+    assert lone.meta["reference"] is None
 
 
 def test_per_user_turn_mode_prefix_chain(sharegpt_file):
     wl = load_sharegpt(sharegpt_file, turn_mode="per_user_turn")
     assert dict(wl.skipped) == SKIPS
     assert [r.request_id for r in wl.requests] == ["a_0/t0", "a_0/t1", "a_4/t0", "b_0/t0",
-                                                   "a_0#1/t0"]
+                                                   "l_1/t0", "a_0#1/t0"]
     t0, t1 = wl.requests[:2]
     assert t0.group_id == t1.group_id == "a_0"
     assert t1.messages[: len(t0.messages)] == t0.messages  # each turn extends the previous
@@ -103,6 +106,24 @@ def test_bad_args_and_missing_file(tmp_path, sharegpt_file):
         load_sharegpt(sharegpt_file, turn_mode="pairs")
     with pytest.raises(DatasetNotFound, match="--sharegpt-json"):
         load_sharegpt(tmp_path / "missing.json")
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason="shared/data ShareGPT sample absent")
+@pytest.mark.parametrize("turn_mode", ["full", "per_user_turn"])
+def test_first_turn_only_file(tmp_path, turn_mode):
+    """The derived form serving benchmarks ship: each entry keeps only its first human turn
+    (real entries of the sample, same layout). Every entry is one request, none skipped."""
+    raw = json.loads(SAMPLE.read_text())
+    first = [{"id": e["id"], "conversations": [c for c in e["conversations"]
+                                               if c["from"] == "human"][:1]} for e in raw]
+    p = tmp_path / "first_turns.json"
+    p.write_text(json.dumps(first, indent=2))
+    wl = load_sharegpt(p, turn_mode=turn_mode)
+    assert not wl.skipped
+    assert len(wl.requests) == len(raw) == 5
+    for req, entry in zip(wl.requests, first, strict=True):
+        assert req.messages == [{"role": "user", "content": entry["conversations"][0]["value"]}]
+        assert req.meta["reference"] is None
 
 
 @pytest.mark.skipif(not SAMPLE.is_file(), reason="shared/data ShareGPT sample absent")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from hf_utils import converted, model_args
+from hf_utils import CONFIGS, converted, model_args
 from safetensors.torch import load_file, save_file
 
 from kvtier.model.convert import to_hf_name
@@ -64,8 +66,50 @@ def test_generate_on_cpu_from_converted_checkpoint(kind):
 
 def test_error_missing_tensor(tmp_path):
     ckpt = _damaged(tmp_path, "exact", lambda t: t.pop("layers.1.ffn.experts.3.w2.weight"))
-    with pytest.raises(CheckpointError, match=r"model0-mp1.safetensors: missing tensor 'layers.1.ffn.experts.3.w2.weight' \[64, 32\] float32"):
+    with pytest.raises(CheckpointError, match=r"model0-mp1.safetensors: missing tensor 'layers.1.ffn.experts.3.w2.weight' \[64, 32\] float32") as err:
         build_model(model_args("exact"), ckpt)
+    # ... and says what to do about it
+    assert "check that --config is the one the checkpoint was converted for" in str(err.value)
+    assert "kvtier convert-checkpoint" in str(err.value)
+
+
+def _drop_gate_bias(tensors: dict) -> None:
+    for name in [n for n in tensors if n.endswith(".ffn.gate.bias")]:
+        del tensors[name]
+
+
+def test_reference_layout_checkpoint_without_router_bias_loads(tmp_path):
+    """The reference creates ``ffn.gate.bias`` only when dim == 7168; its tiny checkpoints
+    have none, and its own config.json (reference keys only) must load them unchanged."""
+    ckpt = _damaged(tmp_path, "fp8", _drop_gate_bias)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIGS["fp8"]))  # reference ModelArgs keys only
+    assert not set(CONFIGS["fp8"]) & {"v1", "indexer_exact", "gate_bias"}  # kvtier's flags
+    model = build_model(config, ckpt)
+    assert model.args.gate_bias is None and not model.args.has_gate_bias
+    assert model.layers[1].ffn.gate.bias is None
+    shard = load_file(str(shard_path(ckpt, 0, 1)))
+    assert model.state_dict().keys() == shard.keys()
+    assert model(torch.tensor([[5, 6, 7, 8, 9]])).isfinite().all()
+
+
+def test_router_bias_is_taken_from_a_checkpoint_that_has_it():
+    """HF-converted checkpoints always carry e_score_correction_bias (any dim): loaded."""
+    ckpt = converted("fp8", 1)
+    model = build_model(model_args("fp8"), ckpt)
+    assert model.args.gate_bias is True
+    bias = load_file(str(shard_path(ckpt, 0, 1)))["layers.1.ffn.gate.bias"]
+    assert torch.equal(model.layers[1].ffn.gate.bias, bias) and bias.abs().sum() > 0
+
+
+def test_forced_router_bias_missing_says_what_to_do(tmp_path):
+    ckpt = _damaged(tmp_path, "fp8", _drop_gate_bias)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers.1.ffn.gate.bias' \[4\] float32; .*set \"gate_bias\": false") as err:
+        build_model(model_args("fp8", gate_bias=True), ckpt)
+    assert "only when dim == 7168" in str(err.value)
+    # and gate_bias: false refuses a checkpoint that has one, naming it
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'layers.1.ffn.gate.bias'"):
+        build_model(model_args("fp8", gate_bias=False), converted("fp8", 1))
 
 
 def test_error_wrong_shape(tmp_path):

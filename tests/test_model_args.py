@@ -85,6 +85,69 @@ def test_invalid_fields_are_named(tmp_path, patch, field):
     assert f"'{field}'" in msg and str(p) in msg
 
 
+#: the reference ModelArgs dataclass (dsa_model.md §2): field -> default, written out here
+REFERENCE_DEFAULTS = {
+    "max_batch_size": 8, "max_seq_len": 16384, "dtype": "bf16", "scale_fmt": None,
+    "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408,
+    "n_layers": 27, "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64,
+    "n_shared_experts": 2, "n_activated_experts": 6, "n_expert_groups": 1,
+    "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0, "q_lora_rank": 0,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "original_seq_len": 4096, "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32,
+    "beta_slow": 1, "mscale": 1.0, "index_n_heads": 64, "index_head_dim": 128,
+    "index_topk": 2048,
+}  # fmt: skip
+
+
+def test_every_reference_field_is_accepted(tmp_path):
+    """A reference config.json (any subset of the reference's fields) loads unchanged; the
+    fields a reference config does not set take the reference's defaults."""
+    fields = {**REFERENCE_DEFAULTS, "q_lora_rank": 1536}  # the default 0 breaks the indexer
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(fields))
+    a = ModelArgs.from_json(p)
+    assert {k: getattr(a, k) for k in fields} == fields
+    bare = ModelArgs.from_dict({"q_lora_rank": 1536})
+    assert {k: getattr(bare, k) for k in fields} == fields
+
+
+def test_router_bias_follows_the_reference_rule():
+    # the reference creates ffn.gate.bias only when dim == 7168
+    assert ModelArgs.builtin("671B_v3.2").has_gate_bias
+    tiny = ModelArgs.builtin("tiny")
+    assert tiny.gate_bias is None and not tiny.has_gate_bias
+    assert ModelArgs.builtin("tiny", gate_bias=True).has_gate_bias
+    assert not ModelArgs.builtin("671B_v3.2", gate_bias=False).has_gate_bias
+    with pytest.raises(ConfigError, match="field 'gate_bias' must be bool | None"):
+        ModelArgs.builtin("tiny", gate_bias="yes")
+
+
+@pytest.mark.parametrize(
+    "typo, suggestion",
+    [("index_top_k", "index_topk"), ("n_layer", "n_layers"), ("gatebias", "gate_bias"),
+     ("rotary_dim", None), ("use_cache", None)],
+)  # fmt: skip
+def test_a_typo_fails_naming_the_field_and_the_closest_one(tmp_path, typo, suggestion):
+    base = json.loads((CONFIG_DIR / "config_tiny.json").read_text())
+    p = tmp_path / "typo.json"
+    p.write_text(json.dumps({**base, typo: 1}))
+    with pytest.raises(ConfigError) as err:
+        ModelArgs.from_json(p)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: unknown field {typo!r}")
+    if suggestion:
+        assert f"did you mean {suggestion!r}?" in msg
+    else:
+        assert "did you mean" not in msg
+
+
+def test_a_hugging_face_config_is_recognised(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"hidden_size": 7168, "num_hidden_layers": 61}))
+    with pytest.raises(ConfigError, match="this is a Hugging Face config.json"):
+        ModelArgs.from_json(p)
+
+
 def test_exact_mode_relaxes_fp8_only_constraints():
     ModelArgs.builtin("tiny", dtype="fp32", indexer_exact=True, index_head_dim=64, kv_lora_rank=96)
 

@@ -189,6 +189,72 @@ def test_errors(model):
         generate(model, [[1]], 2, NO_EOS, request_ids=["a", "b"])
 
 
+def test_forced_tokens_are_fed_and_traced_like_decoded_ones(model):
+    """Forcing ids another implementation decoded replays exactly its decode steps."""
+    p, q = prompt(9, 70), prompt(13, 71)
+    fp, fq = prompt(5, 72), prompt(3, 73)  # not what this model would pick
+    spy, tr = Spy(model), FakeTracer()
+    out = generate(spy, [p, q], [5, 3], NO_EOS, tracer=tr, forced_tokens=[fp, fq])
+    assert out == [fp, fq]
+    # decode inputs: prompt tokens, then the forced ids, never a sample
+    for t, s, _ in spy.calls[1:]:
+        for i, row in enumerate((p + fp, q + fq)):
+            if s < len(row):
+                assert int(t[i, 0]) == row[s]
+    # each row is traced for the steps that feed its forced ids, and stops after its cap
+    starts = [(e[1], e[2]) for e in tr.events if e[0] == "start"]
+    assert starts == [(pos, [9 <= pos < 9 + 4, 13 <= pos < 13 + 2]) for pos in range(9, 15)]
+    assert [s for _, s, _ in spy.calls] == [0] + list(range(9, 15))  # stops: all rows done
+
+
+def test_forcing_the_free_run_reproduces_it(model):
+    p = prompt(11, 74)
+    tr_free, tr_forced = FakeTracer(), FakeTracer()
+    free = generate(model, [p], 6, NO_EOS, tracer=tr_free)[0]
+    # forcing the first half, then sampling again: the same greedy continuation
+    assert generate(model, [p], 6, NO_EOS, forced_tokens=[free[:3]]) == [free]
+    assert generate(model, [p], [6], NO_EOS, tracer=tr_forced, forced_tokens=[free]) == [free]
+    def protocol(tr):
+        return [e for e in tr.events if e[0] != "end"]  # end carries the wall time
+
+    assert protocol(tr_forced) == protocol(tr_free) and tr_forced.kinds() == tr_free.kinds()
+
+
+def test_forced_eos_ends_the_row_and_per_row_caps(model):
+    p = prompt(8, 75)
+    spy = Spy(model)
+    assert generate(spy, [p], 10, 42, forced_tokens=[[7, 8, 42]]) == [[7, 8]]
+    assert len(spy.calls) == 3  # prefill + 2 decodes, then EOS finished the row
+    # per-row caps alone (no forcing): rows stop after their own count
+    out = generate(model, [p, prompt(8, 76)], [2, 5], NO_EOS)
+    assert [len(o) for o in out] == [2, 5]
+    assert out[1] == generate(model, [prompt(8, 76)], 5, NO_EOS)[0]
+
+
+def test_forcing_errors(model):
+    with pytest.raises(ValueError, match="row 0 forces 3 tokens, more than max_new_tokens 2"):
+        generate(model, [[1, 2]], 2, NO_EOS, forced_tokens=[[3, 4, 5]])
+    with pytest.raises(ValueError, match="row 0 forces eos_id 9 at offset 1, before its last"):
+        generate(model, [[1, 2]], 5, 9, forced_tokens=[[3, 9, 5]])
+    with pytest.raises(ValueError, match="forced token ids of row 1 must be >= 0"):
+        generate(model, [[1], [2]], 5, NO_EOS, forced_tokens=[[3], [-1]])
+    with pytest.raises(ValueError, match="prompt ids of row 0 must be >= 0"):
+        generate(model, [[1, -1]], 5, NO_EOS)
+    with pytest.raises(ValueError, match="forced_tokens and prompt_tokens differ"):
+        generate(model, [[1]], 5, NO_EOS, forced_tokens=[[3], [4]])
+    with pytest.raises(ValueError, match=r"prompt \(60\) \+ forced tokens \(6\) exceed max_seq_len 64"):
+        generate(model, [[1] * 60], 8, NO_EOS, forced_tokens=[[3] * 6])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(model, [[1], [2]], [3, 0], NO_EOS)
+    with pytest.raises(ValueError, match="max_new_tokens and prompt_tokens differ"):
+        generate(model, [[1]], [3, 3], NO_EOS)
+    # ids the embedding does not have: one clear line, not an IndexError from the embedding
+    with pytest.raises(ValueError, match="prompt ids of row 0 hold 1024, outside the model's vocab_size 1024"):
+        generate(model, [[1, 1024]], 3, NO_EOS)
+    with pytest.raises(ValueError, match="forced token ids of row 0 hold 5000, outside"):
+        generate(model, [[1]], 3, NO_EOS, forced_tokens=[[5000]])
+
+
 def test_tracer_end_batch_called_on_error(model):
     class Boom(FakeTracer):
         def end_step(self, wall_s):

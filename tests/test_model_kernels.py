@@ -161,6 +161,41 @@ def test_hadamard_matches_sylvester_and_is_orthonormal(n):
     assert abs(dot.item() - (q.double() * k.double()).sum().item()) < 0.05 * n**0.5
 
 
+def _kernel_order_hadamard(x: np.ndarray, scale: float) -> np.ndarray:
+    """fast_hadamard_transform's arithmetic, restated in numpy: fp32 butterflies at strides
+    1, 2, ..., n/2 ((a, b) -> (a + b, a - b)), then ONE fp32 multiply by ``scale``."""
+    y = x.astype(np.float32)
+    n = y.shape[-1]
+    stride = 1
+    while stride < n:
+        v = y.reshape(-1, n // (2 * stride), 2, stride)
+        a, b = v[:, :, 0, :], v[:, :, 1, :]
+        y = np.stack((a + b, a - b), axis=2).reshape(x.shape)
+        stride *= 2
+    return y * np.float32(scale)
+
+
+def test_hadamard_rounds_once_like_the_kernel():
+    """Bit-exact against the kernel's order of operations on bf16 rows of many magnitudes.
+    Scaling the matrix before the product (the old torch path) rounds every term first and
+    flipped ~1 in 6,000 bf16 outputs by one ulp (155 of 1,048,576 here)."""
+    g = _gen(11)
+    x = torch.randn(8192, 128, generator=g) * torch.logspace(-3, 2, 8192).unsqueeze(1)
+    x = x.to(torch.bfloat16)
+    want = _kernel_order_hadamard(x.float().numpy(), 128**-0.5)
+    want = torch.from_numpy(want).to(torch.bfloat16)
+    for fn in (kernels.torch_hadamard, kernels.hadamard):
+        got = fn(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want), f"{(got != want).sum().item()} bf16 outputs differ"
+    # the kernel's order is the exact transform (float64 sum, one fp32 rounding) at bf16
+    exact = torch.from_numpy(x.double().numpy() @ _sylvester(128)).float()
+    assert torch.equal((exact * 128**-0.5).to(torch.bfloat16), want)
+    # leading dims: [b, s, heads, 128] as the indexer calls it
+    q = x[:24].view(2, 3, 4, 128)
+    assert torch.equal(kernels.hadamard(q), want[:24].view(2, 3, 4, 128))
+
+
 def test_hadamard_rejects_non_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         kernels.torch_hadamard(torch.zeros(3, 96))

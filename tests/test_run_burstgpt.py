@@ -51,7 +51,7 @@ def test_burstgpt_serving_replay(tmp_path):
     rows = [json.loads(x) for x in (out / "serving_requests.jsonl").read_text().splitlines()]
     assert summary.serving.requests == len(rows) == 3
     assert summary.serving.batch_size == 2 and summary.serving.max_new_tokens_cap == 3
-    lat = np.array([r["latency_ms"] for r in rows])
+    lat = np.array([r["latency_s"] for r in rows]) * 1e3  # the summary is in ms
     p50, p95, p99 = np.percentile(lat, [50, 95, 99], method=PERCENTILE_METHOD)
     assert summary.serving.latency_ms.p50 == pytest.approx(p50)
     assert summary.serving.latency_ms.p99 == pytest.approx(p99)
@@ -59,9 +59,11 @@ def test_burstgpt_serving_replay(tmp_path):
     # time scale 0: all arrive at once; FIFO batches of 2, then 1; latency = wait + service
     assert [r["sample_id"] for r in rows] == ["burstgpt-0", "burstgpt-1", "burstgpt-5"]
     assert [r["batch_size"] for r in rows] == [2, 2, 1]
+    assert [r["batch"] for r in rows] == [0, 0, 1]
     for r in rows:
         assert r["arrival_s"] == 0.0
-        assert r["latency_ms"] == pytest.approx(r["queue_ms"] + (r["finish_s"] - r["start_s"]) * 1e3)
+        assert r["latency_s"] == pytest.approx(r["queue_s"] + (r["finish_s"] - r["start_s"]))
+        assert r["service_s"] == pytest.approx(r["finish_s"] - r["start_s"])
     assert rows[2]["start_s"] == pytest.approx(rows[0]["finish_s"])
     assert meta["config"]["serving"] is True and meta["requests_run"] == 3
 
@@ -91,16 +93,16 @@ def test_burstgpt_model_free_on_the_real_sample(tmp_path):
     assert meta["model_free"] is True and meta["dataset"]["sha256"]
 
 
-@pytest.mark.parametrize(("arrivals", "rel", "rows"), [
-    ("mooncake", "mooncake/synthetic_trace.jsonl", 3993),
-    ("azure", "azure_llm/AzureLLMInferenceTrace_code.csv", 8819),
+@pytest.mark.parametrize(("arrivals", "flag", "rel", "rows"), [
+    ("mooncake", "--mooncake-jsonl", "mooncake/synthetic_trace.jsonl", 3993),
+    ("azure", "--azure-csv", "azure_llm/AzureLLMInferenceTrace_code.csv", 8819),
 ])  # fmt: skip
-def test_model_free_other_arrival_processes(tmp_path, arrivals, rel, rows):
+def test_model_free_other_arrival_processes(tmp_path, arrivals, flag, rel, rows):
     trace = SHARED_DATA / rel
     if not trace.is_file():
         pytest.skip(f"shared {arrivals} sample not present")
     out = tmp_path / arrivals
-    rc = run_cli(["burstgpt", "--arrivals", arrivals, "--arrivals-file", str(trace),
+    rc = run_cli([arrivals, flag, str(trace), "--config", "671B_v3.2",
                   "--trace-out", str(out), "--limit", "0", "--model-free", "--batch-size", "8",
                   "--decode-base-s", "0.01", "--time-scale", "0.5"])  # fmt: skip
     assert rc == 0
@@ -134,7 +136,7 @@ def test_model_free_sim_adds_fetch_time_to_service(tmp_path):
     per_batch = {}
     for rid, r in rows["sim"].items():
         h = rows["hbm"][rid]
-        assert r["batch"] == h["batch"] and r["wait_s"] == pytest.approx(h["wait_s"])
+        assert r["batch"] == h["batch"] and r["queue_s"] == pytest.approx(h["queue_s"])
         assert r["service_s"] >= h["service_s"]
         per_batch[r["batch"]] = r["service_s"] - h["service_s"]
     assert sum(per_batch.values()) == pytest.approx(summary["config"]["kv_fetch_s_total"])

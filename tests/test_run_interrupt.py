@@ -17,13 +17,16 @@ from kvtier.trace.tracer import Tracer
 from kvtier.trace.validate import validate_trace
 
 
-def _interrupt_after(monkeypatch, n_calls: int) -> None:
-    """KeyboardInterrupt from inside the model after the n-th layer's top-k (mid-step)."""
+def _interrupt_after(monkeypatch, n_calls: int, warm_up: bool = False) -> None:
+    """KeyboardInterrupt from inside the model after the n-th layer's top-k (mid-step) of
+    the run's tracer (``warm_up``: of the warm-up's throw-away tracer)."""
     original = Tracer.on_topk
     calls = {"n": 0}
 
     def on_topk(self, layer_id, indices, scores=None):
         original(self, layer_id, indices, scores)
+        if (self.run_name == "warmup") != warm_up:
+            return
         calls["n"] += 1
         if calls["n"] == n_calls:
             raise KeyboardInterrupt
@@ -31,12 +34,12 @@ def _interrupt_after(monkeypatch, n_calls: int) -> None:
     monkeypatch.setattr(Tracer, "on_topk", on_topk)
 
 
-def _check_consistent(out):
+def _check_consistent(out, empty: bool = False):
     from spec52 import check_trace_dir
 
     report = validate_trace(out)
     assert report.ok, report.messages
-    assert check_trace_dir(out) == []
+    assert check_trace_dir(out) == (["0 records"] if empty else [])
     summary = read_summary(out)
     assert summary.records == len(trace_lines(out)) == report.records
     again = recompute_summary(out, keep_from=summary)
@@ -81,3 +84,16 @@ def test_interrupt_during_serving_replay(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "out" / "serving_requests.jsonl").read_text().splitlines()]
     assert [r["sample_id"] for r in rows] == ["b0"]
     assert summary.serving.requests == 1 == meta["requests_run"]
+
+
+def test_interrupt_during_warm_up(tmp_path, monkeypatch):
+    """Ctrl-C in the warm-up: nothing was measured or traced; the run says interrupted."""
+    bundle = demo_bundle()
+    wl = Workload("chat", [Request("r0", messages=[{"role": "user", "content": "Hi."}])])
+    _interrupt_after(monkeypatch, 1, warm_up=True)
+    opts = RunOptions(dataset="chat", out_dir=tmp_path / "out", run_name="int",
+                      max_new_tokens=4, limit=None)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        execute(opts, wl, bundle, TraceSettings())
+    summary, meta = _check_consistent(tmp_path / "out", empty=True)
+    assert summary.records == 0 and meta["requests_run"] == 0 and meta["warmup_s"] is None

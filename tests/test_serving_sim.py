@@ -35,7 +35,7 @@ def test_hand_computed_case():
     assert res.request_ids == ["A", "B", "C", "D"]
     assert res.batch_index.tolist() == [0, 1, 1, 2]
     assert res.gen_tokens.tolist() == [3, 1, 2, 4]
-    np.testing.assert_allclose(res.wait_s, [0.0, 0.25, 0.24, 0.0], atol=1e-12)
+    np.testing.assert_allclose(res.queue_s, [0.0, 0.25, 0.24, 0.0], atol=1e-12)
     np.testing.assert_allclose(res.service_s, [0.3, 0.25, 0.35, 0.4], atol=1e-12)
     np.testing.assert_allclose(res.latency_s, [0.3, 0.5, 0.59, 0.4], atol=1e-12)
     s = res.serving()
@@ -253,6 +253,6 @@ def test_whole_real_traces_replay():
                        (load_mooncake(DATA / "mooncake"), "per_request")):
         res = simulate(wl.requests, cost, batch_size=8, max_new_tokens=128, engine=engine)
         assert res.serving().requests == len(wl.requests) > 0
-        assert np.all(res.wait_s >= -1e-9) and np.all(res.service_s > 0)
+        assert np.all(res.queue_s >= -1e-9) and np.all(res.service_s > 0)
         assert np.all(np.bincount(res.batch_index) <= 8)
         assert np.all(np.diff(res.start_s) >= 0)  # FIFO: served in arrival order

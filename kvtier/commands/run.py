@@ -1,9 +1,11 @@
-"""``kvtier run ruler|longbench-v2|sharegpt|burstgpt``: trace the model on a workload.
+"""``kvtier run ruler|longbench-v2|sharegpt|burstgpt|mooncake|azure``: trace the model on a
+workload.
 
 Loads the dataset from local files, tokenizes with the model's tokenizer, skips prompts that
 do not fit, runs ``generate`` with the tracer and writes ``trace_steps.jsonl``,
-``summary.json`` and ``run_meta.json``. BurstGPT is a live serving replay (arrivals, FIFO
-queue, batches); ``--model-free`` replays it without a model from a step cost model.
+``summary.json`` and ``run_meta.json``. BurstGPT, Mooncake and Azure are live serving
+replays (arrivals, FIFO queue, batches); ``--model-free`` replays them without a model from
+a step cost model.
 torch is imported only when the command runs a model.
 """
 
@@ -14,25 +16,31 @@ import argparse
 from kvtier.commands import nonneg_float, nonneg_int, positive_int
 from kvtier.trace.settings import add_trace_args
 
-DATASETS = ("ruler", "longbench-v2", "sharegpt", "burstgpt")
+DATASETS = ("ruler", "longbench-v2", "sharegpt", "burstgpt", "mooncake", "azure")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="trace the model on RULER, LongBench v2, ShareGPT or BurstGPT",
+        help="trace the model on RULER, LongBench v2, ShareGPT, BurstGPT, Mooncake or Azure",
         description="Run a workload through the DSA model with tracing. Writes "
         "outputs/<dataset>_<timestamp>/ (or --trace-out) with trace_steps.jsonl, summary.json "
-        "and run_meta.json. Without --ckpt-path the model has seeded random weights.",
+        "and run_meta.json. Without --ckpt-path the model has seeded random weights. "
+        "burstgpt, mooncake and azure are serving replays of their arrival traces (add "
+        "--model-free to replay them from a step cost model, without a model).",
     )
-    p.add_argument("dataset", choices=DATASETS, help="workload to run")
+    p.add_argument("dataset", choices=DATASETS,
+                   help="workload to run: ruler, longbench-v2, sharegpt (prompts); burstgpt, "
+                        "mooncake (Mooncake FAST'25 JSONL), azure (Azure LLM inference 2023 "
+                        "CSV) (serving replays of arrival traces)")
     m = p.add_argument_group("model")
     m.add_argument("--ckpt-path", default=None, metavar="DIR",
                    help="converted checkpoint directory (model{rank}-mp{world}.safetensors); "
                         "omitted: seeded random weights of --config")
     m.add_argument("--config", default=None, metavar="JSON|NAME",
                    help="model config json or builtin name (demo, tiny, 671B_v3.2; default: "
-                        "671B_v3.2 with --ckpt-path, demo without)")
+                        "671B_v3.2 with --ckpt-path, demo without); --model-free takes its "
+                        "max_seq_len for the prompt filter")
     m.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
     m.add_argument("--max-seq-len", type=positive_int, default=None, metavar="N",
@@ -46,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=nonneg_int, default=64, metavar="N",
                    help="read at most N requests from the dataset (default 64; 0 = all)")
     r.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
-                   help="generation cap per request (BurstGPT: min(Response tokens, N); "
-                        "default 64)")
+                   help="generation cap per request (serving replays: min(the trace's "
+                        "response length, N); default 64)")
     r.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="requests per generate() batch (default 1)")
     r.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
@@ -59,7 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run name recorded in every trace record (default: the output "
                         "directory's name)")
     r.add_argument("--force", action="store_true",
-                   help="overwrite a trace already in the output directory")
+                   help="overwrite an earlier run (trace, summary, serving log) in the output "
+                        "directory")
+    r.add_argument("--no-warmup", action="store_true",
+                   help="skip the throw-away traced warm-up (one prefill + one decode step "
+                        "on the first prompt) that runs before the first measured batch; "
+                        "without it one-time start-up costs land in the first batch's step "
+                        "times and serving latencies")
 
     b = p.add_argument_group("KV backend")
     b.add_argument("--backend", choices=("hbm", "sim"), default="hbm",
@@ -102,20 +116,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="BurstGPT CSV (6- or 8-column layout; default: found under the data dir)")
     d.add_argument("--burstgpt-model", default=None, metavar="NAME",
                    help="BurstGPT: keep rows of this Model only (e.g. GPT-4)")
+    d.add_argument("--mooncake-jsonl", default=None, metavar="FILE",
+                   help="Mooncake FAST'25 trace (e.g. synthetic_trace.jsonl; default: found "
+                        "under the data dir)")
+    d.add_argument("--azure-csv", default=None, metavar="FILE",
+                   help="Azure LLM inference trace CSV (e.g. AzureLLMInferenceTrace_code.csv; "
+                        "default: found under the data dir)")
 
-    s = p.add_argument_group("serving replay (burstgpt)")
+    s = p.add_argument_group("serving replay (burstgpt, mooncake, azure)")
     s.add_argument("--time-scale", type=nonneg_float, default=1.0, metavar="X",
                    help="multiply inter-arrival times by X (0.1 = 10x the rate; 0 = all at "
                         "once; default 1)")
     s.add_argument("--arrivals", choices=("burstgpt", "mooncake", "azure"), default="burstgpt",
-                   help="arrival process: the BurstGPT CSV, a Mooncake FAST'25 JSONL or an "
-                        "Azure LLM inference CSV (default burstgpt)")
+                   help="deprecated: 'burstgpt --arrivals mooncake|azure --arrivals-file FILE' "
+                        "is 'mooncake --mooncake-jsonl FILE' / 'azure --azure-csv FILE'")
     s.add_argument("--arrivals-file", default=None, metavar="FILE",
-                   help="the Mooncake/Azure trace file for --arrivals mooncake|azure")
+                   help="deprecated, with --arrivals")
     s.add_argument("--model-free", action="store_true",
-                   help="no model: simulate service times from the step cost model below")
+                   help="no model: simulate service times from the step cost model below "
+                        "(required: --cost-from-trace or a non-zero cost flag)")
     s.add_argument("--cost-from-trace", default=None, metavar="DIR",
-                   help="calibrate the decode cost model from a recorded trace's step times")
+                   help="fit the decode cost terms to a recorded trace's step times (its "
+                        "first step is left out if it was recorded without a warm-up)")
     s.add_argument("--prefill-base-s", type=nonneg_float, default=0.0, metavar="S",
                    help="cost model: seconds per batched prefill (default 0)")
     s.add_argument("--prefill-s-per-token", type=nonneg_float, default=0.0, metavar="S",

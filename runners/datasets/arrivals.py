@@ -28,6 +28,7 @@ from kvtier.runners.datasets.common import (
     iter_jsonl,
     parse_count,
     resolve_file,
+    row_shape,
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
@@ -162,10 +163,14 @@ def load_azure(
         header = next(reader, None)
         if header is None:
             raise DatasetFormatError(f"{file}: line 1: empty file, expected a CSV header")
+        if has_bad_utf8(header):
+            raise DatasetFormatError(f"{file}: line 1: not UTF-8 text, expected the CSV header "
+                                     "TIMESTAMP,ContextTokens,GeneratedTokens")
         col = {h.strip().lstrip("\ufeff"): i for i, h in enumerate(header)}
         for need in ("TIMESTAMP", "ContextTokens", "GeneratedTokens"):
             if need not in col:
-                raise DatasetFormatError(f"{file}: line 1: missing column {need!r}")
+                raise DatasetFormatError(f"{file}: line 1: missing column {need!r} "
+                                         f"(header: {','.join(col)})")
         rows = tqdm(reader, desc="azure", unit="row", disable=not progress)
         for row in rows:
             if limit is not None and len(wl.requests) >= limit:
@@ -175,9 +180,12 @@ def load_azure(
             if has_bad_utf8(row):
                 wl.skip(BAD_UTF8)
                 continue
-            cells = [row[col[k]].strip() if col[k] < len(row) else None
-                     for k in ("TIMESTAMP", "ContextTokens", "GeneratedTokens")]
-            if any(c is None or c == "" for c in cells):
+            bad = row_shape(row, len(header))
+            if bad is not None:  # short or long: reading by position would shift cells
+                wl.skip(bad.reason)
+                continue
+            cells = [row[col[k]].strip() for k in ("TIMESTAMP", "ContextTokens", "GeneratedTokens")]
+            if any(c == "" for c in cells):
                 wl.skip(MISSING_FIELD)
                 continue
             ts = parse_azure_timestamp(cells[0])

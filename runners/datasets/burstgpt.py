@@ -5,7 +5,8 @@ Columns are read by header NAME, so the v1.1 6-column layout
 (``Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type``), the v2.0 8-column
 layout (``Session ID`` and ``Elapsed time`` inserted at positions 2-3) and the fork's
 re-ordered export all load. Failed requests (0 request AND 0 response tokens) are skipped and
-counted, as are rows with an empty or non-numeric cell (never read as 0).
+counted, as are rows with an empty or non-numeric cell (never read as 0) and rows with
+fewer or more cells than the header (never read shifted into another column).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvtier.runners.datasets.common import (
     parse_count,
     parse_seconds,
     resolve_file,
+    row_shape,
     sha256_file,
 )
 from kvtier.runners.requests import Request, Workload
@@ -87,8 +89,9 @@ def load_burstgpt(
 
     A clean file (every cell parses) is read column-wise with pyarrow and checked with
     numpy (a full 1.4 M-row file in seconds); a small ``limit``, or any file pyarrow rejects
-    (a non-numeric cell, bad UTF-8, a short row), is read row by row with the same skip
-    reasons and ids.
+    (a non-numeric cell, bad UTF-8, a short or long row), is read row by row with the same
+    skip reasons and ids. A row with fewer cells than the header is ``missing_field``, one
+    with more is ``extra_cells``: no cell is ever read from another column's position.
     """
     limit = check_limit(limit)
     file = resolve_file(path, FILE_NAMES, "BurstGPT CSV", HINT)
@@ -118,7 +121,7 @@ def load_burstgpt(
                 break
             if not row:
                 continue
-            req = _row_to_request(row, col, k, model, log_type)
+            req = row_shape(row, len(names)) or _row_to_request(row, col, k, model, log_type)
             k += 1
             if isinstance(req, Bad):
                 wl.skip(req.reason)
@@ -133,6 +136,9 @@ def _header(file) -> list[str]:
         header = next(csv.reader(f), None)
     if header is None:
         raise DatasetFormatError(f"{file}: line 1: empty file, expected a CSV header")
+    if has_bad_utf8(header):
+        raise DatasetFormatError(f"{file}: line 1: not UTF-8 text, expected a CSV header "
+                                 f"({','.join(REQUIRED)}, ...)")
     names = [h.strip().lstrip("\ufeff") for h in header]
     for need in REQUIRED:
         if need not in names:
@@ -235,9 +241,9 @@ def _row_to_request(
     if has_bad_utf8(row):
         return Bad(BAD_UTF8)
 
-    def cell(name: str) -> str | None:
+    def cell(name: str) -> str | None:  # the row has one cell per header column
         i = col.get(name)
-        return row[i].strip() if i is not None and i < len(row) else None
+        return row[i].strip() if i is not None else None
 
     ts = parse_seconds(cell(COL_TIMESTAMP))
     if isinstance(ts, Bad):

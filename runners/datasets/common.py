@@ -28,6 +28,8 @@ INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
+#: a CSV row with more cells than the header: which cell is extra is unknowable, so none is read
+EXTRA_CELLS = "extra_cells"
 
 _CHUNK = 1 << 20
 _WS = re.compile(r"[ \t\r\n]*")
@@ -118,6 +120,17 @@ def resolve_file(
             raise DatasetNotFound(f"{what}: several files match {pattern} in {base} "
                                   f"({shown}); pass the file itself")
     raise DatasetNotFound(f"{what}: none of {', '.join(names)} in {base}; {hint}")
+
+
+def row_shape(row: list[str], n_columns: int) -> Bad | None:
+    """A CSV row whose cell count differs from the header's cannot be read by position
+    without taking some cell from the wrong column: fewer cells is ``missing_field``, more
+    is ``extra_cells``; ``None`` when the row has exactly ``n_columns`` cells."""
+    if len(row) < n_columns:
+        return Bad(MISSING_FIELD)
+    if len(row) > n_columns:
+        return Bad(EXTRA_CELLS)
+    return None
 
 
 def sha256_file(path: Path) -> str:

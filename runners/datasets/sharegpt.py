@@ -6,7 +6,10 @@ assistant); system turns (site banners in the scrape) are dropped. Leading assis
 dropped too: every split chunk after the first (``id`` suffix ``_N``, N > 0) starts with a
 ``gpt`` turn that repeats the previous chunk's last turn, and a chat template needs a user
 turn first. Conversations with an unknown role, an empty/placeholder turn, or no user turn
-followed by anything are skipped and counted.
+are skipped and counted. A lone user turn is a valid prompt: files that keep only the first
+human turn of each conversation (the filtered subsets serving benchmarks ship) load as one
+request per entry, with no recorded answer (``meta["reference"]`` is ``None``); generation
+is capped by the runner's ``--max-new-tokens``.
 
 ``turn_mode``:
 - ``full``: one request per conversation: every turn up to the last user turn (the model
@@ -53,7 +56,6 @@ ROLES = {
 PLACEHOLDERS = frozenset({"", "\u200b", "EmptyMarkdownContent"})
 
 SKIP_EMPTY_CONVERSATION = "empty_conversation"
-SKIP_TOO_FEW_TURNS = "too_few_turns"
 SKIP_EMPTY_TURN = "empty_turn"
 SKIP_UNKNOWN_ROLE = "unknown_role"
 SKIP_NO_USER_TURN = "no_user_turn"
@@ -138,8 +140,6 @@ def normalise(row: object) -> tuple[list[dict[str, str]], dict[str, int]] | Bad:
             dropped["dropped_leading_assistant_turns"] += 1
             continue
         messages.append({"role": role, "content": value})
-    if len(turns) < 2:
-        return Bad(SKIP_TOO_FEW_TURNS)
     if not messages:
         return Bad(SKIP_NO_USER_TURN)
     return messages, dropped
