@@ -12,13 +12,28 @@ batches:
 With ``--replay`` the stream is also written as a JSONL trace and ``kvtier replay`` is timed
 end to end (both reads, fetches, the JSONL output and the summary).
 
+``--end-to-end`` times what a user runs: a trace written by the real tracer (``kvtier
+sanity`` with DSA-sized selections) replayed with ``kvtier replay TRACE --backend sim`` (the
+defaults: memfabric preset, LRU), twice in a row, each in a fresh process (the first replay
+of a JSONL trace parses it, the second reads its columnar twin): the ``replay()`` call and
+the whole process (interpreter, imports, replay). With ``--baseline-ref REF`` (exported with
+``git archive``; the repository is not changed) or ``--baseline DIR`` the same is done with
+that code in alternating rounds, each side on a trace its own ``kvtier sanity`` wrote with the
+same settings (same selections, each in its own record format).
+
     python benchmarks/bench_replay.py [--requests 8 --layers 8 --steps 24 --topk 2048 ...]
+    python benchmarks/bench_replay.py --end-to-end --baseline-ref 3cae934 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -70,6 +85,99 @@ def naive_simpy(stream, block_size: int, cap: int, cfg) -> int:
     return hits
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def replay_worker(trace: str, out: str, hbm_blocks: int | None) -> None:
+    """One ``replay()`` call of whichever kvtier is imported; prints JSON."""
+    t0 = time.perf_counter()
+    try:
+        from kvtier.sim.replay import ReplaySettings, replay
+    except ImportError:  # the flat layout before kvtier.sim
+        from kvtier.replay import ReplaySettings, replay
+    t1 = time.perf_counter()
+    res = replay(trace, out, ReplaySettings(hbm_blocks=hbm_blocks), force=True)
+    t2 = time.perf_counter()
+    print(json.dumps({"import_s": t1 - t0, "replay_s": t2 - t1, "accesses": res.accesses,
+                      "records": res.records,
+                      "hbm_hits": (res.summary or {}).get("tiers", {}).get("hbm", {}).get("hit_blocks")}))
+
+
+def _export(ref: str) -> Path:
+    dest = Path(tempfile.mkdtemp(prefix="kvtier-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _run(code: Path, argv: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, *argv], env=env, cwd=str(code), check=True,
+                         capture_output=True, text=True)
+    return time.perf_counter() - t, out.stdout
+
+
+def end_to_end(args) -> None:
+    base = Path(args.baseline) if args.baseline else (_export(args.baseline_ref) if args.baseline_ref else None)
+    codes = [("this checkout", ROOT)] + ([(f"baseline {args.baseline_ref or base}", base)] if base else [])
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-e2e-"))
+    sanity = ["-m", "kvtier", "sanity", "--requests", str(args.requests), "--batch-size",
+              str(args.e2e_batch), "--layers", str(args.layers), "--prompt-len", str(args.prompt_len),
+              "--new-tokens", str(args.steps), "--topk", str(args.topk), "--kv-block-size",
+              str(args.block_size)]
+    hbm = [] if args.hbm_blocks is None else ["--hbm-blocks", str(args.hbm_blocks)]
+    best: dict[tuple[str, str], tuple] = {}
+    info = {}
+    try:
+        for i, (_tag, code) in enumerate(codes):
+            _run(code, [*sanity, "--out", str(scratch / f"trace{i}")])
+        for r in range(args.repeat):
+            order = list(enumerate(codes)) if r % 2 == 0 else list(enumerate(codes))[::-1]
+            for i, (tag, code) in order:
+                trace = scratch / f"trace{i}"
+                for f in trace.glob(".trace_steps*.columns.arrow"):
+                    f.unlink()  # run 1 parses the trace, run 2 reads what run 1 left
+                for run in ("first", "second"):
+                    wall, out = _run(code, [str(Path(__file__).resolve()), "--replay-worker",
+                                            str(trace), str(scratch / f"out{i}"), *hbm])
+                    res = json.loads(out.strip().splitlines()[-1])
+                    info[tag] = res
+                    key = (tag, run)
+                    if key not in best or res["replay_s"] < best[key][0]:
+                        best[key] = (res["replay_s"], wall)
+                    best[(tag, run + "_wall")] = min(best.get((tag, run + "_wall"), (9e9,)),
+                                                     (wall,))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if args.baseline_ref and base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+    acc = {tag: v["accesses"] for tag, v in info.items()}
+    hits = {tag: v["hbm_hits"] for tag, v in info.items()}
+    if len(set(acc.values())) > 1 or len(set(hits.values())) > 1:
+        raise SystemExit(f"the two codes disagree: accesses {acc}, HBM hits {hits}")
+    n_acc = next(iter(acc.values()))
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python "
+          f"{platform.python_version()}; kvtier sanity --requests {args.requests} --batch-size "
+          f"{args.e2e_batch} --layers {args.layers} --prompt-len {args.prompt_len} --new-tokens "
+          f"{args.steps} --topk {args.topk}: {next(iter(info.values()))['records']} records, "
+          f"{n_acc} block accesses; kvtier replay --backend sim {' '.join(hbm)}; best of {args.repeat}")
+    print(f"| {'code':<28} | {'replay':>6} | {'replay() s':>10} | {'M acc/s':>7} | {'process s':>9} | {'M acc/s':>7} |")
+    print(f"|{'-' * 30}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 11}|{'-' * 9}|")
+    for tag, _ in codes:
+        for run in ("first", "second"):
+            t, _w = best[(tag, run)]
+            wall = best[(tag, run + "_wall")][0]
+            print(f"| {tag:<28} | {run:>6} | {t:>10.2f} | {n_acc / t / 1e6:>7.2f} | {wall:>9.2f} | "
+                  f"{n_acc / wall / 1e6:>7.2f} |")
+    if base:
+        for run in ("first", "second"):
+            print(f"{run} replay, this checkout vs {codes[1][0]}: "
+                  f"{best[(codes[1][0], run)][0] / best[(codes[0][0], run)][0]:.2f}x faster (replay() call), "
+                  f"{best[(codes[1][0], run + '_wall')][0] / best[(codes[0][0], run + '_wall')][0]:.2f}x (process)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=8, help="concurrent requests (batch rows)")
@@ -86,7 +194,25 @@ def main() -> None:
     ap.add_argument("--replay", action="store_true",
                     help="also time kvtier replay end to end (JSONL read, fetch, JSONL write, "
                          "summary) on the same stream written as a trace")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="time kvtier replay --backend sim twice on a kvtier sanity trace, in "
+                         "fresh processes (see the module doc); uses --requests, --layers, "
+                         "--steps (new tokens), --prompt-len, --topk, --block-size")
+    ap.add_argument("--e2e-batch", type=int, default=4, help="--end-to-end: sanity batch size")
+    ap.add_argument("--hbm-blocks", type=int, default=None,
+                    help="--end-to-end: replay with this HBM capacity (default: the preset's)")
+    ap.add_argument("--baseline-ref", default=None, metavar="REF",
+                    help="--end-to-end: also time the replay of this git ref")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="--end-to-end: also time the replay of this checkout")
+    ap.add_argument("--replay-worker", nargs=2, metavar=("TRACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.replay_worker:
+        replay_worker(*args.replay_worker, args.hbm_blocks)
+        return
+    if args.end_to_end:
+        end_to_end(args)
+        return
 
     scfg = SynthConfig(requests=args.requests, layers=args.layers, steps=args.steps,
                        prompt_len=args.prompt_len, prompt_jitter=0, topk=args.topk,

@@ -6,7 +6,13 @@ pure-Python implementation (sorted(set(...)), dict counting, json.dumps), all on
 DSA-sized input (default K = 2048, 61 layers, 8K context, batch 4) and pinned to the same CPU
 cores (default one). Prints a table and the speed-ups.
 
-    .venv/bin/python benchmarks/bench_tracer.py [--steps 40] [--cores 1]
+With ``--baseline-ref REF`` (a git ref of this repository, exported with ``git archive`` into
+a temporary directory; nothing in the repository changes) or ``--baseline DIR`` (a checkout)
+the same tracer runs are also made with that code, in alternating rounds, so one call gives
+before/after on the same machine: each round runs both in fresh subprocesses (the package
+imported from the checkout via PYTHONPATH), the best of ``--repeat`` rounds counts.
+
+    .venv/bin/python benchmarks/bench_tracer.py [--steps 40] [--cores 1] [--baseline-ref HEAD~3]
 """
 
 from __future__ import annotations
@@ -16,15 +22,30 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kvtier.trace import step_numba
-from kvtier.trace.settings import TraceSettings
-from kvtier.trace.tracer import Tracer
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tracer_api():
+    """(Tracer, TraceSettings, step_numba) of whichever kvtier is imported: this layout
+    (kvtier.trace.*) or the flat one before it (kvtier.tracer, kvtier.fastkern), so a
+    baseline checkout of an older commit runs the same benchmark."""
+    try:
+        from kvtier.trace import step_numba
+        from kvtier.trace.settings import TraceSettings
+        from kvtier.trace.tracer import Tracer
+    except ImportError:
+        from kvtier import fastkern as step_numba
+        from kvtier.settings import TraceSettings
+        from kvtier.tracer import Tracer
+    return Tracer, TraceSettings, step_numba
 
 
 def make_pool(rng: np.random.Generator, n: int, rows: int, ctx: int, k: int) -> list[np.ndarray]:
@@ -55,20 +76,20 @@ def naive_records(idx_rows: list[list[int]], step: int, bs: int, out) -> int:
             hi = min(lo + 1, len(xs) - 1)
             return xs[lo] + (xs[hi] - xs[lo]) * (h - lo)
 
-        tier = {"hit_blocks": 0, "bytes_read": 0, "read_ops": 0, "latency_us": None, "batch_size": 0}
+        tier = {"hit_blocks": [], "bytes_read": 0, "read_ops": 0, "latency_us": None, "batch_size": 0}
         rec = {
             "event": "dsa_topk", "run_name": "bench", "dataset": "synthetic", "rank": 0,
-            "world_size": 1, "request_id": "r0", "layer_id": 0, "step_idx": step,
+            "world_size": 1, "request_id": 0, "layer_id": 0, "step_idx": step,
             "seq_len_current": end, "unique_token_pos_count": len(pos), "offset_min": offsets[0],
             "offset_p50": pct(offsets, 50), "offset_max": offsets[-1], "block_size_tokens": bs,
             "selected_block_ids": blocks, "unique_blocks": len(blocks),
             "tokens_per_touched_block": {"mean": sum(per_block) / len(per_block),
                                          "p50": pct(per_block, 50), "p95": pct(per_block, 95)},
-            "kv_fetch": {"hbm": {"hit_blocks": len(blocks), "bytes_read": len(blocks) * bs * 1284,
-                                 "read_ops": 1, "latency_us": 1000.0, "batch_size": 4},
+            "kv_fetch": {"hbm": {"hit_blocks": blocks, "bytes_read": len(blocks) * bs * 1284,
+                                 "read_ops": 1, "latency_us": 1000.0, "batch_size": len(blocks)},
                          "local_pool": tier, "remote_pool": tier},
             "prefix": {"prefix_cache_hit": False, "prefix_cached_blocks": 0, "prefix_key": None,
-                       "intersection_ratio": 0.0, "intersection_blocks": 0},
+                       "intersection_ratio": 0.0, "intersection_blocks": []},
             "selected_token_pos": pos, "scores_stats": None,
         }
         line = json.dumps(rec) + "\n"
@@ -78,13 +99,14 @@ def naive_records(idx_rows: list[list[int]], step: int, bs: int, out) -> int:
 
 
 def run_fast(pool, args, out_dir: Path) -> tuple[int, float, int]:
+    Tracer, TraceSettings, _ = _tracer_api()
     settings = TraceSettings(kv_block_size=args.block_size)
     prompt_len = args.context - args.steps
     prompts = [[1] * prompt_len for _ in range(args.batch)]
     t0 = time.perf_counter()
     tracer = Tracer(settings, out_dir, run_name="bench", dataset="synthetic",
                     kv_bytes_per_token=1284, force=True)
-    tracer.begin_batch(list(range(args.batch)), prompts)
+    tracer.begin_batch(list(range(args.batch)), prompts)  # ints: older tracers str() them
     for s in range(args.steps):
         tracer.start_step(prompt_len + s)
         for layer in range(args.layers):
@@ -113,6 +135,50 @@ def run_naive(pool, args, out_dir: Path, n_records: int) -> tuple[int, float, in
     return done, time.perf_counter() - t0, size
 
 
+def _pin(cores: int) -> None:
+    if cores > 0 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
+def worker(args) -> None:
+    """One round in this process: each tracer path once; prints JSON rows."""
+    _pin(args.cores)
+    _, _, step_numba = _tracer_api()
+    pool = make_pool(np.random.default_rng(0), 16, args.batch, args.context - args.steps, args.topk)
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
+    paths = [("numba" if step_numba.load() is not None else "numpy (no numba)", "")]
+    if not args.skip_numpy and step_numba.load() is not None:
+        paths.append(("numpy", "1"))
+    rows = []
+    try:
+        for name, flag in paths:
+            os.environ["KVTIER_NO_NUMBA"] = flag
+            if name == "numba":  # the JIT (numba's on-disk cache) is paid outside the timing
+                run_fast(pool, argparse.Namespace(**{**vars(args), "steps": 1}), scratch / "warm")
+            n, dt, size = run_fast(pool, args, scratch / name)
+            rows.append([name, n, dt, size])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(rows))
+
+
+def _export(ref: str) -> Path:
+    """``git archive REF`` of this repository into a temporary directory."""
+    dest = Path(tempfile.mkdtemp(prefix="kvtier-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _round(code: Path, argv: list[str]) -> list:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    env.pop("KVTIER_NO_NUMBA", None)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
+                         env=env, cwd=str(code), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="decode steps traced (default 40)")
@@ -125,53 +191,71 @@ def main() -> None:
                     help="records for the naive baseline (default 600)")
     ap.add_argument("--cores", type=int, default=1,
                     help="pin the process (and its writer thread) to this many CPUs (default 1; 0 = no pinning)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the tracer; the best counts (default 3)")
-    ap.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds of the tracer runs; the best counts (default 3)")
     ap.add_argument("--skip-numpy", action="store_true",
                     help="do not also time the pure-numpy path (KVTIER_NO_NUMBA=1)")
+    ap.add_argument("--baseline-ref", default=None, metavar="REF",
+                    help="also time the tracer of this git ref (exported with git archive), "
+                         "alternating rounds with this checkout's")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time the tracer of this checkout (instead of --baseline-ref)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.cores > 0 and hasattr(os, "sched_setaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))[: args.cores]
-        os.sched_setaffinity(0, cpus)
+    if args.worker:
+        worker(args)
+        return
+    if args.baseline and args.baseline_ref:
+        ap.error("give --baseline or --baseline-ref, not both")
+    argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--layers={args.layers}",
+            f"--topk={args.topk}", f"--context={args.context}", f"--block-size={args.block_size}",
+            f"--cores={args.cores}"] + (["--skip-numpy"] if args.skip_numpy else [])
+    base = Path(args.baseline) if args.baseline else (_export(args.baseline_ref) if args.baseline_ref else None)
+    label = args.baseline_ref or (str(base) if base else None)
+    codes = [("this checkout", ROOT)] + ([(f"baseline {label}", base)] if base else [])
+    best: dict[tuple[str, str], list] = {}
+    try:
+        for _ in range(args.repeat):
+            for tag, code in (codes if _ % 2 == 0 else codes[::-1]):
+                for name, n, dt, size in _round(code, argv):
+                    key = (tag, name)
+                    if key not in best or dt < best[key][1]:
+                        best[key] = [n, dt, size]
+    finally:
+        if args.baseline_ref and base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+    _pin(args.cores)
     rng = np.random.default_rng(0)
     pool = make_pool(rng, 16, args.batch, args.context - args.steps, args.topk)
-    scratch = Path(args.out or tempfile.mkdtemp(prefix="kvtier-bench-"))
-    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-bench-"))
     try:
-        paths = [("numba" if step_numba.load() is not None else "numpy (no numba)", "")]
-        if not args.skip_numpy and step_numba.load() is not None:
-            paths.append(("numpy", "1"))
-        saved = os.environ.get("KVTIER_NO_NUMBA")
-        for name, flag in paths:
-            os.environ["KVTIER_NO_NUMBA"] = flag
-            best = None
-            for i in range(args.repeat):
-                res = run_fast(pool, args, scratch / f"fast{i}")
-                shutil.rmtree(scratch / f"fast{i}")
-                if best is None or res[1] < best[1]:
-                    best = res
-            assert best is not None
-            rows.append((f"kvtier Tracer, {name}", best))
-        if saved is None:
-            del os.environ["KVTIER_NO_NUMBA"]
-        else:
-            os.environ["KVTIER_NO_NUMBA"] = saved
         naive = run_naive(pool, args, scratch / "naive", args.naive_records)
     finally:
-        if args.out is None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    nb = "" if step_numba.load() is None else f", numba {__import__('numba').__version__}"
+    try:
+        import numba
+
+        nb = f", numba {numba.__version__}"
+    except ImportError:
+        nb = ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"pinned to {cpus}; python {platform.python_version()}, numpy {np.__version__}{nb}")
     print(f"input: K={args.topk}, {args.layers} layers, batch {args.batch}, context {args.context}, "
-          f"block {args.block_size}, {args.steps} steps")
-    print(f"{'implementation':<30}{'records':>9}{'seconds':>9}{'records/s':>11}{'bytes/rec':>11}{'MB/s':>8}")
-    for name, (n, dt, size) in (*rows, ("naive per-record Python", naive)):
-        print(f"{name:<30}{n:>9}{dt:>9.2f}{n / dt:>11.0f}{size / n:>11.0f}{size / dt / 1e6:>8.1f}")
-    rate = [n / dt for _, (n, dt, _) in rows]
-    print(f"speed-up vs naive: {rate[0] / (naive[0] / naive[1]):.1f}x"
-          + (f"; {rows[0][0]} vs {rows[1][0]}: {rate[0] / rate[1]:.2f}x" if len(rows) > 1 else ""))
+          f"block {args.block_size}, {args.steps} steps; best of {args.repeat} rounds")
+    print(f"{'implementation':<44}{'records':>9}{'seconds':>9}{'records/s':>11}{'bytes/rec':>11}{'MB/s':>8}")
+    rows = [(f"{tag}: Tracer, {name}", *v) for (tag, name), v in best.items()]
+    rows.append(("naive per-record Python", *naive))
+    for name, n, dt, size in rows:
+        print(f"{name:<44}{n:>9}{dt:>9.2f}{n / dt:>11.0f}{size / n:>11.0f}{size / dt / 1e6:>8.1f}")
+    naive_rate = naive[0] / naive[1]
+    for (tag, name), (n, dt, _) in best.items():
+        if tag == "this checkout":
+            line = f"{name}: {n / dt / naive_rate:.1f}x naive"
+            other = best.get((codes[-1][0], name)) if base else None
+            if other is not None:
+                line += f", {(n / dt) / (other[0] / other[1]):.2f}x {codes[-1][0]}"
+            print(line)
 
 
 if __name__ == "__main__":

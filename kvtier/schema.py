@@ -40,7 +40,7 @@ class TokensPerBlock(msgspec.Struct, forbid_unknown_fields=True):
     p95: float
 
 
-class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
+class TierFetch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """What one tier served for one record (point C).
 
     ``hit_blocks``: the sorted block ids this tier served; the three tiers' lists partition
@@ -48,6 +48,10 @@ class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
     covered (``len(hit_blocks)``). A backend may hand ``hit_blocks`` as any sorted int
     sequence (a numpy array view of ``LayerAccess.block_ids`` costs nothing); kvtier's
     encoders (``record_encoder``) write it as a JSON list. Decoded records hold lists.
+
+    ``gc=False`` (and ``KVFetch``'s): the tracer keeps a whole step of these alive at once;
+    untracked by the cyclic GC they trigger no collections (they cannot form cycles), which
+    keeps the tracer's numba path at its speed (tests/test_tracer_fast.py, BENCHMARKS.md).
     """
 
     hit_blocks: list[int]
@@ -58,10 +62,11 @@ class TierFetch(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def empty_tier() -> TierFetch:
-    return TierFetch(hit_blocks=[], bytes_read=0, read_ops=0, latency_us=None, batch_size=0)
+    """A tier that served nothing (``hit_blocks`` an empty tuple: no allocation to track)."""
+    return TierFetch(hit_blocks=(), bytes_read=0, read_ops=0, latency_us=None, batch_size=0)
 
 
-class KVFetch(msgspec.Struct, forbid_unknown_fields=True):
+class KVFetch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     hbm: TierFetch
     local_pool: TierFetch
     remote_pool: TierFetch

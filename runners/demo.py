@@ -224,5 +224,5 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  validate {name}: {records} records, {verdict}")
     secs = r["seconds"]
     lines.append(f"  outputs: {r['out']}/hbm and {r['out']}/sim (trace_steps.jsonl, summary.json, "
-                 f"run_meta.json); {secs['total']:.1f} s")  # fmt: skip
+                 f"requests.jsonl, run_meta.json); {secs['total']:.1f} s")  # fmt: skip
     return "\n".join(lines)

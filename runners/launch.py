@@ -423,7 +423,8 @@ def _model_free(args: argparse.Namespace, workload: Any, dataset: str, out_dir: 
         workload.skipped = skipped
         raise nothing_to_run(workload)
     prepare_out_dir(out_dir, force=args.force)  # --force: an old trace goes, as live runs do
-    config = {"mode": "model_free", "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
+    config = {"mode": "model_free", "kv_block_size_tokens": _trace_settings(args).kv_block_size,
+              "cli": _cli_flags(args), "cost_model": cost.to_dict(), "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens, "time_scale": args.time_scale,
               "limit": args.limit, "cost_from_trace": args.cost_from_trace,
               "max_prompt_tokens_effective": budget, "max_seq_len": margs.max_seq_len,

@@ -141,6 +141,8 @@ def check_summary(s: dict) -> list[str]:
             bad.append(f"summary lacks {k}")
     if bad:
         return bad
+    if not isinstance(s["config"], dict) or not _int(s["config"].get("kv_block_size_tokens")):
+        bad.append("summary.config.kv_block_size_tokens missing")
     for k in ("unique_blocks", "tokens_per_touched_block", "offsets", "prefix_intersection_ratio"):
         if not isinstance(s[k], dict) or set(s[k]) != DIST_KEYS:
             bad.append(f"summary.{k} keys != {sorted(DIST_KEYS)}")

@@ -217,3 +217,21 @@ def test_to_numpy_zero_copy_lists(trace_dir):
     assert flat.tolist() == [p for r in recs for p in r.selected_token_pos]
     assert np.diff(offs).tolist() == [len(r.selected_token_pos) for r in recs]
     assert isinstance(col, pa.ListArray)
+
+
+def test_other_events_and_nested_nulls_are_refused(trace_dir):
+    """The bulk parse accepts only dsa_topk records without nulls where the record has none
+    (nested fields included); the strict decoder then names the line and field."""
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_text().splitlines()
+    good = list(lines)
+    lines[1] = lines[1].replace('"dsa_topk"', '"dsa_topx"', 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=r"trace_steps.jsonl:2: \$.event"):
+        read_columns(trace_dir)
+    rec = json.loads(good[2])
+    rec["kv_fetch"]["local_pool"]["bytes_read"] = None
+    good[2] = json.dumps(rec)
+    path.write_text("\n".join(good) + "\n")
+    with pytest.raises(TraceError, match=r"trace_steps.jsonl:3: \$.kv_fetch.local_pool.bytes_read"):
+        read_columns(trace_dir)

@@ -115,14 +115,22 @@ class SplitBackend(HBMOnlyBackend):
         return out
 
 
-def _trace(tmp_path, name, steps, *, bs=16, sample_rate=1.0, shard=0, split=False):
+class GenericHBM(HBMOnlyBackend):
+    """The HBM-only backend through the generic path (the tracer computes the plain
+    HBMOnlyBackend's answer in closed form; a subclass goes through fetch)."""
+
+    name = "hbm"
+
+
+def _trace(tmp_path, name, steps, *, bs=16, sample_rate=1.0, shard=0, split=False,
+           generic=False):
     """Run the tracer over ``steps`` = [(batch ids, prompts, [(start_pos, active, [layer
     arrays])])]; returns (trace bytes, summary text)."""
     out = tmp_path / name
     settings_ = TraceSettings(kv_block_size=bs, sample_rate=sample_rate, prefix_key_tokens=32,
                               shard_records=shard)
     with Tracer(settings_, out, run_name="r\u00e9", dataset="d", kv_bytes_per_token=7,
-                backend=SplitBackend(7) if split else None) as tr:
+                backend=SplitBackend(7) if split else GenericHBM(7) if generic else None) as tr:
         for ids, prompts, decode in steps:
             tr.begin_batch(ids, prompts)
             for start, active, layers in decode:
@@ -186,6 +194,9 @@ def test_trace_files_are_byte_identical(tmp_path_factory, monkeypatch, case):
     assert fast[1] == slow[1]
     rep = validate_trace(tmp / "fast")
     assert rep.ok, rep.messages
+    if not split:  # the closed-form HBM-only answer == HBMOnlyBackend.fetch through _Lists
+        monkeypatch.delenv("KVTIER_NO_NUMBA", raising=False)
+        assert _trace(tmp, "generic", batches, bs=bs, sample_rate=rate, generic=True) == fast
 
 
 def test_bench_sized_step_is_identical_and_valid(tmp_path, monkeypatch):

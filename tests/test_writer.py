@@ -94,3 +94,31 @@ def test_killed_writer_leaves_complete_lines(tmp_path):
     assert complete, "nothing was written before the kill"
     for line in complete.splitlines():
         assert msgspec.json.decode(line)["pad"] == "x" * 5000
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("limit", [None, 1, 7, 64])
+def test_buffer_lists_are_written_in_order_through_partial_writes(tmp_path, monkeypatch,
+                                                                  background, limit):
+    """A chunk given as a list of buffers (the tracer's numpy path) lands byte for byte as
+    their concatenation, also when writev writes only part of them (``limit`` bytes per
+    call) and with more buffers than one writev takes; ``done`` runs after each write."""
+    import kvtier.trace.writer as wmod
+
+    real = os.writev
+    if limit is not None:
+        def short(fd, bufs):
+            data = b"".join(bytes(b) for b in bufs)[:limit]
+            return real(fd, [data])
+        monkeypatch.setattr(wmod.os, "writev", short)
+    monkeypatch.setattr(wmod, "_IOV_MAX", 5)
+    done: list[int] = []
+    w = TraceWriter(tmp_path / "t", meta(), background=background)
+    want = b""
+    for i in range(6):
+        pieces = [b'{"i":%d,' % i, memoryview(b'"pad":"' + b"x" * (i * 13) + b'"'), b"}\n"] * 4
+        w.write(pieces, 4, done=lambda i=i: done.append(i))
+        want += b"".join(bytes(p) for p in pieces)
+    w.close()
+    assert (tmp_path / "t" / "trace_steps.jsonl").read_bytes() == want
+    assert done == list(range(6)) and w.bytes == len(want)

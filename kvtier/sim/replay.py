@@ -414,6 +414,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     config["replay"] = {"source": str(trace), **{k: v for k, v in vars(settings).items() if v}}
     if bs != stream.block_size:
         config["trace"] = {**trace_cfg, "kv_block_size": bs}
+        config["kv_block_size_tokens"] = bs
     run_name, dataset = meta_in.get("run_name"), meta_in.get("dataset")
     if (run_name is None or dataset is None) and n:  # no trace_meta.json: the records say
         head = read_columns(trace, ["run_name", "dataset"]).slice(0, 1).to_pylist()[0]

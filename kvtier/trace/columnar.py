@@ -132,7 +132,6 @@ def _read_cache(path: Path, columns: Sequence[str] | None):
 def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
     """Write the twin to the first place that takes it; None if none does."""
     import pyarrow as pa
-    import pyarrow.feather as feather
 
     table = table.replace_schema_metadata({_KEY: key})
     for path in paths:
@@ -144,8 +143,11 @@ def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as readable as the trace files (mkstemp: 0600)
-            # one record batch: columns then read as single chunks, without a combining copy
-            feather.write_feather(table, tmp, compression="lz4", chunksize=max(table.num_rows, 1))
+            # one record batch (columns then read as single chunks, without a combining
+            # copy); pyarrow.ipc rather than feather.write_feather, which imports pandas
+            opts = pa.ipc.IpcWriteOptions(compression="lz4")
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=opts) as w:
+                w.write_table(table, max_chunksize=max(table.num_rows, 1))
             os.replace(tmp, path)
             return path
         except (OSError, pa.ArrowException):
@@ -170,15 +172,27 @@ def _strict_table(path: Path):
     return pa.Table.from_pylist(rows, schema=arrow_schema())
 
 
-def _required_ok(table) -> bool:
-    """No nulls where the record has no null, and only ``dsa_topk`` events."""
-    import pyarrow.compute as pc
+def _required_ok(flat) -> bool:
+    """No nulls where the record has none (checked on the flat columns, so nested fields
+    count too), and only ``dsa_topk`` events (compared on the string buffers: no
+    pyarrow.compute, whose first use costs ~0.5 s)."""
+    import numpy as np
 
-    for f in table.schema:
-        if not f.nullable and table.column(f.name).null_count:
+    for f in flat_fields(arrow_schema()):
+        if not f.nullable and flat.column(f.name).null_count:
             return False
-    if table.num_rows and not pc.all(pc.equal(table.column("event"), EVENT_DSA_TOPK)).as_py():
-        return False
+    want = EVENT_DSA_TOPK.encode()
+    for arr in flat.column("event").chunks:
+        if not len(arr):
+            continue
+        wide = str(arr.type) == "large_string"
+        offs = np.frombuffer(arr.buffers()[1], np.int64 if wide else np.int32,
+                             count=len(arr) + 1, offset=arr.offset * (8 if wide else 4))
+        if (np.diff(offs) != len(want)).any():
+            return False
+        data = arr.buffers()[2]
+        if data is None or bytes(data)[offs[0]:offs[-1]] != want * (len(offs) - 1):
+            return False
     return True
 
 
@@ -203,11 +217,13 @@ def _parse_jsonl(path: Path):
             parse_options=pj.ParseOptions(explicit_schema=schema,
                                           unexpected_field_behavior="error",
                                           newlines_in_values=False))
-        table = table.select(schema.names).cast(schema)
+        table = table.select(schema.names)
+        if [f.type for f in table.schema] != [f.type for f in schema]:
+            table = table.cast(schema)
         with open(path, "rb") as fh:  # a killed run's last line lacks its newline
             fh.seek(-1, os.SEEK_END)
             complete = fh.read(1) == b"\n"
-        if not complete or not _required_ok(table):
+        if not complete or not _required_ok(flatten(table)):
             table = None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError):
         table = None

@@ -319,6 +319,8 @@ def _build() -> SimpleNamespace:
         o = 0
         n_fields = kinds.size
         for j in range(vals.shape[0]):
+            first = -1  # the record's first LST span and where its text was written
+            first_o = 0
             for f in range(n_fields + 1):
                 o = put_bytes(out, o, lits, lit_starts[f], lit_starts[f + 1])
                 if f == n_fields:
@@ -333,7 +335,18 @@ def _build() -> SimpleNamespace:
                     o = put_list(out, o, pos, pos_starts[v], pos_starts[v + 1], pos_width, pos_table,
                                  ohist, last, True)
                 elif kind == 3:
-                    o = put_list(out, o, lv, l_lo[v], l_hi[v], l_width, l_table, ohist, -1, False)
+                    a, b = l_lo[v], l_hi[v]
+                    if first < 0:
+                        first, first_o = v, o
+                        o = put_list(out, o, lv, a, b, l_width, l_table, ohist, -1, False)
+                    elif l_width > 0 and a == l_lo[first] and b <= l_hi[first]:
+                        # the first list again (hbm.hit_blocks = selected_block_ids) or a
+                        # prefix of it (intersection_blocks): fixed-width text, so a copy of
+                        # the bytes already written instead of encoding the ids again
+                        if b > a:
+                            o = put_bytes(out, o, out, first_o, first_o + (b - a) * l_width - 1)
+                    else:
+                        o = put_list(out, o, lv, a, b, l_width, l_table, ohist, -1, False)
                 else:
                     o = put_int(out, o, v >> 1)
                     out[o] = 46  # '.'

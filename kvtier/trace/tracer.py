@@ -31,7 +31,10 @@ import queue
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Mapping, Sequence
+from functools import partial
+from itertools import chain
 from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any
@@ -145,8 +148,24 @@ _F = {name: i for i, name in enumerate([
     "remote", "remote_bytes", "remote_ops", "remote_lat", "remote_batch",
     "hit", "cached", "key", "ratio", "inter", "pos"])}
 assert len(_F) == len(_LAYOUT)
-#: the numpy path's per-record template (everything but the scores tail)
-_TEMPLATE = b"".join(lit + code for lit, _kind, code in _LAYOUT)
+
+
+def _segments() -> list[bytes]:
+    """The numpy path's per-record templates: ``_LAYOUT`` cut at every list field, so a
+    record is ``seg[0] % (...)``, list, ``seg[1] % (...)``, list, ..., the positions, the
+    tail; the lists are written as they are (``writev``), never copied into the text."""
+    segs, cur = [], b""
+    for lit, kind, code in _LAYOUT:
+        if kind in (_K.LST, _K.POS):
+            segs.append(cur + lit)
+            cur = b""
+        else:
+            cur += lit + code
+    return segs
+
+
+_SEGMENTS = _segments()
+assert len(_SEGMENTS) == 6  # before: blocks, hbm, local_pool, remote_pool, intersection, positions
 
 
 def _fast_program() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,34 +218,36 @@ class _Lists:
         vmax = int(st.block_ids[bstart[1:] - 1].max()) if n else 0  # rows are sorted
         self.tier_span = np.empty((len(TIER_NAMES), n), np.int64)
         self.ints = []
-        self.lat = []
         total = np.zeros(n, np.int64)
-        lat_index: dict = {}
         rec = np.arange(n, dtype=np.int64)
-        for t, name in enumerate(TIER_NAMES):
+        scalars = attrgetter("bytes_read", "read_ops", "batch_size")
+        tier_lats = []
+        for t, name in enumerate(TIER_NAMES):  # C-level maps over the step's answers
             tiers = list(map(attrgetter(name), fetches))
             hits = list(map(attrgetter("hit_blocks"), tiers))
             lens = np.fromiter(map(len, hits), np.int64, n)
             total += lens
-            same = np.fromiter(map(is_, hits, views), bool, n)
-            span = np.where(same, rec, 2 * n)
-            for j in np.flatnonzero(~same & (lens > 0)).tolist():
-                arr = np.asarray(hits[j], dtype=np.int64)
-                extra.append(arr)
-                vmax = max(vmax, int(arr.max()))
-                lo.append(np.array([n_vals], np.int64))
-                n_vals += len(arr)
-                hi.append(np.array([n_vals], np.int64))
-                span[j] = n_spans
-                n_spans += 1
+            if not lens.any():  # a tier that served none of the step's rows (the pools, HBM-only)
+                span = np.full(n, 2 * n, np.int64)
+            else:
+                same = np.fromiter(map(is_, hits, views), bool, n)
+                span = np.where(same, rec, 2 * n)
+                for j in np.flatnonzero(~same & (lens > 0)).tolist():
+                    arr = np.asarray(hits[j], dtype=np.int64)
+                    extra.append(arr)
+                    vmax = max(vmax, int(arr.max()))
+                    lo.append(np.array([n_vals], np.int64))
+                    n_vals += len(arr)
+                    hi.append(np.array([n_vals], np.int64))
+                    span[j] = n_spans
+                    n_spans += 1
             self.tier_span[t] = span
-            self.ints.append(tuple(np.fromiter(map(attrgetter(f), tiers), np.int64, n)
-                                   for f in ("bytes_read", "read_ops", "batch_size")))
-            lats = list(map(attrgetter("latency_us"), tiers))
-            for v in lats:
-                if v not in lat_index:
-                    lat_index[v] = len(lat_index)
-            self.lat.append(np.fromiter(map(lat_index.__getitem__, lats), np.int64, n))
+            cols = np.array(list(map(scalars, tiers)), dtype=np.int64).reshape(n, 3)
+            self.ints.append((cols[:, 0], cols[:, 1], cols[:, 2]))
+            tier_lats.append(list(map(attrgetter("latency_us"), tiers)))
+        # each distinct latency's text once (dict.fromkeys keeps first-seen order)
+        lat_index = {v: i for i, v in enumerate(dict.fromkeys(chain.from_iterable(tier_lats)))}
+        self.lat = [np.fromiter(map(lat_index.__getitem__, lats), np.int64, n) for lats in tier_lats]
         if (total != np.diff(bstart)).any():
             j = int(np.flatnonzero(total != np.diff(bstart))[0])
             raise ValueError(f"backend {backend!r}: the tiers' hit_blocks of a row hold "
@@ -238,15 +259,43 @@ class _Lists:
         self.hi = np.concatenate(hi)
         self.width = 0 if vmax > MAX_VALUE else len(str(vmax)) + 1
 
-    def texts(self) -> list:
-        """Each span's JSON text without brackets (the numpy path)."""
+    @classmethod
+    def hbm_only(cls, st: StepStats, block_bytes: int, wall_us: float | None,
+                 enc: msgspec.json.Encoder) -> _Lists:
+        """What ``HBMOnlyBackend.fetch`` answers, as columns: HBM serves every row's blocks
+        (its list is the row's), ``blocks x block_bytes`` bytes, one read, the step's wall
+        time; the pools nothing."""
+        self = cls.__new__(cls)
+        n = len(st.unique_blocks)
+        bstart = st.block_starts
+        first = bstart[:-1]
+        self.lv = st.block_ids
+        self.lo = np.concatenate([first, first, np.zeros(1, np.int64)])
+        self.hi = np.concatenate([bstart[1:], first + st.intersection, np.zeros(1, np.int64)])
+        vmax = int(st.block_ids[bstart[1:] - 1].max()) if n else 0
+        self.width = 0 if vmax > MAX_VALUE else len(str(vmax)) + 1
+        self.tier_span = np.full((len(TIER_NAMES), n), 2 * n, np.int64)
+        self.tier_span[0] = np.arange(n, dtype=np.int64)
+        unique = st.unique_blocks.astype(np.int64)
+        zeros = np.zeros(n, np.int64)
+        self.ints = [(unique * block_bytes, np.ones(n, np.int64), unique), (zeros, zeros, zeros),
+                     (zeros, zeros, zeros)]
+        self.lat_texts = [enc.encode(wall_us)] if wall_us is None else [enc.encode(wall_us), b"null"]
+        null = 0 if wall_us is None else 1
+        self.lat = [zeros, np.full(n, null, np.int64), np.full(n, null, np.int64)]
+        return self
+
+    def texts(self, scratch: np.ndarray | None = None) -> tuple[list, np.ndarray | None]:
+        """Each span's JSON text without brackets (the numpy path), and the buffer they are
+        views of (``scratch`` when large enough; None for the compact fallback)."""
         lo, hi = self.lo.tolist(), self.hi.tolist()
         if self.width:
             w = self.width
-            mv = memoryview(encode_elements(self.lv, w))
-            return [mv[a * w:b * w - 1] if b > a else b"" for a, b in zip(lo, hi, strict=True)]
+            buf = encode_elements(self.lv, w, scratch)
+            mv = memoryview(buf)
+            return [mv[a * w:b * w - 1] if b > a else b"" for a, b in zip(lo, hi, strict=True)], buf
         lv = self.lv
-        return [msgspec.json.encode(lv[a:b].tolist())[1:-1] for a, b in zip(lo, hi, strict=True)]
+        return [msgspec.json.encode(lv[a:b].tolist())[1:-1] for a, b in zip(lo, hi, strict=True)], None
 
 
 class _Job:
@@ -310,6 +359,7 @@ class Tracer:
         self.backend = backend
         self.out_dir = Path(out_dir)
         full_config = {
+            "kv_block_size_tokens": settings.kv_block_size,  # the design note's §5.3 key
             "trace": settings.to_dict(),
             "kv_bytes_per_token": bpt,
             "backend": getattr(backend, "name", type(backend).__name__),
@@ -350,8 +400,8 @@ class Tracer:
         self._ibuf: np.ndarray | None = None
         self._bits: np.ndarray | None = None
         self._use_bits = False
-        self._pos_scratch = np.zeros(0, np.uint8)
         self._kern = step_numba.load()  # None: the numpy path (no numba, or KVTIER_NO_NUMBA=1)
+        self._free_out: deque[np.ndarray] = deque()  # output buffers the writer has written
         self._stats_scratch: dict = {}
         self._closed = False
 
@@ -693,6 +743,20 @@ class Tracer:
             keep_row = np.ones(n_rows, dtype=bool)
         wall_us = None if wall_time_s is None else float(wall_time_s) * 1e6
         ids = [self._request_ids[r] for r in rows]
+        keep = np.tile(keep_row, n_layers)
+        if type(self.backend) is HBMOnlyBackend:
+            # the plain HBM-only backend is stateless and its answer a closed form of the
+            # row's blocks: the records' kv_fetch columns are computed directly (what
+            # HBMOnlyBackend.fetch returns, byte for byte: tests/test_tracer_fast.py), not
+            # one KVFetch object per record (a third of the numba path's per-record time)
+            if keep.any():
+                lists = _Lists.hbm_only(stats if keep.all() else stats.subset(np.flatnonzero(keep)),
+                                        self.settings.kv_block_size * self.backend.kv_bytes_per_token,
+                                        wall_us, self._encoder)
+                emit = self._emit_fast if self._kern is not None and stats.scores_min is None \
+                    else self._emit
+                emit(step, layers, rows, ids, stats, None, None, keep, lists)
+            return
         fetches = []
         pstarts = stats.row_starts.tolist()
         bstarts = stats.block_starts.tolist()
@@ -710,7 +774,6 @@ class Tracer:
             fetches.extend(got)
         for rid in ids:
             self.backend.append(rid, 1)
-        keep = np.tile(keep_row, n_layers)
         if keep.any():
             if self._kern is not None and stats.scores_min is None:
                 self._emit_fast(step, layers, rows, ids, stats, fetches, bl_all, keep)
@@ -718,26 +781,30 @@ class Tracer:
                 self._emit(step, layers, rows, ids, stats, fetches, bl_all, keep)
 
     def _emit(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[int],
-              st: StepStats, fetches: list, views: list, keep: np.ndarray) -> None:
-        """The numpy path: one ``_TEMPLATE`` % (fields) per record, lists spliced in as
-        spans of one encoded buffer per step."""
+              st: StepStats, fetches: list | None, views: list | None, keep: np.ndarray,
+              lists: _Lists | None = None) -> None:
+        """The numpy path: per record the ``_SEGMENTS`` templates % (fields) around its lists,
+        which are spans of one encoded buffer per step (handed to the writer uncopied)."""
         n_rows = len(rows)
         sel = np.flatnonzero(keep)
         n_sel = len(sel)
         whole = n_sel == len(keep)
         sub = st if whole else st.subset(sel)
+        # the encoded lists are handed to the writer uncopied: their buffers come from (and,
+        # once written, go back to) the pool of output buffers
+        scratch = self._out_buffer(8 * len(sub.positions) + 8)
         if sub.positions_2d is not None:
-            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d, None, self._pos_scratch)
+            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions_2d, None, scratch)
         else:
-            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions, sub.row_starts, self._pos_scratch)
-        self._pos_scratch = _owner(pos_buf)
+            pos_buf, pos_lo, pos_hi = encode_int_rows(sub.positions, sub.row_starts, scratch)
         pos_mv = memoryview(pos_buf)
         pos_lo, pos_hi = pos_lo.tolist(), pos_hi.tolist()
         sel_list = sel.tolist()
-        lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
-                       views if whole else [views[i] for i in sel_list], self.backend.name,
-                       self._encoder)
-        span_text = lists.texts()
+        if lists is None:
+            lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
+                           views if whole else [views[i] for i in sel_list], self.backend.name,
+                           self._encoder)
+        span_text, list_buf = lists.texts(self._out_buffer(8 * len(lists.lv) + 8))
         # summary (only what is written, so `kvtier summarize` sees the same records)
         rec_ids = [ids[i % n_rows] for i in sel_list]
         prefix_rows, prefix_blocks = sub.prefix_touches()
@@ -776,6 +843,7 @@ class Tracer:
             key = b"null" if pstate.key is None else b'"%s"' % pstate.key.encode()
             row_prefix.append((b"true" if pstate.cache_hit else b"false", pstate.cached_blocks, key))
         bs = self.settings.kv_block_size
+        s0_, s1_, s2_, s3_, s4_, s5_ = _SEGMENTS
         pieces: list = []
         add = pieces.extend
         for j, i in enumerate(sel_list):
@@ -786,21 +854,33 @@ class Tracer:
             else:
                 tail = b',"scores_stats":{"min":%r,"mean":%r,"max":%r}' % (smin[j], smean[j], smax[j])
                 if store:
-                    s0, s1 = sub.row_starts[j], sub.row_starts[j + 1]
-                    tail += b',"scores_topk":' + enc.encode(sub.scores[s0:s1].tolist())
+                    a, b = sub.row_starts[j], sub.row_starts[j + 1]
+                    tail += b',"scores_topk":' + enc.encode(sub.scores[a:b].tolist())
                 tail += b"}\n"
-            add((_TEMPLATE % (
-                row_head[r], layer_ids[li], step, end, n_unique_tok[j], off_min[j], off_p50[j],
-                off_max[j], bs, span_text[j], unique[j], tpb_mean[j], tpb_p50[j], tpb_p95[j],
-                span_text[h_sp[j]], h_by[j], h_op[j], h_la[j], h_ba[j],
-                span_text[l_sp[j]], l_by[j], l_op[j], l_la[j], l_ba[j],
-                span_text[r_sp[j]], r_by[j], r_op[j], r_la[j], r_ba[j],
-                hit, cached, key, ratio[j], span_text[n_sel + j], pos_mv[pos_lo[j]:pos_hi[j]]),
-                tail))
-        self.writer.write(b"".join(pieces), n_sel)
+            add((
+                s0_ % (row_head[r], layer_ids[li], step, end, n_unique_tok[j], off_min[j],
+                       off_p50[j], off_max[j], bs),
+                span_text[j],
+                s1_ % (unique[j], tpb_mean[j], tpb_p50[j], tpb_p95[j]),
+                span_text[h_sp[j]],
+                s2_ % (h_by[j], h_op[j], h_la[j], h_ba[j]),
+                span_text[l_sp[j]],
+                s3_ % (l_by[j], l_op[j], l_la[j], l_ba[j]),
+                span_text[r_sp[j]],
+                s4_ % (r_by[j], r_op[j], r_la[j], r_ba[j], hit, cached, key, ratio[j]),
+                span_text[n_sel + j],
+                s5_,
+                pos_mv[pos_lo[j]:pos_hi[j]],
+                tail,
+            ))
+        # writev of the pieces: the lists go from their encoded buffers to the file uncopied
+        owners = [_owner(b) for b in (pos_buf, list_buf) if b is not None]
+        owners = [b for b in owners if len(b)]
+        self.writer.write(pieces, n_sel, partial(self._free_out.extend, owners))
 
     def _emit_fast(self, step: int, layers: list[_Layer], rows: np.ndarray, ids: list[int],
-                   st: StepStats, fetches: list, views: list, keep: np.ndarray) -> None:
+                   st: StepStats, fetches: list | None, views: list | None, keep: np.ndarray,
+                   lists: _Lists | None = None) -> None:
         """``_emit`` for records without scores via one numba kernel that writes every record
         of the step into one buffer (same bytes; only float reprs, latency texts and the
         backend's answer are gathered in Python, with C-level maps)."""
@@ -811,10 +891,11 @@ class Tracer:
         whole = n_sel == len(keep)
         sub = st if whole else st.subset(sel)
         end = step + 1
-        sel_list = None if whole else sel.tolist()
-        lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
-                       views if whole else [views[i] for i in sel_list], self.backend.name,
-                       self._encoder)
+        if lists is None:
+            sel_list = None if whole else sel.tolist()
+            lists = _Lists(sub, fetches if whole else [fetches[i] for i in sel_list],
+                           views if whole else [views[i] for i in sel_list], self.backend.name,
+                           self._encoder)
         # text spans: per batch row (head, cache hit, key), latency texts, then float reprs
         row_list = rows.tolist()
         texts: list[bytes] = [self._head + b"%d" % self._request_ids[r] for r in row_list]
@@ -885,7 +966,7 @@ class Tracer:
         n_lists = len(lists.lv) + int(sub.intersection.sum()) + 2 * int(sub.block_starts[-1])
         bound = (n_sel * (len(_FAST_LITS) + 24 * len(kinds) + 3 * row_max) + len(text_buf)
                  + len(sub.positions) * (pos_w or 21) + n_lists * (blk_w or 21) + 16)
-        out = np.empty(bound, np.uint8)
+        out = self._out_buffer(bound)
         counted = sub.position_hist is not None
         ohist = sub.position_hist[::-1] if counted else np.zeros(end, np.int64)
         n_bytes = self._kern.emit_records(
@@ -897,7 +978,19 @@ class Tracer:
         self.builder.add([ids[i] for i in r.tolist()], sub.unique_blocks, None, None, sub.ratio,
                          None, None, offset_hist=ohist, tpb_hist=sub.count_hist.sum(axis=0),
                          hot_counts=(ids, hot))
-        self.writer.write(memoryview(out)[:n_bytes], n_sel)
+        self.writer.write(memoryview(out)[:n_bytes], n_sel, partial(self._free_out.append, out))
+
+    def _out_buffer(self, size: int) -> np.ndarray:
+        """An output buffer of at least ``size`` bytes: one the writer has finished with, or a
+        new one. Reusing them spares the fresh pages (page faults) of a few MB per step; a
+        buffer returns to ``_free_out`` (a deque: appends from the writer thread are atomic)
+        once its bytes are on disk."""
+        free = self._free_out
+        while free:
+            buf = free.popleft()
+            if len(buf) >= size:
+                return buf
+        return np.empty(int(size * 1.25), np.uint8)
 
     def end_batch(self) -> None:
         """The batch's requests finished: ``backend.release`` each (after the queued steps)."""

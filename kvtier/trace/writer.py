@@ -12,15 +12,23 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
 from kvtier.schema import META_FILE, REQUESTS_FILE, SUMMARY_FILE, TRACE_FILE, TraceMeta
 
+#: buffers per writev call (POSIX IOV_MAX is at least 16; Linux and macOS have 1024)
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
 #: file names a trace directory may contain; ``force=True`` removes exactly these
 TRACE_GLOBS = ("trace_steps.jsonl", "trace_steps.*.jsonl", "trace_steps.parquet",
                META_FILE, SUMMARY_FILE, REQUESTS_FILE, ".trace_steps*.columns.arrow")
+
+
+def _nbytes(buf: bytes | bytearray | memoryview) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
 def shard_name(index: int) -> str:
@@ -126,14 +134,44 @@ class TraceWriter:
         self.meta.shards.append(name)
         write_json_atomic(self.out_dir / "trace_meta.json", self.meta)
 
-    def _write_now(self, chunk: bytes | bytearray | memoryview, n_records: int) -> None:
+    def _write_now(self, chunk: bytes | bytearray | memoryview | list, n_records: int,
+                   done: Callable[[], None] | None = None) -> None:
         if self.shard_records and self._shard_count >= self.shard_records:
             self._open_next()
-        view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        if isinstance(chunk, list):
+            self._writev(chunk)
+        else:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            del view
         self._shard_count += n_records
+        if done is not None:
+            done()
+
+    def _writev(self, pieces: list) -> None:
+        """Write a list of buffers in order with ``writev`` (no joining copy), resuming after
+        partial writes; at most ``_IOV_MAX`` buffers per call."""
+        if not hasattr(os, "writev"):  # not POSIX: one joined write
+            self._write_now(b"".join(pieces), 0)
+            return
+        i = 0
+        n = len(pieces)
+        while i < n:
+            batch = pieces[i:i + _IOV_MAX]
+            written = os.writev(self._fd, batch)
+            for buf in batch:  # skip the buffers written whole
+                size = _nbytes(buf)
+                if written < size:
+                    break
+                written -= size
+                i += 1
+            if written and i < n:  # a partial buffer: write its rest on its own
+                rest = memoryview(pieces[i]).cast("B")[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+                i += 1
 
     def _run(self) -> None:
         assert self._queue is not None
@@ -148,8 +186,11 @@ class TraceWriter:
                     self._error = exc
 
     # -- public API (caller thread) --
-    def write(self, chunk: bytes | bytearray, n_records: int) -> None:
-        """Queue ``n_records`` complete JSONL lines. ``chunk`` must not be modified afterwards."""
+    def write(self, chunk: bytes | bytearray | memoryview | list, n_records: int,
+              done: Callable[[], None] | None = None) -> None:
+        """Queue ``n_records`` complete JSONL lines: one buffer, or a list of buffers written in
+        order (``writev``, no join). ``chunk`` must not be modified until it is written; then
+        ``done()`` is called (on the writer thread), e.g. to reuse its buffer."""
         if self._closed:
             raise RuntimeError("trace writer is closed")
         if self._error is not None:
@@ -157,11 +198,11 @@ class TraceWriter:
         if not chunk:
             return
         self.records += n_records
-        self.bytes += len(chunk)
+        self.bytes += sum(map(_nbytes, chunk)) if isinstance(chunk, list) else _nbytes(chunk)
         if self._queue is None:
-            self._write_now(chunk, n_records)
+            self._write_now(chunk, n_records, done)
         else:
-            self._queue.put((chunk, n_records))
+            self._queue.put((chunk, n_records, done))
 
     def close(self) -> None:
         """Drain the queue and close the file; raises the writer thread's error, if any."""
