@@ -14,7 +14,7 @@ _MISSING = object()
 
 class OrderedDictPolicy(EvictionPolicy):
     """Evict the first key of ``self._d``; ``refresh`` = a hit moves the key to the end (LRU),
-    else insertion order stands (FIFO). ``kvtier.sim.tiers.backend`` drives ``_d`` directly for
+    else insertion order stands (FIFO). ``kvtier.sim.tiers.fast_path`` drives ``_d`` directly for
     exactly ``LRUPolicy`` / ``FIFOPolicy`` (same semantics, no method calls)."""
 
     refresh: bool = True

@@ -194,7 +194,7 @@ def test_trace_files_are_byte_identical(tmp_path_factory, monkeypatch, case):
     assert fast[1] == slow[1]
     rep = validate_trace(tmp / "fast")
     assert rep.ok, rep.messages
-    if not split:  # the closed-form HBM-only answer == HBMOnlyBackend.fetch through _Lists
+    if not split:  # the closed-form HBM-only answer == HBMOnlyBackend.fetch through RecordLists
         monkeypatch.delenv("KVTIER_NO_NUMBA", raising=False)
         assert _trace(tmp, "generic", batches, bs=bs, sample_rate=rate, generic=True) == fast
 

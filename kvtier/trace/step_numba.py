@@ -1,7 +1,7 @@
 """Optional numba kernels for the tracer's hot path (extra ``fast``).
 
-The pure-numpy path (``kvtier.trace.step_numpy``, ``kvtier.trace.intlist_json`` and the record templates in
-``kvtier.trace.tracer``) needs a comparison sort and several passes over every step; here one
+The pure-numpy path (``kvtier.trace.step_numpy``, ``kvtier.trace.intlist_json`` and the record templates of
+``kvtier.trace.record_layout``) needs a comparison sort and several passes over every step; here one
 compiled pass per row replaces them: a bitmap over ``[0, seq_len)`` sorts and de-duplicates
 the row, and the same scan yields block ids, tokens per block and the prefix overlap. A second
 kernel writes whole records (ints, int lists, pre-formatted text) straight into one byte
