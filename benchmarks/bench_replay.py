@@ -32,8 +32,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -41,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import simpy
+from baseline import add_baseline_args, baseline_code, rounds, run_code
 
 from kvtier.backend import HBMOnlyBackend
 from kvtier.sim.access import rebucket
@@ -85,9 +84,6 @@ def naive_simpy(stream, block_size: int, cap: int, cfg) -> int:
     return hits
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def replay_worker(trace: str, out: str, hbm_blocks: int | None) -> None:
     """One ``replay()`` call of whichever kvtier is imported; prints JSON."""
     t0 = time.perf_counter()
@@ -103,25 +99,20 @@ def replay_worker(trace: str, out: str, hbm_blocks: int | None) -> None:
                       "hbm_hits": (res.summary or {}).get("tiers", {}).get("hbm", {}).get("hit_blocks")}))
 
 
-def _export(ref: str) -> Path:
-    dest = Path(tempfile.mkdtemp(prefix="kvtier-baseline-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 def _run(code: Path, argv: list[str]) -> tuple[float, str]:
-    env = {**os.environ, "PYTHONPATH": str(code)}
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, *argv], env=env, cwd=str(code), check=True,
-                         capture_output=True, text=True)
-    return time.perf_counter() - t, out.stdout
+    out = run_code(code, argv).stdout
+    return time.perf_counter() - t, out
 
 
 def end_to_end(args) -> None:
-    base = Path(args.baseline) if args.baseline else (_export(args.baseline_ref) if args.baseline_ref else None)
-    codes = [("this checkout", ROOT)] + ([(f"baseline {args.baseline_ref or base}", base)] if base else [])
+    with baseline_code(args) as codes:
+        _end_to_end(args, codes)
+
+
+def _end_to_end(args, codes: list[tuple[str, Path]]) -> None:
+    base = len(codes) > 1
+    index = {tag: i for i, (tag, _) in enumerate(codes)}
     scratch = Path(tempfile.mkdtemp(prefix="kvtier-e2e-"))
     sanity = ["-m", "kvtier", "sanity", "--requests", str(args.requests), "--batch-size",
               str(args.e2e_batch), "--layers", str(args.layers), "--prompt-len", str(args.prompt_len),
@@ -133,9 +124,9 @@ def end_to_end(args) -> None:
     try:
         for i, (_tag, code) in enumerate(codes):
             _run(code, [*sanity, "--out", str(scratch / f"trace{i}")])
-        for r in range(args.repeat):
-            order = list(enumerate(codes)) if r % 2 == 0 else list(enumerate(codes))[::-1]
-            for i, (tag, code) in order:
+        for order in rounds(codes, args.repeat):
+            for tag, code in order:
+                i = index[tag]
                 trace = scratch / f"trace{i}"
                 for f in trace.glob(".trace_steps*.columns.arrow"):
                     f.unlink()  # run 1 parses the trace, run 2 reads what run 1 left
@@ -151,8 +142,6 @@ def end_to_end(args) -> None:
                                                      (wall,))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if args.baseline_ref and base is not None:
-            shutil.rmtree(base, ignore_errors=True)
     acc = {tag: v["accesses"] for tag, v in info.items()}
     hits = {tag: v["hbm_hits"] for tag, v in info.items()}
     if len(set(acc.values())) > 1 or len(set(hits.values())) > 1:
@@ -201,10 +190,7 @@ def main() -> None:
     ap.add_argument("--e2e-batch", type=int, default=4, help="--end-to-end: sanity batch size")
     ap.add_argument("--hbm-blocks", type=int, default=None,
                     help="--end-to-end: replay with this HBM capacity (default: the preset's)")
-    ap.add_argument("--baseline-ref", default=None, metavar="REF",
-                    help="--end-to-end: also time the replay of this git ref")
-    ap.add_argument("--baseline", default=None, metavar="DIR",
-                    help="--end-to-end: also time the replay of this checkout")
+    add_baseline_args(ap, "--end-to-end's replays")
     ap.add_argument("--replay-worker", nargs=2, metavar=("TRACE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.replay_worker:

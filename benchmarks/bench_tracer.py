@@ -22,15 +22,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from baseline import add_baseline_args, baseline_code, rounds, run_code
 
 
 def _tracer_api():
@@ -162,21 +159,10 @@ def worker(args) -> None:
     print(json.dumps(rows))
 
 
-def _export(ref: str) -> Path:
-    """``git archive REF`` of this repository into a temporary directory."""
-    dest = Path(tempfile.mkdtemp(prefix="kvtier-baseline-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 def _round(code: Path, argv: list[str]) -> list:
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    env.pop("KVTIER_NO_NUMBA", None)
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
-                         env=env, cwd=str(code), check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_code(code, [str(Path(__file__).resolve()), "--worker", *argv],
+                   drop_env=("KVTIER_NO_NUMBA",)).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -195,35 +181,24 @@ def main() -> None:
                     help="rounds of the tracer runs; the best counts (default 3)")
     ap.add_argument("--skip-numpy", action="store_true",
                     help="do not also time the pure-numpy path (KVTIER_NO_NUMBA=1)")
-    ap.add_argument("--baseline-ref", default=None, metavar="REF",
-                    help="also time the tracer of this git ref (exported with git archive), "
-                         "alternating rounds with this checkout's")
-    ap.add_argument("--baseline", default=None, metavar="DIR",
-                    help="also time the tracer of this checkout (instead of --baseline-ref)")
+    add_baseline_args(ap, "the tracer runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    if args.baseline and args.baseline_ref:
-        ap.error("give --baseline or --baseline-ref, not both")
     argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--layers={args.layers}",
             f"--topk={args.topk}", f"--context={args.context}", f"--block-size={args.block_size}",
             f"--cores={args.cores}"] + (["--skip-numpy"] if args.skip_numpy else [])
-    base = Path(args.baseline) if args.baseline else (_export(args.baseline_ref) if args.baseline_ref else None)
-    label = args.baseline_ref or (str(base) if base else None)
-    codes = [("this checkout", ROOT)] + ([(f"baseline {label}", base)] if base else [])
     best: dict[tuple[str, str], list] = {}
-    try:
-        for _ in range(args.repeat):
-            for tag, code in (codes if _ % 2 == 0 else codes[::-1]):
+    with baseline_code(args) as codes:
+        for order in rounds(codes, args.repeat):
+            for tag, code in order:
                 for name, n, dt, size in _round(code, argv):
                     key = (tag, name)
                     if key not in best or dt < best[key][1]:
                         best[key] = [n, dt, size]
-    finally:
-        if args.baseline_ref and base is not None:
-            shutil.rmtree(base, ignore_errors=True)
+    base = len(codes) > 1
     _pin(args.cores)
     rng = np.random.default_rng(0)
     pool = make_pool(rng, 16, args.batch, args.context - args.steps, args.topk)

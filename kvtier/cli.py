@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 #: subcommand module names under kvtier.commands, in --help order
 COMMANDS = (
@@ -77,11 +78,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def _one_line_warnings(command: str):
+    """``warnings.showwarning`` for a command: a reader's ``SkippedLinesWarning`` (lines of a
+    trace that are not records were skipped) as one ``kvtier CMD: warning: ...`` line on
+    stderr, once per text; other warnings as Python shows them."""
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ != "SkippedLinesWarning":
+            return default(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"kvtier {command}: warning: {text}", file=sys.stderr)
+
+    return show
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -154,6 +154,14 @@ def prepare(
             skipped[SKIP_BAD_CAP] += 1
             continue
         tokens = tokenize_request(req, tokenizer, bos_id, seed, index, vocab_size)
+        if tokens and max(tokens) >= vocab_size:
+            # the tokenizer's vocabulary, not this request, is the problem: every text prompt
+            # would fail inside the model's embedding, so stop before it loads
+            raise ValueError(
+                f"vocab_size: the model config's vocab_size {vocab_size} does not cover the "
+                f"tokenizer (request {index} has token id {max(tokens)}); use a config with "
+                "vocab_size >= the tokenizer's (129280 for DeepSeek V3's), or a length-only "
+                "workload (burstgpt, mooncake, azure), whose synthetic prompts fit any vocab")
         why = _skip_reason(cap, None if tokens is None else len(tokens), max_prompt_tokens)
         if why is not None:
             skipped[why] += 1

@@ -43,9 +43,11 @@ class D:
 
 
 def iter_raw_records(trace):
-    """Every record dict of a trace (malformed JSONL lines counted and skipped)."""
+    """Every record dict of a trace; lines that are not JSON objects are skipped and counted
+    by reason (truncated_final_line: the last line without its newline; malformed_json;
+    invalid_record: JSON that is not an object)."""
     tf = find_trace(trace)
-    bad = 0
+    bad = {"truncated_final_line": 0, "malformed_json": 0, "invalid_record": 0}
     out = []
     for f in tf.files:
         if f.suffix == ".parquet":
@@ -53,16 +55,19 @@ def iter_raw_records(trace):
 
             out.extend(pq.read_table(f).to_pylist())
             continue
-        for line in Path(f).read_bytes().split(b"\n"):
+        data = Path(f).read_bytes()
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except ValueError:
-                bad += 1
+                last = i == len(lines) - 1  # no newline after it
+                bad["truncated_final_line" if last else "malformed_json"] += 1
                 continue
             if not isinstance(rec, dict):
-                bad += 1
+                bad["invalid_record"] += 1
                 continue
             out.append(rec)
     return out, bad, tf
@@ -190,7 +195,7 @@ def reference_from_records(raw, bad_lines, tf, settings, tier_cfg, kvb_default=N
         "records_analyzed": len(recs), "requests": len(req_index),
         "layers": len({r["layer_id"] for r in recs}), "block_size_recorded": rec_bs,
         "kv_bytes_per_token": kvb,
-        "skipped": {"malformed_lines": bad_lines, **skipped},
+        "skipped": {**bad_lines, **skipped},
         "results": [block_size_section(recs, bs, settings, shared) for bs in sizes],
         "read_amplification": amplification(recs, tier_cfg, kvb),
         "offsets": offsets_section(recs),

@@ -19,6 +19,7 @@ from kvtier.sim.access import (
     working_set,
 )
 from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
+from kvtier.trace.reader import SkippedLines, SkippedLinesWarning
 
 CFG = SynthConfig(requests=3, layers=2, steps=6, prompt_len=300, prompt_jitter=50, topk=48,
                   block_size=16)
@@ -129,24 +130,38 @@ def test_parquet(tmp_path, trace_dir, stream):
         read_access_stream(d)
 
 
-def test_bad_line_names_file_line_field(trace_dir):
+def test_bad_line_is_skipped_counted_and_named(trace_dir):
+    """A line that is not a record is skipped (never shifted into other columns); the one
+    warning names file, line and field."""
     path = trace_dir / "trace_steps.jsonl"
     lines = path.read_text().splitlines()
+    whole = read_access_stream(trace_dir, SkippedLines())
     rec = json.loads(lines[3])
     rec["layer_id"] = "three"
     lines[3] = json.dumps(rec)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceReadError) as err:
-        read_access_stream(trace_dir)
-    msg = str(err.value)
-    assert "trace_steps.jsonl:4:" in msg and "layer_id" in msg and "\n" not in msg
+    with pytest.warns(SkippedLinesWarning) as got:
+        s = read_access_stream(trace_dir)
+    msg = str(got[0].message)
+    assert "trace_steps.jsonl:4: invalid_record: $.layer_id" in msg and "\n" not in msg
+    assert len(s) == len(whole) - 1
+    keep = np.r_[0:3, 4:len(whole)]
+    assert np.array_equal(s.layer, whole.layer[keep]) and np.array_equal(s.step, whole.step[keep])
+    log = SkippedLines()
+    read_access_stream(trace_dir, log)  # from the twin: the same count, no warning
+    assert log.counts == {"invalid_record": 1}
 
 
 def test_truncated_line_and_missing_dir(trace_dir, tmp_path):
     path = trace_dir / "trace_steps.jsonl"
     data = path.read_bytes()
+    n = data.count(b"\n")
     path.write_bytes(data[: len(data) - 40])
-    with pytest.raises(TraceReadError, match=r"trace_steps.jsonl:\d+:"):
+    log = SkippedLines()
+    assert len(read_access_stream(trace_dir, log)) == n - 1
+    assert log.counts == {"truncated_final_line": 1} and log.lines == {"trace_steps.jsonl": [n]}
+    path.write_bytes(b"garbage\n" + data[:30])  # nothing is a record: an error
+    with pytest.raises(TraceReadError, match=r"no record could be read"):
         read_access_stream(trace_dir)
     with pytest.raises(TraceReadError, match="no such trace"):
         read_access_stream(tmp_path / "nope")

@@ -71,7 +71,8 @@ def test_equals_reference_on_random_traces(tmp_path, kern, seed, new_form):
         fast, ref = run_both(trace, kern, **kw)
         assert fast["records_analyzed"] > 50
         assert_same(fast, ref, f"settings={kw}")
-    assert fast["skipped"] == {"malformed_lines": 2, "missing_field": 1, "empty_selection": 1,
+    assert fast["skipped"] == {"truncated_final_line": 0, "malformed_json": 2,
+                               "invalid_record": 0, "missing_field": 1, "empty_selection": 1,
                                "invalid": 1, "max_steps_per_stream": fast["skipped"][
                                    "max_steps_per_stream"]}
 
@@ -249,7 +250,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(AnalysisError, match="no record could be analysed"):
         analyze(d)
     d2 = write_records(tmp_path / "bad", [], 16, extra_lines=[(0, "{oops")])
-    with pytest.raises(AnalysisError, match="1 malformed"):
+    with pytest.raises(AnalysisError, match="not records: malformed_json 1;"):
         analyze(d2)
     with pytest.raises(AnalysisError, match="--key-mode"):
         analyze(d, AnalysisSettings(key_mode="layer"))

@@ -101,7 +101,7 @@ def test_a_killed_run_is_analysed_up_to_its_last_record(trace, tmp_path, capsys)
     assert main(["analyze", str(cut), "--no-progress"]) == 0
     res = json.loads((cut / "analysis.json").read_text())
     n = data.count(b"\n")
-    assert res["skipped"]["malformed_lines"] == 1 and res["records_analyzed"] == n - 1
+    assert res["skipped"]["truncated_final_line"] == 1 and res["records_analyzed"] == n - 1
 
 
 def test_jsonl_shards_and_parquet_give_the_same_analysis(trace, tmp_path, capsys):

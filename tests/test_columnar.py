@@ -17,6 +17,8 @@ from kvtier.schema import TopkRecord, TraceError
 from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
 from kvtier.trace import columnar
 from kvtier.trace.columnar import COLUMNS, column_cache_path, read_columns
+from kvtier.trace.parquet import arrow_schema, flatten
+from kvtier.trace.reader import SkippedLines, SkippedLinesWarning, TraceFiles, iter_records
 
 CFG = SynthConfig(requests=3, layers=2, steps=5, prompt_len=200, prompt_jitter=30, topk=40,
                   block_size=16)
@@ -121,26 +123,99 @@ def test_unknown_column_and_bad_lines_are_named(trace_dir):
         read_columns(trace_dir, ["kv_fetch.hbm"])
     path = trace_dir / "trace_steps.jsonl"
     lines = path.read_text().splitlines()
+    n = len(lines)
     rec = json.loads(lines[2])
     rec["prefix"]["prefix_key"] = 7
     lines[2] = json.dumps(rec)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:3: \$.prefix.prefix_key"):
-        read_columns(trace_dir)
-    assert column_cache_path(trace_dir) is None  # nothing cached from a bad trace
+    log = SkippedLines()
+    assert read_columns(trace_dir, skipped=log).num_rows == n - 1
+    assert log.counts == {"invalid_record": 1} and log.lines == {"trace_steps.jsonl": [3]}
+    assert log.examples[0].startswith("trace_steps.jsonl:3: invalid_record: $.prefix.prefix_key")
     del rec["prefix"]["prefix_key"]
     lines[2] = json.dumps(rec)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:3: .*prefix_key"):
-        read_columns(trace_dir)
+    log = SkippedLines()
+    read_columns(trace_dir, skipped=log)
+    assert log.counts == {"invalid_record": 1} and "prefix_key" in log.examples[0]
 
 
 def test_truncated_last_line(trace_dir):
     path = trace_dir / "trace_steps.jsonl"
     data = path.read_bytes()
-    path.write_bytes(data[:-1])  # a complete record without its newline: still truncated
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:\d+: truncated final line"):
-        read_columns(trace_dir)
+    n = data.count(b"\n")
+    path.write_bytes(data[:-1])  # a whole record without its newline: kept
+    log = SkippedLines()
+    assert read_columns(trace_dir, skipped=log).num_rows == n and not log
+    path.write_bytes(data[:-40])  # cut inside the last record: skipped, counted
+    log = SkippedLines()
+    table = read_columns(trace_dir, skipped=log)
+    assert table.num_rows == n - 1
+    assert log.counts == {"truncated_final_line": 1} and log.lines == {"trace_steps.jsonl": [n]}
+    assert table.to_pydict() == naive_table_of(data[:data.rfind(b"\n", 0, len(data) - 1) + 1])
+
+
+def naive_table_of(data: bytes) -> dict[str, list]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.jsonl"
+        p.write_bytes(data)
+        return naive_table(p)
+
+
+def test_skips_are_remembered_by_the_twin_and_warned_once(trace_dir):
+    """The second read reports what the first skipped (from the twin, without parsing
+    again); without ``skipped`` the read warns in one line."""
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    n = len(lines)
+    lines.insert(4, b"garbage that is not JSON\n")
+    path.write_bytes(b"".join(lines)[:-25])  # and a killed run's half line at the end
+    with pytest.warns(SkippedLinesWarning) as got:
+        first = read_columns(trace_dir)
+    assert len(got) == 1
+    msg = str(got[0].message)
+    assert "skipped 2 lines (truncated_final_line 1, malformed_json 1)" in msg
+    assert "trace_steps.jsonl:5: malformed_json" in msg and "\n" not in msg
+    assert first.num_rows == n - 1
+    twin = column_cache_path(trace_dir)
+    built = twin.stat().st_mtime_ns
+    log = SkippedLines()
+    again = read_columns(trace_dir, ["step_idx"], skipped=log)
+    assert twin.stat().st_mtime_ns == built and again.num_rows == n - 1
+    assert log.counts == {"truncated_final_line": 1, "malformed_json": 1}
+    assert log.lines == {"trace_steps.jsonl": [5, n + 1]}
+    assert columnar.twin_skipped(twin).counts == log.counts
+
+
+def test_a_trace_of_no_records_is_an_error(tmp_path):
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "trace_steps.jsonl").write_text('garbage\n{"event": "dsa_topk"}\n[1, 2]\n{"half')
+    with pytest.raises(TraceError, match=r"no record could be read: skipped 4 lines "
+                                         r"\(truncated_final_line 1, malformed_json 1, "
+                                         r"invalid_record 2\)"):
+        read_columns(d)
+    assert column_cache_path(d) is None
+
+
+def test_a_schema_1_trace_is_refused_not_skipped(tmp_path):
+    from kvtier.trace.legacy import describe  # noqa: F401  (the message's source)
+
+    d = tmp_path / "old"
+    write_trace(synth_stream(CFG), d)
+    path = d / "trace_steps.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in recs:
+        r["request_id"] = f"req-{r['request_id']}"
+        for t in r["kv_fetch"].values():
+            t["hit_blocks"] = len(t["hit_blocks"])
+        r["prefix"]["intersection_blocks"] = len(r["prefix"]["intersection_blocks"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(TraceError, match="earlier|schema 1|upgrade"):
+        read_columns(d)
 
 
 def test_parquet_trace_read_directly(trace_dir, tmp_path):
@@ -181,6 +256,19 @@ def _record_line(i: int, pos: list[int], sep: str) -> str:
             .replace('"INTER"', f"[{sep}{inter}{sep}]"))
 
 
+def plain_table(path):
+    """The plain version of ``_parse_jsonl``: every line decoded on its own by msgspec, the
+    lines that are not records skipped (``iter_records`` with a log)."""
+    log = SkippedLines()
+    rows = []
+    tf = TraceFiles(path.parent, None, [path], "jsonl")
+    for rec in iter_records(tf, TopkRecord, log):
+        row = msgspec.to_builtins(rec)
+        row.setdefault("scores_topk", None)
+        rows.append(row)
+    return flatten(pa.Table.from_pylist(rows, schema=arrow_schema())), log
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.integers(0, 10**7), max_size=6),
                           st.sampled_from(["", " ", "   ", "\t"])), min_size=1, max_size=6))
@@ -190,11 +278,60 @@ def test_bulk_parse_equals_the_strict_decoder(tmp_path_factory, rows):
     d = tmp_path_factory.mktemp("b")
     path = d / "trace_steps.jsonl"
     path.write_text("".join(_record_line(i, p, s) + "\n" for i, (p, s) in enumerate(rows)))
-    bulk = columnar._parse_jsonl(path)
-    strict = columnar.flatten(columnar._strict_table(path))
-    assert bulk.equals(strict)
+    bulk = columnar._parse_jsonl(path, SkippedLines())
+    strict, log = plain_table(path)
+    assert bulk.equals(strict) and not log
     assert bulk.column("selected_token_pos").to_pylist() == [p for p, _ in rows]
     assert bulk.column("prefix.intersection_blocks").to_pylist() == [p[:2] for p, _ in rows]
+
+
+BAD_LINES = ["not json", '{"event": "dsa_topk", "run_name": ', "[1, 2, 3]", "7",
+             "@@KEY@@", "@@TYPE@@", "@@EVENT@@", "@@NULL@@", "   "]
+
+
+def _bad_line(kind: str, good: str) -> str:
+    rec = json.loads(good)
+    if kind == "@@KEY@@":
+        rec["extra_field"] = 1
+    elif kind == "@@TYPE@@":
+        rec["layer_id"] = "zero"
+    elif kind == "@@EVENT@@":
+        rec["event"] = "other"
+    elif kind == "@@NULL@@":
+        rec["kv_fetch"]["hbm"]["read_ops"] = None
+    else:
+        return kind
+    return json.dumps(rec)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(BAD_LINES)), min_size=1, max_size=12),
+       st.sampled_from(["", "\n", "cut", "whole"]), st.sampled_from([64, 300, 1 << 20]))
+def test_isolating_bad_lines_equals_the_plain_decoder(tmp_path_factory, lines, end, chunk):
+    """The bulk parse, its bisection around lines that are not records (with small and
+    large chunks) and its handling of the last line give exactly the records and the skips
+    of decoding every line on its own."""
+    d = tmp_path_factory.mktemp("i")
+    path = d / "trace_steps.jsonl"
+    out = []
+    for i, (ok, kind) in enumerate(lines):
+        good = _record_line(i, [i, i + 3], "")
+        out.append(good if ok else _bad_line(kind, good))
+    text = "\n".join(out) + "\n"
+    last = _record_line(99, [5, 9], "")
+    text += {"": "", "\n": "\n", "cut": last[:len(last) // 2], "whole": last}[end]
+    path.write_text(text)
+    got_log = SkippedLines()
+    saved = columnar._ISOLATE_BYTES
+    columnar._ISOLATE_BYTES = chunk
+    try:
+        got = columnar._parse_jsonl(path, got_log)
+    finally:
+        columnar._ISOLATE_BYTES = saved
+    want, want_log = plain_table(path)
+    assert got.equals(want)
+    assert got_log.counts == want_log.counts and got_log.lines == want_log.lines
+    assert got_log.examples == want_log.examples
 
 
 @pytest.mark.parametrize("value", ["[[1],[2]]", "[1,[2]]", "5", "[1.5]", '["1"]', "[-1e3]"])
@@ -204,8 +341,11 @@ def test_non_integer_lists_are_refused_with_the_line(tmp_path, value):
     bad = _record_line(1, [3], "").replace('"selected_token_pos": [3]',
                                            f'"selected_token_pos": {value}')
     path.write_text(good + "\n" + bad + "\n")
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:2: .*selected_token_pos"):
-        read_columns(tmp_path)
+    log = SkippedLines()
+    assert read_columns(tmp_path, skipped=log).num_rows == 1
+    assert log.counts == {"invalid_record": 1}
+    assert log.examples[0].startswith("trace_steps.jsonl:2: invalid_record: "
+                                      "$.selected_token_pos")
 
 
 def test_to_numpy_zero_copy_lists(trace_dir):
@@ -227,11 +367,116 @@ def test_other_events_and_nested_nulls_are_refused(trace_dir):
     good = list(lines)
     lines[1] = lines[1].replace('"dsa_topk"', '"dsa_topx"', 1)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:2: \$.event"):
-        read_columns(trace_dir)
+    log = SkippedLines()
+    read_columns(trace_dir, skipped=log)
+    assert log.examples == ["trace_steps.jsonl:2: invalid_record: $.event: Expected `str` "
+                            "matching 'dsa_topk', got `str`"] or "$.event" in log.examples[0]
     rec = json.loads(good[2])
     rec["kv_fetch"]["local_pool"]["bytes_read"] = None
     good[2] = json.dumps(rec)
     path.write_text("\n".join(good) + "\n")
-    with pytest.raises(TraceError, match=r"trace_steps.jsonl:3: \$.kv_fetch.local_pool.bytes_read"):
-        read_columns(trace_dir)
+    log = SkippedLines()
+    read_columns(trace_dir, skipped=log)
+    assert log.examples[0].startswith(
+        "trace_steps.jsonl:3: invalid_record: $.kv_fetch.local_pool.bytes_read")
+
+
+# -- the twin's physical form (columnar.encode_twin / decode_twin), pinned to the plain table --
+
+
+@st.composite
+def _records(draw):
+    """Flat record tables whose lists the twin can derive or not: sorted or unsorted
+    positions, block lists that are or are not what the positions imply, pools that do or do
+    not partition the blocks, values past int32."""
+    n = draw(st.integers(0, 6))
+    big = draw(st.booleans())
+    rows = []
+    for i in range(n):
+        bs = draw(st.sampled_from([1, 3, 16]))
+        hi = (1 << 40) if big else 5000
+        pos = sorted(set(draw(st.lists(st.integers(0, hi), max_size=8))))
+        if draw(st.booleans()):
+            pos = pos[::-1]
+        blocks = sorted({p // bs for p in pos})
+        if draw(st.integers(0, 3)) == 0:
+            blocks = blocks[1:] + [10**6]
+        local = [b for b in blocks if draw(st.booleans())]
+        rest = [b for b in blocks if b not in local]
+        hbm = rest if draw(st.integers(0, 3)) else rest[:1] + [7]
+        rec = json.loads(_record_line(i, pos, ""))
+        rec["block_size_tokens"] = bs
+        rec["selected_block_ids"] = blocks
+        rec["kv_fetch"]["hbm"]["hit_blocks"] = hbm
+        rec["kv_fetch"]["local_pool"]["hit_blocks"] = local
+        rec["prefix"]["intersection_blocks"] = blocks[:2]
+        rec["scores_topk"] = None
+        rows.append(rec)
+    return flatten(pa.Table.from_pylist(rows, schema=arrow_schema()))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_records())
+def test_twin_form_round_trips(flat):
+    phys = columnar.encode_twin(flat)
+    assert columnar.decode_twin(phys).equals(flat)
+    some = ["kv_fetch.hbm.hit_blocks", "layer_id", "selected_block_ids"]
+    assert columnar.decode_twin(phys, some).equals(flat.select(some))
+    narrow = columnar.decode_twin(phys, ["selected_token_pos", "prefix.intersection_blocks"],
+                                  narrow=True)
+    for name in narrow.column_names:
+        assert narrow.column(name).to_pylist() == flat.column(name).to_pylist()
+
+
+def test_twin_form_derives_and_narrows_a_real_trace(trace_dir):
+    """On a tracer-shaped trace the block lists are derived (stored null), the positions
+    int32, and what reads back is the parsed table."""
+    flat = read_columns(trace_dir, cache=False)
+    phys = columnar.encode_twin(flat)
+    assert phys.column("selected_block_ids").null_count == flat.num_rows
+    assert phys.column("kv_fetch.hbm.hit_blocks").null_count == flat.num_rows
+    assert phys.schema.field("selected_token_pos").type.value_type == pa.int32()
+    assert columnar.decode_twin(phys).equals(flat)
+    twin_read = read_columns(trace_dir)  # builds the twin
+    assert read_columns(trace_dir).equals(twin_read) and twin_read.equals(flat)
+    assert read_columns(trace_dir).schema == columnar.flat_schema()
+
+
+def test_twin_batches_and_wide_values(trace_dir, monkeypatch):
+    """Batches of a few records, and a trace whose positions need int64, read back the same."""
+    monkeypatch.setattr(columnar, "TWIN_BATCH_RECORDS", 7)
+    path = trace_dir / "trace_steps.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[-1])
+    rec["selected_token_pos"] = [1, 2, 1 << 40]
+    lines[-1] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    flat = read_columns(trace_dir, cache=False)
+    read_columns(trace_dir)
+    twin = column_cache_path(trace_dir)
+    with pa.memory_map(str(twin)) as src:
+        reader = pa.ipc.open_file(src)
+        assert reader.num_record_batches == -(-flat.num_rows // 7)
+        assert reader.schema.field("selected_token_pos").type.value_type == pa.int64()
+    assert read_columns(trace_dir).equals(flat)
+    parts = list(columnar.iter_twin(twin, ["selected_token_pos"], narrow=True))
+    assert sum(p.num_rows for p in parts) == flat.num_rows
+
+
+def test_an_older_twin_is_rebuilt_not_misread(trace_dir):
+    """A twin of format 1 (lz4 logical columns, its own key) beside the trace is not used:
+    the next read rebuilds it in the current format."""
+    flat = read_columns(trace_dir, cache=False)
+    tf = columnar.find_trace(trace_dir)
+    old_key = columnar._source_key(tf).replace(
+        f'"version": {columnar.FORMAT_VERSION}'.encode(), b'"version": 1')
+    twin = trace_dir / columnar.CACHE_NAME
+    garbled = flat.set_column(flat.column_names.index("layer_id"), "layer_id",
+                              pa.array([99] * flat.num_rows, pa.int64()))
+    with pa.OSFile(str(twin), "wb") as sink, pa.ipc.new_file(
+            sink, garbled.schema.with_metadata({b"kvtier.columnar": old_key}),
+            options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        w.write_table(garbled)
+    assert column_cache_path(trace_dir) is None
+    assert read_columns(trace_dir, ["layer_id"]).column(0).equals(flat.column("layer_id"))
+    assert column_cache_path(trace_dir) == twin

@@ -143,15 +143,22 @@ def test_bad_settings_fail_at_start(trace, tmp_path, capsys, flag, value, patter
     assert not out.exists()
 
 
-def test_bad_record_names_file_and_line(trace, tmp_path, capsys):
+def test_bad_record_is_skipped_naming_file_and_line(trace, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
     lines[4] = lines[4].replace(b'"layer_id":', b'"layer_id":"x","was":')
     (bad / "trace_steps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    assert _replay(str(bad), "--out", str(tmp_path / "o")) == 2
+    out = tmp_path / "o"
+    assert _replay(str(bad), "--out", str(out)) == 0
     err = capsys.readouterr().err
-    assert "trace_steps.jsonl:5" in err and "layer_id" in err
+    assert "warning" in err and "trace_steps.jsonl:5: invalid_record" in err
+    assert (out / "trace_steps.jsonl").read_bytes().count(b"\n") == len(lines) - 1
+    # nothing at all is a record: an error, nothing written
+    (bad / "trace_steps.jsonl").write_bytes(lines[4] + b"\n" + b"{oops\n")
+    assert _replay(str(bad), "--out", str(tmp_path / "o2")) == 2
+    assert "no record could be read" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_offline_policy_gets_the_future(trace, tmp_path):
@@ -221,20 +228,32 @@ def test_summary_equals_the_record_path(trace, tmp_path):
                 assert r.prefix.prefix_cached_blocks == 3 * (r.request_id > 0)
 
 
-def test_bad_field_late_in_the_trace_fails_before_writing(trace, tmp_path, capsys):
-    """A bad field late in the trace: the columnar read checks every field up front, so the
-    error names file, line and field and nothing is written."""
+def test_lines_that_are_not_records_are_skipped_and_reported_once(trace, tmp_path, capsys):
+    """A bad field late in the trace and a killed run's half line: replay skips both (one
+    warning line naming file, line and field), replays the other records byte for byte
+    outside kv_fetch, and its output validates."""
     bad = tmp_path / "bad2"
     bad.mkdir()
     lines = (trace / "trace_steps.jsonl").read_bytes().splitlines()
     assert b'"scores_stats":null' in lines[40]
     lines[40] = lines[40].replace(b'"scores_stats":null', b'"scores_stats":5')
-    (bad / "trace_steps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    out = tmp_path / "o"
-    assert _replay(str(bad), "--out", str(out)) == 2
+    (bad / "trace_steps.jsonl").write_bytes(b"\n".join(lines) + b"\n" + lines[0][:50])
+    out, ref = tmp_path / "o", tmp_path / "ref"
+    assert _replay(str(bad), "--out", str(out), "--tiers", "mooncake", "--hbm-blocks", "40") == 0
     err = capsys.readouterr().err
-    assert "trace_steps.jsonl:41" in err and "scores_stats" in err and err.count("\n") == 1
-    assert not out.exists()
+    assert err.count("warning") == 1 and "skipped 2 lines" in err
+    assert "trace_steps.jsonl:41: invalid_record: $.scores_stats" in err
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "trace_steps.jsonl").write_bytes(b"\n".join(lines[:40] + lines[41:]) + b"\n")
+    assert _replay(str(good), "--out", str(ref), "--tiers", "mooncake", "--hbm-blocks", "40") == 0
+    assert (out / "trace_steps.jsonl").read_bytes() == (ref / "trace_steps.jsonl").read_bytes()
+    assert main(["validate", str(out)]) == 0
+    # the same through the re-encoding path (another block size)
+    assert _replay(str(bad), "--out", str(tmp_path / "o32"), "--block-size", "32") == 0
+    assert _replay(str(good), "--out", str(tmp_path / "r32"), "--block-size", "32") == 0
+    assert ((tmp_path / "o32" / "trace_steps.jsonl").read_bytes()
+            == (tmp_path / "r32" / "trace_steps.jsonl").read_bytes())
 
 
 def test_replays_a_sharded_tracer_trace_and_validates(tmp_path):

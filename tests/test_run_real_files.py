@@ -107,6 +107,29 @@ def test_keeps_nothing_exit_status_and_message(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_whose_vocab_misses_the_tokenizer_fails_before_loading(tmp_path, capsys,
+                                                                         monkeypatch):
+    """Text prompts through the DeepSeek tokenizer on the tiny config (vocab 1024): one error
+    line naming vocab_size, exit 2, before the model loads (it used to be a traceback from
+    inside generate, after the load and the warm-up)."""
+    from kvtier.cli import main
+    from kvtier.runners import model_setup
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_setup, "load_model", no_load)
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps([{"id": "a", "conversations": [
+        {"from": "human", "value": "Explain sparse attention in one sentence."}]}]))
+    rc = main(["run", "sharegpt", "--sharegpt-json", str(p), "--config", "tiny",
+               "--trace-out", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]  # not the bar
+    assert rc == 2 and len(err) == 1 and "kvtier run: error: vocab_size: the model config's " \
+        "vocab_size 1024 does not cover the tokenizer" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not MOONCAKE.is_file(), reason="shared Mooncake trace absent")
 def test_another_datasets_file_is_named_as_such(tmp_path):
     """The Mooncake trace passed as ShareGPT: every row lacks `conversations`."""

@@ -280,3 +280,29 @@ def test_simulate_measures_process_time(monkeypatch):
     monkeypatch.setattr(cachesim.time, "process_time", lambda: next(clock))
     res = simulate(load_policy("lru")(4), np.array([1, 2, 1, 3], dtype=np.int64))
     assert res.cpu_seconds == 2.5 and res.accesses_per_cpu_s == 4 / 2.5
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sweep_and_mrc_read_a_killed_runs_trace(trace, tmp_path, capsys, jobs):
+    """A half-written last line (a killed run): sweep and mrc read the other records, give
+    exactly their numbers on the trace without that line, and warn in one line (once, also
+    with --jobs workers)."""
+    data = (trace / "trace_steps.jsonl").read_bytes()
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    cut.mkdir(), whole.mkdir()
+    keep = data[:data.rfind(b"\n", 0, len(data) - 1) + 1]
+    (cut / "trace_steps.jsonl").write_bytes(data[:-30])
+    (whole / "trace_steps.jsonl").write_bytes(keep)
+    for cmd, extra in (("sweep", ["--policies", "lru,fifo", "--capacities", "16blocks,64blocks",
+                                  "--jobs", jobs, "--no-progress"]),
+                       ("mrc", ["--block-sizes", "16"])):
+        outs = []
+        for d in (cut, whole):
+            out = tmp_path / f"{cmd}-{d.name}.csv"
+            assert main([cmd, str(d), "--out", str(out), *extra]) == 0
+            outs.append([{k: v for k, v in r.items() if "seconds" not in k and "per_cpu" not in k}
+                         for r in csv.DictReader(out.open())])
+        assert outs[0] == outs[1] and outs[0]
+        err = capsys.readouterr().err
+        warns = [ln for ln in err.splitlines() if "warning" in ln]
+        assert len(warns) == 1 and "skipped 1 line (truncated_final_line 1)" in warns[0], err

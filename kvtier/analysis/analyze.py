@@ -25,9 +25,10 @@ from kvtier.analysis.source import ReadLog, iter_columns
 from kvtier.analysis.state import StepOrdinals, StreamIndex
 from kvtier.analysis.tiers import TierBreakdown, sweep_table
 from kvtier.analysis.union import StepUnion
-from kvtier.trace.reader import TraceError, find_trace
+from kvtier.trace.reader import TraceError, find_trace, warn_skipped
 
-FORMAT_VERSION = 1
+#: 2: ``skipped`` counts lines that are not records by reason (was one ``malformed_lines``)
+FORMAT_VERSION = 2
 #: offset histogram edges (tokens): 0, 1, 2, then 2 bins per octave up to 2**24
 OFFSET_EDGES = np.unique(np.concatenate([
     [0], np.floor(2.0 ** (np.arange(0, 49) / 2.0)).astype(np.int64)]))
@@ -327,18 +328,25 @@ def analyze(trace: str | Path, settings: AnalysisSettings | None = None, *,
         if bar is not None:
             bar.close()
     sk = an.builder.skipped
+    lines = log.skipped
     if an.analysed == 0:
+        first = (lines.examples or log.notes or [""])[0]
         raise AnalysisError(
-            f"{trace}: no record could be analysed ({an.builder.records_read} read, "
-            f"{log.bad_lines} malformed lines, skipped {sk.to_dict()})"
-            + (f"; first problem: {log.messages[0]}" if log.messages else ""))
+            f"{trace}: no record could be analysed ({an.builder.records_read} read; lines "
+            f"that are not records: {_reasons(lines.by_reason())}; records skipped: "
+            f"{_reasons(sk.to_dict())})" + (f"; first problem: {first}" if first else ""))
+    warn_skipped(lines, trace, an.builder.records_read)
     out = an.result(meta)
     out["trace"] = str(trace)
     out["format"] = tf.format
-    out["skipped"] = {"malformed_lines": log.bad_lines, **sk.to_dict()}
-    out["skipped_examples"] = log.messages
+    out["skipped"] = {**lines.by_reason(), **sk.to_dict()}
+    out["skipped_examples"] = lines.examples + log.notes[:max(0, 5 - len(lines.examples))]
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
 
 def write_analysis(path: str | Path, res: dict) -> Path:

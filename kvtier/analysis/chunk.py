@@ -99,10 +99,11 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def list_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(offsets from 0, values as int64) of a list column (nulls as empty lists), or None if
-    the column is not a list. Reads the Arrow buffers in place: ``combine_chunks`` and
-    ``ListArray.offsets`` copy, which for K = 2048 positions per record costs more than
-    analysing them."""
+    """(offsets from 0, values) of a list column (nulls as empty lists), or None if the column
+    is not a list; the values are int64, or int32 where the column stores int32 (the columnar
+    twin's positions, read in place: every consumer takes either). Reads the Arrow buffers in
+    place: ``combine_chunks`` and ``ListArray.offsets`` copy, which for K = 2048 positions per
+    record costs more than analysing them."""
     col = table.column(name)
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
         return None
@@ -110,14 +111,15 @@ def list_values(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray] | N
     for arr in col.chunks:
         if arr.null_count:
             arr = pc.fill_null(arr, pa.scalar([], type=arr.type))
-        if arr.type.value_type != pa.int64() or arr.values.null_count:
+        if arr.type.value_type not in (pa.int64(), pa.int32()) or arr.values.null_count:
             arr = pc.cast(arr, pa.list_(pa.int64()))  # copies; nulls inside fail loudly
             arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
         bufs = arr.buffers()
         odt = np.int64 if pa.types.is_large_list(arr.type) else np.int32
+        vdt = np.int32 if arr.type.value_type == pa.int32() else np.int64
         o = np.frombuffer(bufs[1], dtype=odt)[arr.offset:arr.offset + len(arr) + 1]
         o = o.astype(np.int64)
-        v = np.frombuffer(bufs[3], dtype=np.int64) if bufs[3] is not None else np.zeros(0, np.int64)
+        v = np.frombuffer(bufs[3], dtype=vdt) if bufs[3] is not None else np.zeros(0, vdt)
         child_off = arr.values.offset if hasattr(arr.values, "offset") else 0
         val_parts.append(v[child_off + o[0]:child_off + o[-1]])
         offs_parts.append(o[:-1] - o[0] + base)

@@ -5,17 +5,18 @@
 ``prefix.prefix_cached_blocks``, ``kv_fetch.hbm.bytes_read``, ...), from
 
 - the columnar twin of a JSONL trace (``kvtier.trace.columnar``: parsed once by
-  ``read_columns``, cached beside the trace as an lz4 Arrow IPC file), memory-mapped and read
-  one record batch at a time, only the requested columns decompressed; it is built on first
-  use when the parse fits in memory and every record is valid;
+  ``read_columns``, cached beside the trace as an Arrow IPC file), memory-mapped and read one
+  record batch at a time, only the requested columns touched, int lists as stored (int32
+  positions: no copy); it is built on first use when the parse fits in memory;
 - ``trace_steps.parquet`` (row batches, only the requested columns decoded);
 - otherwise JSONL or JSONL shards streamed a few MB of lines at a time, parsed by Arrow's C++
   JSON reader with an explicit schema, every other field skipped.
 
-Memory stays bounded by one chunk on the streamed paths whatever the trace size. A JSONL line
-that does not parse (truncated by a killed run, a wrong type) is skipped and counted, never
-shifted into other rows: a chunk that fails is split in halves until the bad lines are isolated
-(the twin refuses such a trace, so it is streamed).
+Memory stays bounded by one chunk on the streamed paths whatever the trace size. Lines that
+are not records are skipped and counted by reason (``kvtier.trace.reader.SkippedLines``),
+never shifted into other rows: the twin records the ones it was built without; a streamed
+chunk that fails is split in halves until the bad lines are isolated. Streaming reads only the
+fields the analysis needs, so there a line counts as bad only if one of those does not parse.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 
-from kvtier.trace.reader import TraceError, TraceFiles, find_trace
+from kvtier.trace.reader import SkippedLines, TraceError, TraceFiles, find_trace
 
 #: bytes of JSONL parsed per chunk (the chunk is split at a line boundary)
 JSONL_CHUNK_BYTES = 8 << 20
@@ -62,18 +63,15 @@ COUNT_ONLY = frozenset(f"kv_fetch.{t}.hit_blocks" for t in TIERS)
 
 @dataclass
 class ReadLog:
-    """What reading skipped: lines that did not parse; the first few locations and notes."""
+    """What reading skipped: the lines that are not records (by reason, with the first few
+    locations), and notes on how the trace was read."""
 
-    bad_lines: int = 0
-    messages: list[str] = field(default_factory=list)
-
-    def bad(self, where: str, why: str) -> None:
-        self.bad_lines += 1
-        self.note(f"{where}: {why}")
+    skipped: SkippedLines = field(default_factory=SkippedLines)
+    notes: list[str] = field(default_factory=list)
 
     def note(self, message: str) -> None:
-        if len(self.messages) < 5:
-            self.messages.append(message)
+        if len(self.notes) < 5:
+            self.notes.append(message)
 
 
 def open_trace_files(trace: str | Path) -> TraceFiles:
@@ -92,6 +90,9 @@ def iter_columns(trace: str | Path | TraceFiles, columns: Sequence[str],
     log = log if log is not None else ReadLog()
     twin = _twin_file(tf, trace, log)
     if twin is not None:
+        from kvtier.trace.columnar import twin_skipped
+
+        log.skipped.update(twin_skipped(twin))
         yield from _iter_twin(twin, columns)
         return
     for path in tf.files:
@@ -148,7 +149,8 @@ def _twin_file(tf: TraceFiles, trace, log: ReadLog) -> Path | None:
     there is none and the parse fits in ``TWIN_MEMORY_SHARE`` of the available memory
     (``read_columns`` builds the whole table once); None to stream the record files instead:
     Parquet (already columnar), no twin module, not enough memory to build it, or a trace the
-    twin refuses (a malformed or incomplete record, which streaming skips and counts)."""
+    twin refuses (no line is a whole record of the schema, or one of the earlier format:
+    streaming reads only the fields the analysis needs, in either form)."""
     read_columns = _twin_reader()
     if read_columns is None or tf.format == "parquet":
         return None
@@ -162,7 +164,7 @@ def _twin_file(tf: TraceFiles, trace, log: ReadLog) -> Path | None:
         need = _twin_bytes(tf)
         if need is None or need > TWIN_MEMORY_SHARE * _available_memory():
             return None
-        read_columns(target, ["layer_id"])  # parses once and writes the twin
+        read_columns(target, ["layer_id"], skipped=SkippedLines())  # parses, writes the twin
         return column_cache_path(target)
     except (TraceError, ValueError, OSError) as exc:
         msg = str(exc).split("\n")[0]
@@ -171,20 +173,18 @@ def _twin_file(tf: TraceFiles, trace, log: ReadLog) -> Path | None:
 
 
 def _iter_twin(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
-    """The twin read one record batch at a time, only the requested columns decompressed
-    (``read_columns`` would decompress whole columns at once: for K = 2048 that is gigabytes
-    of fresh memory, whose page faults cost more than the analysis)."""
-    src = pa.memory_map(str(path))
-    schema = pa.ipc.open_file(src).schema
-    want = [c for c in columns if c not in COUNT_ONLY and schema.get_field_index(c) >= 0]
-    idx = sorted(schema.get_field_index(c) for c in want)
-    reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))
-    for i in range(reader.num_record_batches):
-        batch = reader.get_batch(i)
+    """The twin read one record batch at a time (``read_columns`` would build whole columns
+    at once: for K = 2048 that is gigabytes of fresh memory, whose page faults cost more than
+    the analysis), int lists as stored (``narrow``: the positions are int32 views of the
+    mapped file, which the kernels take as they are)."""
+    from kvtier.trace.columnar import COLUMNS, iter_twin
+
+    want = [c for c in columns if c not in COUNT_ONLY and c in COLUMNS]
+    for batch in iter_twin(path, want, narrow=True):
         parts = max(1, round(batch.num_rows / CHUNK_RECORDS))  # ~CHUNK_RECORDS, no stubs
         size = -(-batch.num_rows // parts)
         for start in range(0, batch.num_rows, size):
-            yield _complete(pa.Table.from_batches([batch.slice(start, size)]), columns)
+            yield _complete(batch.slice(start, size), columns)
 
 
 def _flatten(table: pa.Table) -> pa.Table:
@@ -293,16 +293,18 @@ def _iter_jsonl(path: Path, columns: Sequence[str], log: ReadLog) -> Iterator[pa
         return pj.read_json(io.BytesIO(data), parse_options=opts,
                             read_options=pj.ReadOptions(block_size=len(data) + 1))
 
-    for first, lines in _line_chunks(path):
+    for first, lines, open_end in _line_chunks(path):
         keep = [(i, ln) for i, ln in enumerate(lines) if ln.strip()]
-        for t in _isolate(keep, first, parse, path, log) if keep else ():
+        last = len(lines) - 1 if open_end else -1
+        for t in _isolate(keep, first, parse, path, log, last) if keep else ():
             if t.num_rows:
                 yield _complete(_flatten(t), columns)
 
 
-def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the first line, lines) for about ``JSONL_CHUNK_BYTES`` of whole lines at a
-    time; a last line without newline (a killed writer) is yielded too and parses or not."""
+def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes], bool]]:
+    """(number of the first line, lines, whether the last of them lacks its newline) for
+    about ``JSONL_CHUNK_BYTES`` of whole lines at a time; a last line without newline (a
+    killed writer) is yielded too and parses or not."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
@@ -314,7 +316,7 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
             data = rest + block
             if not block:
                 if data:
-                    yield lineno, data.split(b"\n")
+                    yield lineno, data.split(b"\n"), True
                 return
             cut = data.rfind(b"\n") + 1
             if cut == 0:  # one line longer than the chunk: read on
@@ -322,20 +324,34 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
                 continue
             data, rest = data[:cut - 1], data[cut:]
             lines = data.split(b"\n")
-            yield lineno, lines
+            yield lineno, lines, False
             lineno += len(lines)
 
 
-def _isolate(keep: list[tuple[int, bytes]], lineno: int, parse, path: Path, log: ReadLog
-             ) -> list[pa.Table]:
+def _isolate(keep: list[tuple[int, bytes]], lineno: int, parse, path: Path, log: ReadLog,
+             last: int = -1) -> list[pa.Table]:
     """Parse ``keep`` (index, line) pairs in one call, or split in halves around the lines that
-    fail (each bad line is logged with its number and skipped)."""
+    fail (each bad line is counted by reason with its number, and skipped); ``last``: the
+    index of a final line without newline."""
     try:
         return [parse([ln for _, ln in keep])]
     except pa.ArrowInvalid as exc:
         if len(keep) == 1:
-            log.bad(f"{path}:{lineno + keep[0][0]}", str(exc).split("\n")[0])
+            i, line = keep[0]
+            log.skipped.add(path, lineno + i, *_reason(line, i == last, exc))
             return []
     half = len(keep) // 2
-    return (_isolate(keep[:half], lineno, parse, path, log)
-            + _isolate(keep[half:], lineno, parse, path, log))
+    return (_isolate(keep[:half], lineno, parse, path, log, last)
+            + _isolate(keep[half:], lineno, parse, path, log, last))
+
+
+def _reason(line: bytes, unterminated: bool, exc: Exception) -> tuple[str, str]:
+    """Why a line the streamed parse refused is not a record (``SKIP_REASONS``)."""
+    try:
+        obj = msgspec.json.decode(line)
+    except msgspec.DecodeError as err:
+        if unterminated:
+            return "truncated_final_line", "no newline, and not a whole record"
+        return "malformed_json", f"malformed JSON: {err}"
+    what = "not a JSON object" if not isinstance(obj, dict) else str(exc).splitlines()[0]
+    return "invalid_record", what

@@ -20,7 +20,7 @@ from kvtier.policies.base import MAX_BLOCK_ID, MAX_LAYER, block_keys_columns
 from kvtier.schema import META_FILE
 from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.columnar import read_columns
-from kvtier.trace.reader import TraceError, find_trace
+from kvtier.trace.reader import SkippedLines, TraceError, find_trace
 
 
 class TraceReadError(ValueError):
@@ -102,16 +102,19 @@ def _int_column(table, name: str) -> np.ndarray:
     return as_numpy(table.column(name)).astype(np.int64, copy=False)
 
 
-def read_access_stream(trace: str | Path) -> AccessStream:
+def read_access_stream(trace: str | Path, skipped: SkippedLines | None = None) -> AccessStream:
     """Decode a trace directory (or one trace file) into an ``AccessStream``.
 
     Built on ``kvtier.trace.columnar.read_columns``: the trace's JSONL is parsed once into
     its columnar twin, and later reads take the six access columns from there.
     Token positions are sorted and de-duplicated per record if the producer did not.
-    Raises ``TraceReadError`` naming the file, line and field on bad input.
+    Lines that are not records (a killed run's half line, a malformed line) are skipped:
+    counted into ``skipped`` when given, else reported by one ``SkippedLinesWarning``.
+    Raises ``TraceReadError`` naming the file, line and field on a trace that cannot be
+    read, of the earlier format, or of which no line is a record.
     """
     try:
-        table = read_columns(trace, ACCESS_COLUMNS)
+        table = read_columns(trace, ACCESS_COLUMNS, skipped=skipped)
     except TraceError as exc:
         raise TraceReadError(str(exc)) from None
     return stream_from_columns(table, trace)

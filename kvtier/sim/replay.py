@@ -47,7 +47,7 @@ from kvtier.sim.access import (
 from kvtier.sim.capacity import parse_capacity, working_set_blocks
 from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.columnar import read_columns
-from kvtier.trace.reader import TraceError, find_trace, iter_records
+from kvtier.trace.reader import SkippedLines, TraceError, find_trace, iter_records, warn_skipped
 from kvtier.trace.summary import SummaryBuilder, backend_sections
 
 
@@ -88,6 +88,8 @@ class ReplayResult:
     summary: dict | None
     loop_seconds: float = 0.0
     working_set: int = 0  # distinct (request, layer, block) keys at the replay block size
+    #: input lines that are not records (a killed run's half line, a malformed line): skipped
+    skipped: SkippedLines = field(default_factory=SkippedLines)
 
 
 def _read_meta(trace: Path) -> dict:
@@ -257,9 +259,11 @@ _SUMMARY_CHUNK = 512
 class _Lines:
     """The record lines of a JSONL trace, memory-mapped: record i is ``bufs[f][lo:hi]``.
     Records hold no raw newline, so line boundaries are exact; blank lines (which readers
-    skip) are skipped. ``n`` (the records the columns hold) is checked."""
+    skip) are skipped, and so are ``skip``'s lines (file name -> 1-based line numbers, as in
+    ``SkippedLines.lines``: what the columnar read did not take as records). ``n`` (the
+    records the columns hold) is checked."""
 
-    def __init__(self, tf, n: int) -> None:
+    def __init__(self, tf, n: int, skip: dict[str, list[int]] | None = None) -> None:
         import mmap
 
         self.bufs: list = []
@@ -270,11 +274,13 @@ class _Lines:
                 buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             f = len(self.bufs)
             self.bufs.append(buf)
-            lo, find = 0, buf.find
+            drop = set((skip or {}).get(path.name, ()))
+            lo, find, lineno = 0, buf.find, 0
             while lo < size:
                 hi = find(b"\n", lo)
                 end = size if hi < 0 else hi
-                if end - lo > 64 or buf[lo:end].strip():
+                lineno += 1
+                if (end - lo > 64 or buf[lo:end].strip()) and lineno not in drop:
                     self.spans.append((f, lo, end))
                 lo = end + 1
         if len(self.spans) != n:
@@ -352,11 +358,13 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
             raise ReplayError(f"{out}: refusing to overwrite the input trace")
     try:
         tf = find_trace(trace)
-        table = read_columns(trace, _COLUMNS)
+        skipped = SkippedLines()
+        table = read_columns(trace, _COLUMNS, skipped=skipped)
         stream = stream_from_columns(table, trace)
     except (TraceReadError, TraceError) as exc:
         raise ReplayError(str(exc)) from None
     n = len(stream)
+    warn_skipped(skipped, trace, n)
     bs = settings.block_size or stream.block_size
     meta_in = _read_meta(trace)
     trace_cfg = (meta_in.get("config") or {}).get("trace") or {}
@@ -404,7 +412,8 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     backend = build_backend(replace(settings, hbm_blocks=hbm_blocks), stream, bs, future,
                             meta_in)
     use_wall = (meta_in.get("config") or {}).get("backend", "hbm") == "hbm"
-    lines = _Lines(tf, n) if bs == stream.block_size and tf.format == "jsonl" else None
+    lines = (_Lines(tf, n, skipped.lines) if bs == stream.block_size and tf.format == "jsonl"
+             else None)
 
     if force and out.exists():
         shutil.rmtree(out)
@@ -417,7 +426,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
         config["kv_block_size_tokens"] = bs
     run_name, dataset = meta_in.get("run_name"), meta_in.get("dataset")
     if (run_name is None or dataset is None) and n:  # no trace_meta.json: the records say
-        head = read_columns(trace, ["run_name", "dataset"]).slice(0, 1).to_pylist()[0]
+        head = read_columns(trace, ["run_name", "dataset"], skipped=SkippedLines()).slice(0, 1).to_pylist()[0]
         run_name = head["run_name"] if run_name is None else run_name
         dataset = head["dataset"] if dataset is None else dataset
     run_name, dataset = str(run_name or "replay"), str(dataset or "unknown")
@@ -441,7 +450,7 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     for r in range(n_req):
         admit_at.setdefault(int(batch_of[first[r]]), []).append(r)
         release_at.setdefault(int(batch_of[last[r]]), []).append(r)
-    records = None if lines is not None else iter_records(tf)
+    records = None if lines is not None else iter_records(tf, skipped=SkippedLines())
     step, layer = stream.step.tolist(), stream.layer.tolist()
     bar = None
     if progress:
@@ -503,7 +512,8 @@ def replay(trace: str | Path, out_dir: str | Path, settings: ReplaySettings, *,
     accesses = int(getattr(backend, "accesses", len(blocked)))  # HBM-only: every block read
     t_end = time.perf_counter()
     return ReplayResult(out_dir=out, records=n, accesses=accesses, seconds=t_end - t_start,
-                        summary=back, loop_seconds=t_end - t_loop, working_set=working_set)
+                        summary=back, loop_seconds=t_end - t_loop, working_set=working_set,
+                        skipped=skipped)
 
 
 def hbm_capacity_blocks(spec: int | str | None, working_set: int) -> int | None:

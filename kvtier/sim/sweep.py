@@ -19,6 +19,7 @@ from kvtier.sim.access import AccessStream, BlockStream, read_access_stream, reb
 from kvtier.sim.cachesim import simulate
 from kvtier.sim.capacity import CapacitySpec, working_set_blocks
 from kvtier.sim.tiers.specs import eviction_factory
+from kvtier.trace.reader import SkippedLines
 
 COLUMNS = (
     "block_size", "policy", "capacity_spec", "capacity_blocks", "working_set", "accesses",
@@ -83,7 +84,7 @@ def _block_stream(block_size: int) -> tuple[BlockStream, int]:
     global _STREAM
     if _STREAM is None:
         assert _TRACE is not None
-        _STREAM = read_access_stream(_TRACE)
+        _STREAM = read_access_stream(_TRACE, SkippedLines())  # the parent warned once
     hit = _BLOCKS.get(block_size)
     if hit is None:
         bs = rebucket(_STREAM, block_size)

@@ -2,16 +2,17 @@
 
 Every offline command (replay, sweep, mrc, the analysis wing) starts from the same records.
 ``read_columns`` parses a trace's JSONL into one Arrow table with the record's fields
-flattened to dotted names, and keeps that table as a *columnar twin*: an Arrow IPC file (lz4)
-in the trace directory, reused while the trace files are unchanged. The second and later
-reads memory-map the twin and decompress only the columns asked for. A Parquet trace is
-already columnar: it is read directly, only the fields asked for.
+flattened to dotted names, and keeps that table as a *columnar twin*: an Arrow IPC file in the
+trace directory, reused while the trace files are unchanged. Later reads memory-map the twin
+and take the columns asked for in place. A Parquet trace is already columnar: it is read
+directly, only the fields asked for.
 
 Public API::
 
-    read_columns(trace, columns=None, *, cache=True) -> pyarrow.Table
+    read_columns(trace, columns=None, *, cache=True, skipped=None) -> pyarrow.Table
     COLUMNS                      # every column name, in record order
     column_cache_path(trace)     # where the twin of a trace lives (or would live)
+    iter_twin(path, columns)     # a twin's record batches as tables (bounded memory)
 
 Columns (one row per record, in trace order; names as in ``docs/INSTRUMENTATION.md``):
 ``event``, ``run_name``, ``dataset``, ``rank``, ``world_size``, ``request_id``, ``layer_id``,
@@ -25,35 +26,59 @@ when the record has none) and ``scores_topk`` (list; null when not stored). Ints
 floats float64, lists ``list<int64>`` / ``list<double>``; the nullable ones are
 ``kv_fetch.<tier>.latency_us``, ``prefix.prefix_key``, ``scores_stats.*`` and ``scores_topk``.
 
+Lines that are not records (a killed run's truncated last line, a malformed line) are skipped
+and counted by reason (``kvtier.trace.reader.SkippedLines``, the rule of that module); the
+twin records them, so every later read reports the same counts. ``read_columns`` fills
+``skipped`` when given, else warns once (``SkippedLinesWarning``); a trace of which no line is
+a record raises ``TraceError``.
+
 The twin is keyed on the size and mtime of every record file and on ``FORMAT_VERSION``; it is
 written atomically (temporary file + rename) as ``.trace_steps.columns.arrow`` in the trace
 directory, or, where that directory is not writable, under ``$KVTIER_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/kvtier/columns`` or ``~/.cache/kvtier/columns``); if neither can be written
-the table is returned uncached. Bad records raise ``TraceError`` naming file, line and field
-(the strict per-line decoder runs only when the bulk parse refuses the file). No torch.
+the table is returned uncached. Its physical form (``encode_twin`` / ``decode_twin``) is the
+one speed trick of this module, see there. No torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from kvtier.schema import EVENT_DSA_TOPK, SCHEMA_VERSION, TopkRecord, TraceError
+from kvtier.trace.arrays import as_numpy, list_parts
 from kvtier.trace.parquet import arrow_schema, flat_fields, flatten, read_parquet_flat
-from kvtier.trace.reader import TraceFiles, find_trace, iter_records
+from kvtier.trace.reader import (
+    SkippedLines,
+    TraceFiles,
+    classify_line,
+    find_trace,
+    nothing_kept,
+    warn_skipped,
+)
 
-#: bump when the twin's layout changes (old twins are then rebuilt)
-FORMAT_VERSION = 1
+#: bump when the twin's layout changes (old twins are then rebuilt, never misread):
+#: 1 = lz4 IPC of the logical columns; 2 = uncompressed, int lists narrowed, two lists derived
+FORMAT_VERSION = 2
 CACHE_NAME = ".trace_steps.columns.arrow"
 _KEY = b"kvtier.columnar"
+_SKIPPED_KEY = b"kvtier.skipped"
 #: bytes the bulk JSON parser reads at a time (a block must hold whole lines)
 _BLOCK_BYTES = 1 << 24
+#: bytes of whole lines parsed at a time where a file has lines that are not records
+_ISOLATE_BYTES = 8 << 20
+#: records per record batch of the twin (a list column of a batch also stays below 2**30
+#: values, so its int32 offsets never overflow)
+TWIN_BATCH_RECORDS = 8192
+_BATCH_VALUES = 1 << 30
 
 
 def flat_schema():
@@ -65,6 +90,247 @@ def flat_schema():
 
 #: every column name ``read_columns`` returns, in record field order
 COLUMNS: tuple[str, ...] = tuple(f.name for f in flat_fields(arrow_schema()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The twin's physical form: the speed trick, in one place.
+#
+# What it buys: a second command reads the columns it needs straight out of the page cache
+# (memory-mapped, no decompression, no copy) and the twin costs less disk than an lz4 twin
+# of the logical columns did. Version 1 compressed everything with lz4: decompressing
+# ``selected_token_pos`` (2048 int64 per DSA record) took ~4 s of the ~10 s `kvtier analyze`
+# spent on a 250,000-record trace (docs/BENCHMARKS.md). Version 2 is uncompressed and
+#   - stores every int list as list<int32> when all its values fit (positions, block ids),
+#     else list<int64>: half the bytes, and the analysis reads int32 positions as they are;
+#   - stores ``selected_block_ids`` as null where it is what the positions imply (sorted
+#     unique ``pos // block_size_tokens``) and ``kv_fetch.hbm.hit_blocks`` as null where it
+#     is ``selected_block_ids`` minus both pools' lists (as the Parquet form does); a record
+#     whose lists are something else keeps its own. Reading them back derives them.
+# ``decode_twin(encode_twin(t)) == t`` for any flat table (tests/test_columnar.py pins it).
+
+_INT_LISTS = ("selected_block_ids", "kv_fetch.hbm.hit_blocks", "kv_fetch.local_pool.hit_blocks",
+              "kv_fetch.remote_pool.hit_blocks", "prefix.intersection_blocks",
+              "selected_token_pos")
+_BLOCKS, _HBM = "selected_block_ids", "kv_fetch.hbm.hit_blocks"
+_POOLS = ("kv_fetch.local_pool.hit_blocks", "kv_fetch.remote_pool.hit_blocks")
+#: what a derived column is derived from
+_NEEDS = {_BLOCKS: ("selected_token_pos", "block_size_tokens"), _HBM: (_BLOCKS, *_POOLS)}
+
+
+def _int_list_type(width):
+    import pyarrow as pa
+
+    return pa.list_(pa.field("element", width, nullable=False))
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None):
+    """A list<int32|int64> array (the values' width) from offsets and values, null where
+    ``mask``."""
+    import pyarrow as pa
+
+    typ = _int_list_type(pa.int32() if values.dtype == np.int32 else pa.int64())
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
+                                    pa.array(values), type=typ,
+                                    mask=None if mask is None else pa.array(mask))
+
+
+def _implied_blocks(offs: np.ndarray, pos: np.ndarray, bs: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of each record's run-deduplicated ``pos // bs`` (= its sorted unique
+    blocks when its positions are sorted, as every kvtier record's are)."""
+    lens = np.diff(offs)
+    n = pos.shape[0]
+    if n == 0:
+        return np.zeros(lens.shape[0] + 1, np.int64), pos.astype(np.int64)
+    b = pos // np.repeat(np.maximum(bs, 1), lens)
+    keep = np.empty(n, dtype=bool)
+    keep[0] = True
+    np.not_equal(b[1:], b[:-1], out=keep[1:])
+    keep[offs[:-1][lens > 0]] = True
+    # blocks per record = kept elements up to each record's end
+    kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+    return kept[offs], b[keep]
+
+
+def _implied_hbm(sel: tuple[np.ndarray, np.ndarray], pools: list[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of each record's ``selected_block_ids`` minus its pools' lists."""
+    so, sv = sel
+    if not any(pv.shape[0] for _, pv in pools):
+        return so, sv
+    n = so.shape[0] - 1
+    rec = np.repeat(np.arange(n, dtype=np.int64), np.diff(so))
+    keep = np.ones(sv.shape[0], dtype=bool)
+    for po, pv in pools:
+        if pv.shape[0]:
+            prec = np.repeat(np.arange(n, dtype=np.int64), np.diff(po))
+            base = int(max(sv.max(initial=0), pv.max(initial=0))) + 1
+            keep &= ~np.isin(rec * base + sv, prec * base + pv.astype(np.int64))
+    out = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rec[keep], minlength=n), out=out[1:])
+    return out, sv[keep]
+
+
+def _same_lists(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per record: list a == list b."""
+    (ao, av), (bo, bv) = a, b
+    la, lb = np.diff(ao), np.diff(bo)
+    same = la == lb
+    if not same.any():
+        return same
+    sel = np.repeat(same, la)
+    diff = av[sel] != bv[np.repeat(same, lb)]
+    if diff.any():
+        rec = np.repeat(np.flatnonzero(same), la[same])
+        same[np.unique(rec[diff])] = False
+    return same
+
+
+def _parts(col) -> tuple[np.ndarray, np.ndarray]:
+    offs, vals = list_parts(col)
+    return offs, vals
+
+
+def encode_twin(flat):
+    """A flat (logical) table, or one batch of it, in the twin's physical form."""
+    import pyarrow as pa
+
+    flat = flat.combine_chunks()
+    cols = {name: flat.column(name) for name in flat.column_names}
+    lists = {name: _parts(cols[name]) for name in _INT_LISTS}
+    out_types = {}
+    # derived lists: null where they are what the other columns imply
+    bs = as_numpy(cols["block_size_tokens"]).astype(np.int64, copy=False)
+    derived = {
+        _BLOCKS: _same_lists(lists[_BLOCKS], _implied_blocks(*lists["selected_token_pos"], bs)),
+        _HBM: _same_lists(lists[_HBM], _implied_hbm(lists[_BLOCKS], [lists[p] for p in _POOLS])),
+    }
+    for name in _INT_LISTS:
+        offs, vals = lists[name]
+        mask = derived.get(name)
+        if mask is not None and mask.any():
+            lens = np.where(mask, 0, np.diff(offs))
+            vals = vals[np.repeat(~mask, np.diff(offs))]
+            offs = np.zeros(offs.shape[0], np.int64)
+            np.cumsum(lens, out=offs[1:])
+        else:
+            mask = None
+        narrow = (vals.shape[0] == 0 or (int(vals.min()) >= -(1 << 31)
+                                          and int(vals.max()) < (1 << 31)))
+        vals = vals.astype(np.int32) if narrow else vals.astype(np.int64, copy=False)
+        cols[name] = _list_array(offs, vals, mask)
+        out_types[name] = cols[name].type
+    fields = []
+    for f in flat.schema:
+        if f.name in out_types:
+            f = pa.field(f.name, out_types[f.name], nullable=f.name in derived)
+        fields.append(f)
+    return pa.table([cols[f.name] for f in fields], schema=pa.schema(fields))
+
+
+def _physical_columns(columns: Sequence[str]) -> list[str]:
+    """The twin columns ``columns`` need (derived ones need their sources)."""
+    need = list(dict.fromkeys(columns))
+    i = 0
+    while i < len(need):
+        for dep in _NEEDS.get(need[i], ()):
+            if dep not in need:
+                need.append(dep)
+        i += 1
+    return need
+
+
+def decode_twin(phys, columns: Sequence[str] | None = None, *, narrow: bool = False):
+    """Physical twin columns (one batch or a whole table) back into the logical flat columns
+    ``columns`` (default: all it has). ``narrow``: int lists that are stored, not derived,
+    come as stored (``list<int32>`` where the values fit): no copy, for readers that take
+    int32 (the analysis); derived lists are always int64."""
+    import pyarrow as pa
+
+    logical = {f.name: f for f in flat_fields(arrow_schema())}
+    want = list(columns) if columns is not None else [c for c in COLUMNS
+                                                       if c in phys.column_names]
+    phys = phys.combine_chunks() if any(phys.column(c).num_chunks > 1
+                                        for c in phys.column_names) else phys
+    cols: dict[str, object] = {}
+
+    def get(name: str):
+        if name in cols:
+            return cols[name]
+        col = phys.column(name)
+        if name in _NEEDS and col.null_count:
+            own = _parts(col)
+            is_null = ~as_numpy(col.combine_chunks().is_valid())
+            if name == _BLOCKS:
+                imp = _implied_blocks(*_parts(get("selected_token_pos")),
+                                      as_numpy(get("block_size_tokens")).astype(np.int64))
+            else:
+                imp = _implied_hbm(_parts(get(_BLOCKS)), [_parts(get(p)) for p in _POOLS])
+            offs, vals = _merge(is_null, imp, own)
+            col = _list_array(offs, vals.astype(np.int64, copy=False))
+        if name in _INT_LISTS and not (narrow and name not in _NEEDS) and \
+                col.type != logical[name].type:
+            col = col.cast(logical[name].type)
+        cols[name] = col
+        return col
+
+    arrays = [get(c) for c in want]
+    return pa.table(arrays, schema=pa.schema(
+        [logical[c].with_type(a.type) if narrow else logical[c] for c, a in zip(want, arrays,
+                                                                              strict=True)]))
+
+
+def _merge(is_null: np.ndarray, imp: tuple[np.ndarray, np.ndarray],
+           own: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per record the implied list where ``is_null``, else its own (record order kept)."""
+    if is_null.all():
+        return imp
+    if not is_null.any():
+        return own
+    (io_, iv), (oo, ov) = imp, own
+    n = is_null.shape[0]
+    ilen, olen = np.diff(io_), np.diff(oo)
+    lens = np.where(is_null, ilen, olen)
+    offs = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=offs[1:])
+    irec = np.repeat(np.arange(n), ilen)
+    orec = np.repeat(np.arange(n), olen)
+    take_i, take_o = is_null[irec], ~is_null[orec]
+    vals = np.concatenate([iv[take_i].astype(np.int64), ov[take_o].astype(np.int64)])
+    order = np.argsort(np.concatenate([irec[take_i], orec[take_o]]), kind="stable")
+    return offs, vals[order]
+
+
+def _chunk_parts(col) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``list_parts`` of every chunk of a list column (no combining copy)."""
+    for chunk in col.chunks:
+        yield list_parts(chunk)
+
+
+def _list_lengths(col) -> np.ndarray:
+    parts = [np.diff(o) for o, _ in _chunk_parts(col)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _batch_bounds(flat) -> list[tuple[int, int]]:
+    """Record ranges of the twin's batches: at most TWIN_BATCH_RECORDS records and
+    _BATCH_VALUES values of any list column each (one record at least)."""
+    n = flat.num_rows
+    lens = np.zeros(n, np.int64)
+    for name in _INT_LISTS:
+        lens = np.maximum(lens, _list_lengths(flat.column(name)))
+    bounds, a = [], 0
+    cum = np.concatenate(([0], np.cumsum(lens)))
+    while a < n:
+        b = min(n, a + TWIN_BATCH_RECORDS)
+        b = max(a + 1, min(b, int(np.searchsorted(cum, cum[a] + _BATCH_VALUES, side="right")) - 1))
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
 
 
 def _source_key(tf: TraceFiles) -> bytes:
@@ -102,38 +368,60 @@ def column_cache_path(trace: str | Path) -> Path | None:
     tf = find_trace(trace)
     key = _source_key(tf)
     for path in _cache_paths(tf, Path(trace).is_file()):
-        if _cached_key(path) == key:
+        if _twin_meta(path).get(_KEY) == key:
             return path
     return None
 
 
-def _cached_key(path: Path) -> bytes | None:
+def _twin_meta(path: Path) -> dict:
     import pyarrow as pa
 
     try:
         with pa.memory_map(str(path)) as src:
-            meta = pa.ipc.open_file(src).schema.metadata or {}
+            return pa.ipc.open_file(src).schema.metadata or {}
     except (OSError, pa.ArrowInvalid):
-        return None
-    return meta.get(_KEY)
+        return {}
+
+
+def twin_skipped(path: str | Path) -> SkippedLines:
+    """The lines the twin at ``path`` was built without (recorded when it was built)."""
+    return SkippedLines.from_json(_twin_meta(Path(path)).get(_SKIPPED_KEY))
+
+
+def iter_twin(path: str | Path, columns: Sequence[str], *, narrow: bool = False
+              ) -> Iterator:
+    """The twin at ``path`` one record batch at a time (``TWIN_BATCH_RECORDS`` records), as
+    logical flat tables of ``columns`` (see ``decode_twin`` for ``narrow``); only the needed
+    columns are touched, in place in the memory-mapped file."""
+    import pyarrow as pa
+
+    src = pa.memory_map(str(path))
+    # whole batches, then the columns: with ``included_fields`` pyarrow (26) copies every
+    # buffer it reads (~4 ms per 64 MB of positions), without it a batch is a view of the map
+    reader = pa.ipc.open_file(src)
+    need = _physical_columns(columns)
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i).select(need)
+        yield decode_twin(pa.Table.from_batches([batch]), columns, narrow=narrow)
 
 
 def _read_cache(path: Path, columns: Sequence[str] | None):
     import pyarrow as pa
-    import pyarrow.feather as feather
 
+    want = list(columns) if columns is not None else list(COLUMNS)
     try:
-        return feather.read_table(str(path), columns=list(columns) if columns else None,
-                                  memory_map=True)
-    except (OSError, pa.ArrowInvalid):
+        parts = list(iter_twin(path, want))
+    except (OSError, pa.ArrowInvalid, KeyError):
         return None
+    return pa.concat_tables(parts) if parts else None  # the writer writes one batch at least
 
 
-def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
+def _write_cache(table, key: bytes, skipped: SkippedLines, paths: list[Path]) -> Path | None:
     """Write the twin to the first place that takes it; None if none does."""
     import pyarrow as pa
 
-    table = table.replace_schema_metadata({_KEY: key})
+    bounds = _batch_bounds(table) or [(0, 0)]
+    schema = None
     for path in paths:
         tmp = None
         try:
@@ -143,11 +431,20 @@ def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as readable as the trace files (mkstemp: 0600)
-            # one record batch (columns then read as single chunks, without a combining
-            # copy); pyarrow.ipc rather than feather.write_feather, which imports pandas
-            opts = pa.ipc.IpcWriteOptions(compression="lz4")
-            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=opts) as w:
-                w.write_table(table, max_chunksize=max(table.num_rows, 1))
+            # pyarrow.ipc rather than feather.write_feather, which imports pandas; one batch
+            # at a time (the physical copy of a batch is freed once written)
+            with pa.OSFile(tmp, "wb") as sink:
+                writer = None
+                for a, b in bounds:
+                    phys = encode_twin(table.slice(a, b - a))
+                    if writer is None:
+                        # every batch takes the first one's types (a later batch whose lists
+                        # need int64 makes all of them int64: rare, a second pass)
+                        schema = schema or _twin_schema(table, bounds)
+                        writer = pa.ipc.new_file(sink, schema.with_metadata(
+                            {_KEY: key, _SKIPPED_KEY: skipped.to_json()}))
+                    writer.write_table(phys.cast(schema), max_chunksize=max(b - a, 1))
+                writer.close()
             os.replace(tmp, path)
             return path
         except (OSError, pa.ArrowException):
@@ -159,25 +456,33 @@ def _write_cache(table, key: bytes, paths: list[Path]) -> Path | None:
     return None
 
 
-def _strict_table(path: Path):
-    """The slow path: decode line by line (names the first bad line), then build the table."""
+def _twin_schema(table, bounds):
+    """The physical schema of the whole twin: int32 for a list column whose values all fit,
+    in every batch."""
     import pyarrow as pa
 
-    tf = TraceFiles(path.parent, None, [path], "jsonl")
-    rows = []
-    for rec in iter_records(tf, TopkRecord):
-        row = msgspec.to_builtins(rec)
-        row.setdefault("scores_topk", None)
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=arrow_schema())
+    wide = set()
+    for name in _INT_LISTS:
+        for _, vals in _chunk_parts(table.column(name)):
+            if vals.shape[0] and (int(vals.min()) < -(1 << 31) or int(vals.max()) >= 1 << 31):
+                wide.add(name)
+    fields = []
+    for f in table.schema:
+        if f.name in _INT_LISTS:
+            f = pa.field(f.name, _int_list_type(pa.int64() if f.name in wide else pa.int32()),
+                         nullable=f.name in _NEEDS)
+        fields.append(f)
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing JSONL
 
 
 def _required_ok(flat) -> bool:
     """No nulls where the record has none (checked on the flat columns, so nested fields
     count too), and only ``dsa_topk`` events (compared on the string buffers: no
     pyarrow.compute, whose first use costs ~0.5 s)."""
-    import numpy as np
-
     for f in flat_fields(arrow_schema()):
         if not f.nullable and flat.column(f.name).null_count:
             return False
@@ -196,43 +501,135 @@ def _required_ok(flat) -> bool:
     return True
 
 
-def _parse_jsonl(path: Path):
-    """One JSONL file as a flat table: the bulk Arrow JSON parser with the record's schema;
-    anything it refuses (or a record it reads with nulls where none may be) goes through the
-    strict decoder, which either names the bad line or builds the same table."""
+def _bulk(source, size: int):
+    """``source`` (a path or a readable buffer) parsed by Arrow's JSON reader with the record
+    schema, flat; None if it refuses any line (or a record it reads has nulls where none may
+    be, or another event)."""
     import pyarrow as pa
     import pyarrow.json as pj
 
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise TraceError(f"{path}: {exc.strerror or exc}") from None
     schema = arrow_schema()
-    if size == 0:
-        return flatten(schema.empty_table())
-    table = None
     try:
         table = pj.read_json(
-            path, read_options=pj.ReadOptions(block_size=min(max(size, 1 << 16), _BLOCK_BYTES)),
+            source, read_options=pj.ReadOptions(block_size=min(max(size, 1 << 16), _BLOCK_BYTES)),
             parse_options=pj.ParseOptions(explicit_schema=schema,
                                           unexpected_field_behavior="error",
                                           newlines_in_values=False))
         table = table.select(schema.names)
         if [f.type for f in table.schema] != [f.type for f in schema]:
             table = table.cast(schema)
-        with open(path, "rb") as fh:  # a killed run's last line lacks its newline
-            fh.seek(-1, os.SEEK_END)
-            complete = fh.read(1) == b"\n"
-        if not complete or not _required_ok(flatten(table)):
-            table = None
+        flat = flatten(table)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError):
-        table = None
-    if table is None:
-        table = _strict_table(path)
-    return flatten(table)
+        return None
+    return flat if _required_ok(flat) else None
 
 
-def _build(tf: TraceFiles, columns: list[str] | None = None):
+def _record_rows(recs: list):
+    """Records decoded by msgspec (lines Arrow's reader refused but the schema accepts) as a
+    flat table."""
+    import pyarrow as pa
+
+    rows = []
+    for rec in recs:
+        row = msgspec.to_builtins(rec)
+        row.setdefault("scores_topk", None)
+        rows.append(row)
+    return flatten(pa.Table.from_pylist(rows, schema=arrow_schema()))
+
+
+def _isolate(lines: list[tuple[int, bytes]], path: Path, tf: TraceFiles,
+             skipped: SkippedLines, dec) -> list:
+    """Flat tables of the records among ``lines`` ((line number, line) pairs, in order):
+    parsed together, or split in halves around the lines Arrow refuses; such a line is
+    decoded on its own (a record of the schema is kept, anything else skipped and counted)."""
+    data = b"\n".join(ln for _, ln in lines) + b"\n"
+    got = _bulk(io.BytesIO(data), len(data))
+    if got is not None:
+        return [got]
+    if len(lines) == 1:
+        lineno, line = lines[0]
+        rec, reason, detail = classify_line(line, dec, path, lineno, True, tf)
+        if rec is not None:
+            return [_record_rows([rec])]
+        skipped.add(path, lineno, reason, detail)
+        return []
+    half = len(lines) // 2
+    return (_isolate(lines[:half], path, tf, skipped, dec)
+            + _isolate(lines[half:], path, tf, skipped, dec))
+
+
+def _line_chunks(buf, end: int) -> Iterator[list[tuple[int, bytes]]]:
+    """(line number, line) of the non-blank lines of ``buf[:end]`` (whole lines), about
+    ``_ISOLATE_BYTES`` at a time."""
+    lineno, lo = 1, 0
+    while lo < end:
+        hi = buf.rfind(b"\n", lo, min(end, lo + _ISOLATE_BYTES)) + 1
+        if hi <= lo:  # one line longer than a chunk
+            hi = buf.find(b"\n", lo, end) + 1 or end
+        lines = bytes(buf[lo:hi]).split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        yield [(lineno + i, ln) for i, ln in enumerate(lines) if ln.strip()]
+        lineno += len(lines)
+        lo = hi
+
+
+def _count_newlines(buf, end: int) -> int:
+    """Newlines in ``buf[:end]`` (16 MB windows: no copy of the whole file)."""
+    n, lo = 0, 0
+    while lo < end:
+        hi = min(end, lo + (16 << 20))
+        n += int(np.count_nonzero(np.frombuffer(buf, np.uint8, hi - lo, lo) == 10))
+        lo = hi
+    return n
+
+
+def _parse_jsonl(path: Path, skipped: SkippedLines, tf: TraceFiles | None = None):
+    """One JSONL file as a flat table of its records. The whole file goes through Arrow's
+    bulk JSON reader with the record schema; only where it refuses something are the lines
+    parsed in chunks, bisected down to the lines that are not records (skipped and counted in
+    ``skipped``). A last line without newline is decoded on its own: kept if it is a whole
+    record, else skipped as ``truncated_final_line``."""
+    import mmap
+
+    import pyarrow as pa
+
+    tf = tf or TraceFiles(path.parent, None, [path], "jsonl")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise TraceError(f"{path}: {exc.strerror or exc}") from None
+    if size == 0:
+        return flatten(arrow_schema().empty_table())
+    dec = msgspec.json.Decoder(TopkRecord)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        body = buf.rfind(b"\n") + 1  # whole lines end here; a killed run's last line follows
+        tail = bytes(buf[body:])
+        parts = []
+        if body:
+            if body == size:
+                table = _bulk(str(path), body)
+            else:  # the whole lines, in place (no copy of the file)
+                with pa.memory_map(str(path)) as mf:
+                    table = _bulk(pa.BufferReader(mf.read_buffer(body)), body)
+            if table is not None:
+                parts.append(table)
+            else:
+                for lines in _line_chunks(buf, body):
+                    if lines:
+                        parts.extend(_isolate(lines, path, tf, skipped, dec))
+        if tail.strip():
+            lineno = _count_newlines(buf, body) + 1
+            rec, reason, detail = classify_line(tail, dec, path, lineno, False, tf)
+            if rec is not None:
+                parts.append(_record_rows([rec]))
+            else:
+                skipped.add(path, lineno, reason, detail)
+    parts = [p for p in parts if p.num_rows] or [flatten(arrow_schema().empty_table())]
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _build(tf: TraceFiles, skipped: SkippedLines, columns: list[str] | None = None):
     """The flat table of a trace: JSONL parsed in full; Parquet (already columnar, so never
     cached) reading only the top-level fields that ``columns`` need."""
     import pyarrow as pa
@@ -240,16 +637,16 @@ def _build(tf: TraceFiles, columns: list[str] | None = None):
     if tf.format == "parquet":
         parts = [read_parquet_flat(f, columns) for f in tf.files]
     else:
-        parts = [_parse_jsonl(f) for f in tf.files]
+        parts = [_parse_jsonl(f, skipped, tf) for f in tf.files]
     if not parts:
         table = flatten(arrow_schema().empty_table())
     else:
-        table = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     return table if columns is None or tf.format == "parquet" else table.select(columns)
 
 
 def read_columns(trace: str | Path, columns: Sequence[str] | None = None, *,
-                 cache: bool = True):
+                 cache: bool = True, skipped: SkippedLines | None = None):
     """The records of ``trace`` (a trace directory or one record file) as a ``pyarrow.Table``
     with flattened dotted column names (see the module doc), in trace order.
 
@@ -257,7 +654,10 @@ def read_columns(trace: str | Path, columns: Sequence[str] | None = None, *,
     parses a JSONL trace and writes its columnar twin; later calls read the twin while every
     record file keeps its size and mtime. ``cache=False`` neither reads nor writes a twin.
     A Parquet trace is read directly (only the fields asked for), without a twin.
-    Raises ``TraceError`` (file, line, field) on a bad record or an unknown column name.
+    Lines that are not records are skipped: counted into ``skipped`` when given, else
+    reported by one ``SkippedLinesWarning``. Raises ``TraceError`` (file, line, field) on an
+    unreadable trace, a trace of the earlier format, an unknown column name, or when no line
+    at all is a record.
     """
     if columns is not None:
         columns = list(columns)
@@ -265,15 +665,29 @@ def read_columns(trace: str | Path, columns: Sequence[str] | None = None, *,
         if unknown:
             raise TraceError(f"unknown column(s) {unknown}; columns are: {', '.join(COLUMNS)}")
     tf = find_trace(trace)
+    log = SkippedLines()
+    table = None
     if not cache or tf.format == "parquet":
-        return _build(tf, columns)
-    key = _source_key(tf)
-    paths = _cache_paths(tf, Path(trace).is_file())
-    for path in paths:
-        if _cached_key(path) == key:
-            table = _read_cache(path, columns)
-            if table is not None:
-                return table.replace_schema_metadata(None)
-    table = _build(tf)
-    _write_cache(table, key, paths)
-    return table.select(columns) if columns is not None else table
+        table = _build(tf, log, columns)
+    else:
+        key = _source_key(tf)
+        paths = _cache_paths(tf, Path(trace).is_file())
+        for path in paths:
+            if _twin_meta(path).get(_KEY) == key:
+                table = _read_cache(path, columns)
+                if table is not None:
+                    log = twin_skipped(path)
+                    break
+        if table is None:
+            table = _build(tf, log)
+            if table.num_rows or not log:
+                _write_cache(table, key, log, paths)
+            if columns is not None:
+                table = table.select(columns)
+    if log and not table.num_rows:
+        raise nothing_kept(log, trace)
+    if skipped is not None:
+        skipped.update(log)
+    else:
+        warn_skipped(log, trace, table.num_rows)
+    return table

@@ -136,6 +136,7 @@ def records_pass_np(pos, offsets, seq_len, edges, cut, sizes, wins, scratch=None
     """Everything computed from the positions of a chunk: ``bad`` (a position outside
     [0, seq_len)), ``unsorted`` (some record not strictly increasing), ``ge``, ``amp``,
     ``below`` (``token_pass_np``) and per block size the ``block_pass_np`` outputs."""
+    pos = pos.astype(np.int64, copy=False)  # int32 from the columnar twin: no int32 overflow
     bad, unsorted = check_positions_np(pos, offsets, seq_len)
     ge, amp, below = token_pass_np(pos, offsets, seq_len, edges, cut)
     per = {s: block_pass_np(pos, offsets, seq_len, s, wins, clogc_table(s)) for s in sizes}

@@ -44,16 +44,48 @@ class ModelDims(msgspec.Struct, kw_only=True):
     index_topk: int = 2048
 
 
+#: the other fields of a model config (the reference ``ModelArgs``'s and kvtier's own, as
+#: ``kvtier.model.args.ModelArgs`` has them; tests/test_recompute.py pins the two lists
+#: together): accepted and unused here. Listed, not imported: the simulator stays torch-free.
+OTHER_CONFIG_FIELDS = frozenset({
+    "max_batch_size", "max_seq_len", "dtype", "scale_fmt", "n_expert_groups",
+    "n_limited_groups", "score_func", "route_scale", "original_seq_len", "rope_theta",
+    "rope_factor", "beta_fast", "beta_slow", "mscale", "v1", "indexer_exact", "gate_bias"})
+
+
 def load_model_dims(path: str | Path | None) -> ModelDims:
-    """Model dims from a reference-format config JSON (unknown keys ignored), or the 671B
-    defaults when ``path`` is None."""
+    """Model dims from a reference-format config JSON (every ``--config`` file of ``kvtier
+    run`` loads; fields FLOPs do not depend on are accepted and unused), or the 671B
+    defaults when ``path`` is None. An unknown field (a typo would silently keep the 671B
+    default) or a wrong type raises ``ConfigError`` naming it."""
     if path is None:
         return ModelDims()
     p = Path(path)
     try:
-        return msgspec.convert(json.loads(p.read_bytes()), ModelDims)
-    except (OSError, ValueError, msgspec.ValidationError) as exc:
+        data = json.loads(p.read_bytes())
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"{p}: cannot read model dims: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a JSON object of model config fields, got "
+                          f"{type(data).__name__}")
+    if "hidden_size" in data and "dim" not in data:
+        raise ConfigError(f"{p}: this is a Hugging Face config.json (field 'hidden_size'); "
+                          "--model-config takes the reference's ModelArgs json (dim, "
+                          "n_layers, ...), e.g. model/configs/config_671B_v3.2.json")
+    known = set(ModelDims.__struct_fields__) | OTHER_CONFIG_FIELDS
+    for key in data:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{p}: unknown field {key!r}{hint} (a model config holds the "
+                              "reference ModelArgs fields)")
+    try:
+        return msgspec.convert({k: v for k, v in data.items() if k in ModelDims.__struct_fields__},
+                               ModelDims)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
 
 
 def per_token_flops(m: ModelDims) -> float:
