@@ -386,9 +386,8 @@ def test_other_events_and_nested_nulls_are_refused(trace_dir):
 
 @st.composite
 def _records(draw):
-    """Flat record tables whose lists the twin can derive or not: sorted or unsorted
-    positions, block lists that are or are not what the positions imply, pools that do or do
-    not partition the blocks, values past int32."""
+    """Flat record tables of any list contents: sorted or unsorted positions, block lists
+    that are or are not what the positions imply, values past int32."""
     n = draw(st.integers(0, 6))
     big = draw(st.booleans())
     rows = []
@@ -428,14 +427,13 @@ def test_twin_form_round_trips(flat):
         assert narrow.column(name).to_pylist() == flat.column(name).to_pylist()
 
 
-def test_twin_form_derives_and_narrows_a_real_trace(trace_dir):
-    """On a tracer-shaped trace the block lists are derived (stored null), the positions
-    int32, and what reads back is the parsed table."""
+def test_twin_form_narrows_a_real_trace(trace_dir):
+    """On a tracer-shaped trace every int list is stored as int32, and what reads back is
+    the parsed table."""
     flat = read_columns(trace_dir, cache=False)
     phys = columnar.encode_twin(flat)
-    assert phys.column("selected_block_ids").null_count == flat.num_rows
-    assert phys.column("kv_fetch.hbm.hit_blocks").null_count == flat.num_rows
-    assert phys.schema.field("selected_token_pos").type.value_type == pa.int32()
+    for name in columnar._INT_LISTS:
+        assert phys.schema.field(name).type.value_type == pa.int32(), name
     assert columnar.decode_twin(phys).equals(flat)
     twin_read = read_columns(trace_dir)  # builds the twin
     assert read_columns(trace_dir).equals(twin_read) and twin_read.equals(flat)

@@ -54,7 +54,7 @@ import msgspec
 import numpy as np
 
 from kvtier.schema import EVENT_DSA_TOPK, SCHEMA_VERSION, TopkRecord, TraceError
-from kvtier.trace.arrays import as_numpy, list_parts
+from kvtier.trace.arrays import list_parts
 from kvtier.trace.parquet import arrow_schema, flat_fields, flatten, read_parquet_flat
 from kvtier.trace.reader import (
     SkippedLines,
@@ -66,8 +66,9 @@ from kvtier.trace.reader import (
 )
 
 #: bump when the twin's layout changes (old twins are then rebuilt, never misread):
-#: 1 = lz4 IPC of the logical columns; 2 = uncompressed, int lists narrowed, two lists derived
-FORMAT_VERSION = 2
+#: 1 = lz4 IPC of the logical columns; 2 = never released (block lists derived from the
+#: positions); 3 = uncompressed, int lists as int32 where their values fit
+FORMAT_VERSION = 3
 CACHE_NAME = ".trace_steps.columns.arrow"
 _KEY = b"kvtier.columnar"
 _SKIPPED_KEY = b"kvtier.skipped"
@@ -96,25 +97,18 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in flat_fields(arrow_schema()))
 # The twin's physical form: the speed trick, in one place.
 #
 # What it buys: a second command reads the columns it needs straight out of the page cache
-# (memory-mapped, no decompression, no copy) and the twin costs less disk than an lz4 twin
-# of the logical columns did. Version 1 compressed everything with lz4: decompressing
-# ``selected_token_pos`` (2048 int64 per DSA record) took ~4 s of the ~10 s `kvtier analyze`
-# spent on a 250,000-record trace (docs/BENCHMARKS.md). Version 2 is uncompressed and
-#   - stores every int list as list<int32> when all its values fit (positions, block ids),
-#     else list<int64>: half the bytes, and the analysis reads int32 positions as they are;
-#   - stores ``selected_block_ids`` as null where it is what the positions imply (sorted
-#     unique ``pos // block_size_tokens``) and ``kv_fetch.hbm.hit_blocks`` as null where it
-#     is ``selected_block_ids`` minus both pools' lists (as the Parquet form does); a record
-#     whose lists are something else keeps its own. Reading them back derives them.
+# (memory-mapped, no decompression, no copy). Version 1 compressed everything with lz4:
+# decompressing ``selected_token_pos`` (2048 int64 per DSA record) took ~4 s of the ~10 s
+# `kvtier analyze` spent on a 250,000-record trace (docs/BENCHMARKS.md). Version 2 is
+# uncompressed and stores every int list as list<int32> when all its values fit (positions,
+# block ids), else list<int64>: half the bytes of int64, and the analysis reads the int32
+# positions as they are. The casts are Arrow's (checked, in Arrow's memory pool: fresh numpy
+# temporaries of this size cost more in page faults on a VM than the work).
 # ``decode_twin(encode_twin(t)) == t`` for any flat table (tests/test_columnar.py pins it).
 
 _INT_LISTS = ("selected_block_ids", "kv_fetch.hbm.hit_blocks", "kv_fetch.local_pool.hit_blocks",
               "kv_fetch.remote_pool.hit_blocks", "prefix.intersection_blocks",
               "selected_token_pos")
-_BLOCKS, _HBM = "selected_block_ids", "kv_fetch.hbm.hit_blocks"
-_POOLS = ("kv_fetch.local_pool.hit_blocks", "kv_fetch.remote_pool.hit_blocks")
-#: what a derived column is derived from
-_NEEDS = {_BLOCKS: ("selected_token_pos", "block_size_tokens"), _HBM: (_BLOCKS, *_POOLS)}
 
 
 def _int_list_type(width):
@@ -123,182 +117,48 @@ def _int_list_type(width):
     return pa.list_(pa.field("element", width, nullable=False))
 
 
-def _list_array(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None):
-    """A list<int32|int64> array (the values' width) from offsets and values, null where
-    ``mask``."""
+def twin_schema(flat):
+    """The physical schema of a twin of ``flat`` (the whole table, so every batch has it):
+    list<int32> for an int list column whose values all fit, else list<int64>."""
     import pyarrow as pa
 
-    typ = _int_list_type(pa.int32() if values.dtype == np.int32 else pa.int64())
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)),
-                                    pa.array(values), type=typ,
-                                    mask=None if mask is None else pa.array(mask))
-
-
-def _implied_blocks(offs: np.ndarray, pos: np.ndarray, bs: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of each record's run-deduplicated ``pos // bs`` (= its sorted unique
-    blocks when its positions are sorted, as every kvtier record's are)."""
-    lens = np.diff(offs)
-    n = pos.shape[0]
-    if n == 0:
-        return np.zeros(lens.shape[0] + 1, np.int64), pos.astype(np.int64)
-    b = pos // np.repeat(np.maximum(bs, 1), lens)
-    keep = np.empty(n, dtype=bool)
-    keep[0] = True
-    np.not_equal(b[1:], b[:-1], out=keep[1:])
-    keep[offs[:-1][lens > 0]] = True
-    # blocks per record = kept elements up to each record's end
-    kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
-    return kept[offs], b[keep]
-
-
-def _implied_hbm(sel: tuple[np.ndarray, np.ndarray], pools: list[tuple[np.ndarray, np.ndarray]]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of each record's ``selected_block_ids`` minus its pools' lists."""
-    so, sv = sel
-    if not any(pv.shape[0] for _, pv in pools):
-        return so, sv
-    n = so.shape[0] - 1
-    rec = np.repeat(np.arange(n, dtype=np.int64), np.diff(so))
-    keep = np.ones(sv.shape[0], dtype=bool)
-    for po, pv in pools:
-        if pv.shape[0]:
-            prec = np.repeat(np.arange(n, dtype=np.int64), np.diff(po))
-            base = int(max(sv.max(initial=0), pv.max(initial=0))) + 1
-            keep &= ~np.isin(rec * base + sv, prec * base + pv.astype(np.int64))
-    out = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(rec[keep], minlength=n), out=out[1:])
-    return out, sv[keep]
-
-
-def _same_lists(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Per record: list a == list b."""
-    (ao, av), (bo, bv) = a, b
-    la, lb = np.diff(ao), np.diff(bo)
-    same = la == lb
-    if not same.any():
-        return same
-    sel = np.repeat(same, la)
-    diff = av[sel] != bv[np.repeat(same, lb)]
-    if diff.any():
-        rec = np.repeat(np.flatnonzero(same), la[same])
-        same[np.unique(rec[diff])] = False
-    return same
-
-
-def _parts(col) -> tuple[np.ndarray, np.ndarray]:
-    offs, vals = list_parts(col)
-    return offs, vals
-
-
-def encode_twin(flat):
-    """A flat (logical) table, or one batch of it, in the twin's physical form."""
-    import pyarrow as pa
-
-    flat = flat.combine_chunks()
-    cols = {name: flat.column(name) for name in flat.column_names}
-    lists = {name: _parts(cols[name]) for name in _INT_LISTS}
-    out_types = {}
-    # derived lists: null where they are what the other columns imply
-    bs = as_numpy(cols["block_size_tokens"]).astype(np.int64, copy=False)
-    derived = {
-        _BLOCKS: _same_lists(lists[_BLOCKS], _implied_blocks(*lists["selected_token_pos"], bs)),
-        _HBM: _same_lists(lists[_HBM], _implied_hbm(lists[_BLOCKS], [lists[p] for p in _POOLS])),
-    }
-    for name in _INT_LISTS:
-        offs, vals = lists[name]
-        mask = derived.get(name)
-        if mask is not None and mask.any():
-            lens = np.where(mask, 0, np.diff(offs))
-            vals = vals[np.repeat(~mask, np.diff(offs))]
-            offs = np.zeros(offs.shape[0], np.int64)
-            np.cumsum(lens, out=offs[1:])
-        else:
-            mask = None
-        narrow = (vals.shape[0] == 0 or (int(vals.min()) >= -(1 << 31)
-                                          and int(vals.max()) < (1 << 31)))
-        vals = vals.astype(np.int32) if narrow else vals.astype(np.int64, copy=False)
-        cols[name] = _list_array(offs, vals, mask)
-        out_types[name] = cols[name].type
     fields = []
     for f in flat.schema:
-        if f.name in out_types:
-            f = pa.field(f.name, out_types[f.name], nullable=f.name in derived)
+        if f.name in _INT_LISTS:
+            fits = all(vals.shape[0] == 0 or (int(vals.min()) >= -(1 << 31)
+                                              and int(vals.max()) < (1 << 31))
+                       for _, vals in _chunk_parts(flat.column(f.name)))
+            f = f.with_type(_int_list_type(pa.int32() if fits else pa.int64()))
         fields.append(f)
-    return pa.table([cols[f.name] for f in fields], schema=pa.schema(fields))
+    return pa.schema(fields)
 
 
-def _physical_columns(columns: Sequence[str]) -> list[str]:
-    """The twin columns ``columns`` need (derived ones need their sources)."""
-    need = list(dict.fromkeys(columns))
-    i = 0
-    while i < len(need):
-        for dep in _NEEDS.get(need[i], ()):
-            if dep not in need:
-                need.append(dep)
-        i += 1
-    return need
+def encode_twin(flat, schema=None):
+    """A flat (logical) table, or one batch of it, in the twin's physical form (``schema``:
+    the whole twin's, ``twin_schema``; default: this table's own)."""
+    # one chunk per column: a batch of the twin is then one record batch (no combining
+    # copy when it is read)
+    return flat.combine_chunks().cast(schema if schema is not None else twin_schema(flat))
 
 
 def decode_twin(phys, columns: Sequence[str] | None = None, *, narrow: bool = False):
     """Physical twin columns (one batch or a whole table) back into the logical flat columns
-    ``columns`` (default: all it has). ``narrow``: int lists that are stored, not derived,
-    come as stored (``list<int32>`` where the values fit): no copy, for readers that take
-    int32 (the analysis); derived lists are always int64."""
+    ``columns`` (default: all it has). ``narrow``: int lists come as stored
+    (``list<int32>`` where the values fit), without a copy, for readers that take int32
+    (the analysis)."""
     import pyarrow as pa
 
     logical = {f.name: f for f in flat_fields(arrow_schema())}
     want = list(columns) if columns is not None else [c for c in COLUMNS
                                                        if c in phys.column_names]
-    phys = phys.combine_chunks() if any(phys.column(c).num_chunks > 1
-                                        for c in phys.column_names) else phys
-    cols: dict[str, object] = {}
-
-    def get(name: str):
-        if name in cols:
-            return cols[name]
-        col = phys.column(name)
-        if name in _NEEDS and col.null_count:
-            own = _parts(col)
-            is_null = ~as_numpy(col.combine_chunks().is_valid())
-            if name == _BLOCKS:
-                imp = _implied_blocks(*_parts(get("selected_token_pos")),
-                                      as_numpy(get("block_size_tokens")).astype(np.int64))
-            else:
-                imp = _implied_hbm(_parts(get(_BLOCKS)), [_parts(get(p)) for p in _POOLS])
-            offs, vals = _merge(is_null, imp, own)
-            col = _list_array(offs, vals.astype(np.int64, copy=False))
-        if name in _INT_LISTS and not (narrow and name not in _NEEDS) and \
-                col.type != logical[name].type:
-            col = col.cast(logical[name].type)
-        cols[name] = col
-        return col
-
-    arrays = [get(c) for c in want]
-    return pa.table(arrays, schema=pa.schema(
-        [logical[c].with_type(a.type) if narrow else logical[c] for c, a in zip(want, arrays,
-                                                                              strict=True)]))
-
-
-def _merge(is_null: np.ndarray, imp: tuple[np.ndarray, np.ndarray],
-           own: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per record the implied list where ``is_null``, else its own (record order kept)."""
-    if is_null.all():
-        return imp
-    if not is_null.any():
-        return own
-    (io_, iv), (oo, ov) = imp, own
-    n = is_null.shape[0]
-    ilen, olen = np.diff(io_), np.diff(oo)
-    lens = np.where(is_null, ilen, olen)
-    offs = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=offs[1:])
-    irec = np.repeat(np.arange(n), ilen)
-    orec = np.repeat(np.arange(n), olen)
-    take_i, take_o = is_null[irec], ~is_null[orec]
-    vals = np.concatenate([iv[take_i].astype(np.int64), ov[take_o].astype(np.int64)])
-    order = np.argsort(np.concatenate([irec[take_i], orec[take_o]]), kind="stable")
-    return offs, vals[order]
+    arrays, fields = [], []
+    for name in want:
+        col, f = phys.column(name), logical[name]
+        if col.type != f.type and not (narrow and name in _INT_LISTS):
+            col = col.cast(f.type)
+        arrays.append(col)
+        fields.append(f.with_type(col.type))
+    return pa.table(arrays, schema=pa.schema(fields))
 
 
 def _chunk_parts(col) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -399,9 +259,8 @@ def iter_twin(path: str | Path, columns: Sequence[str], *, narrow: bool = False
     # whole batches, then the columns: with ``included_fields`` pyarrow (26) copies every
     # buffer it reads (~4 ms per 64 MB of positions), without it a batch is a view of the map
     reader = pa.ipc.open_file(src)
-    need = _physical_columns(columns)
     for i in range(reader.num_record_batches):
-        batch = reader.get_batch(i).select(need)
+        batch = reader.get_batch(i).select(list(columns))
         yield decode_twin(pa.Table.from_batches([batch]), columns, narrow=narrow)
 
 
@@ -421,7 +280,7 @@ def _write_cache(table, key: bytes, skipped: SkippedLines, paths: list[Path]) ->
     import pyarrow as pa
 
     bounds = _batch_bounds(table) or [(0, 0)]
-    schema = None
+    schema = twin_schema(table).with_metadata({_KEY: key, _SKIPPED_KEY: skipped.to_json()})
     for path in paths:
         tmp = None
         try:
@@ -433,18 +292,10 @@ def _write_cache(table, key: bytes, skipped: SkippedLines, paths: list[Path]) ->
             os.chmod(tmp, 0o666 & ~umask)  # as readable as the trace files (mkstemp: 0600)
             # pyarrow.ipc rather than feather.write_feather, which imports pandas; one batch
             # at a time (the physical copy of a batch is freed once written)
-            with pa.OSFile(tmp, "wb") as sink:
-                writer = None
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 for a, b in bounds:
-                    phys = encode_twin(table.slice(a, b - a))
-                    if writer is None:
-                        # every batch takes the first one's types (a later batch whose lists
-                        # need int64 makes all of them int64: rare, a second pass)
-                        schema = schema or _twin_schema(table, bounds)
-                        writer = pa.ipc.new_file(sink, schema.with_metadata(
-                            {_KEY: key, _SKIPPED_KEY: skipped.to_json()}))
-                    writer.write_table(phys.cast(schema), max_chunksize=max(b - a, 1))
-                writer.close()
+                    writer.write_table(encode_twin(table.slice(a, b - a), schema),
+                                       max_chunksize=max(b - a, 1))
             os.replace(tmp, path)
             return path
         except (OSError, pa.ArrowException):
@@ -454,25 +305,6 @@ def _write_cache(table, key: bytes, skipped: SkippedLines, paths: list[Path]) ->
                 except OSError:
                     pass
     return None
-
-
-def _twin_schema(table, bounds):
-    """The physical schema of the whole twin: int32 for a list column whose values all fit,
-    in every batch."""
-    import pyarrow as pa
-
-    wide = set()
-    for name in _INT_LISTS:
-        for _, vals in _chunk_parts(table.column(name)):
-            if vals.shape[0] and (int(vals.min()) < -(1 << 31) or int(vals.max()) >= 1 << 31):
-                wide.add(name)
-    fields = []
-    for f in table.schema:
-        if f.name in _INT_LISTS:
-            f = pa.field(f.name, _int_list_type(pa.int64() if f.name in wide else pa.int32()),
-                         nullable=f.name in _NEEDS)
-        fields.append(f)
-    return pa.schema(fields)
 
 
 # ---------------------------------------------------------------------------------------------
