@@ -20,6 +20,11 @@ from analysis_traces import (
 from kvtier.analysis.analyze import AnalysisError, AnalysisSettings, analyze
 from kvtier.analysis.kernels import NUMPY, numba_kernels
 from kvtier.sim.tiers.config import load_tier_config
+from kvtier.trace.reader import SkippedLinesWarning
+
+# the random traces hold bad lines on purpose; the tests check analyze's counts of them
+pytestmark = pytest.mark.filterwarnings(f"ignore::{SkippedLinesWarning.__module__}."
+                                        f"{SkippedLinesWarning.__name__}")
 
 KERNELS = [pytest.param(NUMPY, id="numpy")]
 if numba_kernels() is not None:

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kvtier.trace.arrays import as_numpy, list_parts, one_array, validity
+
 BASE_COLUMNS = ("request_id", "layer_id", "step_idx", "seq_len_current", "block_size_tokens",
                 "selected_token_pos")
 PREFIX_COLUMNS = ("prefix.prefix_cache_hit", "prefix.prefix_cached_blocks",
@@ -81,8 +83,24 @@ class Skipped:
 
 def int_column(table: pa.Table, name: str, fill: int = 0) -> np.ndarray:
     """An integer column as int64 (nulls -> ``fill``); a list column gives its lengths (the
-    design-note form of block fields is a list of ids, the older form a count)."""
+    design-note form of block fields is a list of ids, the older form a count). Read from
+    the Arrow buffers (``kvtier.trace.arrays``): pyarrow's ``to_numpy`` imports pandas on
+    first use, ~0.3 s of every ``kvtier analyze``; other column types take that path."""
     col = table.column(name)
+    try:
+        if pa.types.is_list(col.type):
+            out = np.diff(list_parts(col)[0])
+            valid = validity(one_array(col))
+        else:
+            arr = one_array(col)
+            if arr.null_count:
+                raise TypeError
+            return as_numpy(arr).astype(np.int64, copy=False)
+        if valid is not None:
+            out[~valid] = fill
+        return out
+    except (TypeError, ValueError):
+        pass
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         col = pc.list_value_length(col)
     arr = col.to_numpy(zero_copy_only=False)
@@ -92,8 +110,13 @@ def int_column(table: pa.Table, name: str, fill: int = 0) -> np.ndarray:
 
 
 def float_column(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric column as float64, nulls as NaN."""
+    """A numeric column as float64, nulls as NaN (without pandas where the column is
+    fixed-width numeric, see ``int_column``)."""
     col = table.column(name)
+    try:
+        return as_numpy(col).astype(np.float64)
+    except (TypeError, ValueError):
+        pass
     return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False),
                       dtype=np.float64)
 
@@ -153,7 +176,10 @@ class ChunkBuilder:
                 self.request_ids.append(v)
             mapped.append(code)
         lookup = np.asarray(mapped, dtype=np.int64)
-        idx = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        try:
+            idx = as_numpy(enc.indices).astype(np.int64)
+        except (TypeError, ValueError):
+            idx = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
         return lookup[idx] if lookup.shape[0] else idx
 
     def build(self, table: pa.Table) -> Chunk | None:
@@ -165,7 +191,7 @@ class ChunkBuilder:
         for c in REQUIRED:
             col = table.column(c)
             if col.null_count:
-                ok &= ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+                ok &= ~as_numpy(col.is_null())
         self.skipped.missing_field += int((~ok).sum())
         if not ok.all():
             table = table.filter(pa.array(ok))

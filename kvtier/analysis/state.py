@@ -13,11 +13,6 @@ import numpy as np
 _MIN_TABLE = 64
 
 
-def _next_pow2(x: np.ndarray) -> np.ndarray:
-    x = np.maximum(np.asarray(x, dtype=np.int64), 1)
-    return np.left_shift(1, np.ceil(np.log2(x)).astype(np.int64))
-
-
 class BlockTables:
     """Dense per-owner tables over block ids, one pool array per field."""
 
@@ -52,7 +47,10 @@ class BlockTables:
         grow = np.flatnonzero(need > self.size)
         if grow.shape[0] == 0:
             return []
-        new_size = np.maximum(_next_pow2(need[grow] + need[grow] // 4), _MIN_TABLE)
+        # a quarter of headroom, in whole cache lines of entries (a power of two would
+        # nearly double the pools, and filling fresh memory is most of what growing costs)
+        want = need[grow] + need[grow] // 4
+        new_size = np.maximum(-(-want // _MIN_TABLE) * _MIN_TABLE, _MIN_TABLE)
         new_base = self.used + np.concatenate([[0], np.cumsum(new_size)[:-1]])
         total = self.used + int(new_size.sum())
         cap = next(iter(self.pools.values())).shape[0]

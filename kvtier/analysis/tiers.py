@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtier.analysis.chunk import TIER_FIELDS, Chunk, float_column
+from kvtier.analysis.chunk import TIER_FIELDS, Chunk, float_column, int_column
 from kvtier.analysis.source import TIERS
 from kvtier.analysis.stats import percentiles
 
@@ -28,24 +28,25 @@ class TierBreakdown:
 
     def add(self, c: Chunk) -> None:
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         self.records += c.n
         tab = c.table
 
-        def total(col) -> int:
-            return int(pc.sum(col).as_py() or 0)
+        def total(name: str) -> int:  # nulls count 0, as in a sum that skips them
+            return int(int_column(tab, name).sum())
 
         for t in TIERS:
             sums = self.sums[t]
             hb = tab.column(f"kv_fetch.{t}.hit_blocks")
-            bsz = tab.column(f"kv_fetch.{t}.batch_size")
+            bsz = f"kv_fetch.{t}.batch_size"
             # a count in older traces; in the design note's schema len(hit_blocks) = batch_size
-            hits = hb if pa.types.is_integer(hb.type) and hb.null_count < len(hb) else bsz
-            sums["hit_blocks"] += total(hits)
-            self.served[t] += total(pc.greater(hits, 0))
-            sums["bytes_read"] += total(tab.column(f"kv_fetch.{t}.bytes_read"))
-            sums["read_ops"] += total(tab.column(f"kv_fetch.{t}.read_ops"))
+            hits = int_column(tab, f"kv_fetch.{t}.hit_blocks"
+                              if pa.types.is_integer(hb.type) and hb.null_count < len(hb)
+                              else bsz)
+            sums["hit_blocks"] += int(hits.sum())
+            self.served[t] += int((hits > 0).sum())
+            sums["bytes_read"] += total(f"kv_fetch.{t}.bytes_read")
+            sums["read_ops"] += total(f"kv_fetch.{t}.read_ops")
             sums["batch_size"] += total(bsz)
             lat = float_column(tab, f"kv_fetch.{t}.latency_us")
             lat = lat[~np.isnan(lat)]

@@ -14,14 +14,14 @@ _DTYPES = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.in
            "float": np.float32, "double": np.float64}
 
 
-def _one(col):
+def one_array(col):
     """A ChunkedArray as one Array (an Array is returned as is; one chunk without a copy)."""
     if not hasattr(col, "combine_chunks"):
         return col
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _valid(arr) -> np.ndarray | None:
+def validity(arr) -> np.ndarray | None:
     """The validity mask of an Array (None when it has no nulls)."""
     if not arr.null_count:
         return None
@@ -33,7 +33,7 @@ def as_numpy(col) -> np.ndarray:
     """A fixed-width (int, float or bool) Arrow column as numpy: a read-only view of its data
     for ints and floats; nulls become NaN in float columns (an int or bool column with nulls
     raises ValueError)."""
-    arr = _one(col)
+    arr = one_array(col)
     name = str(arr.type)
     n = len(arr)
     if name == "bool":
@@ -47,7 +47,7 @@ def as_numpy(col) -> np.ndarray:
     buf = arr.buffers()[1]
     out = (np.frombuffer(buf, dtype, count=n, offset=arr.offset * np.dtype(dtype).itemsize)
            if buf is not None else np.zeros(0, dtype))
-    valid = _valid(arr)
+    valid = validity(arr)
     if valid is not None:
         if out.dtype.kind != "f":
             raise ValueError(f"{arr.type} column with nulls")
@@ -58,7 +58,7 @@ def as_numpy(col) -> np.ndarray:
 def list_parts(col) -> tuple[np.ndarray, np.ndarray]:
     """A list column as (offsets [n + 1] from 0, int64, flat values): row i is
     ``values[offsets[i]:offsets[i + 1]]`` (a null list reads as empty)."""
-    arr = _one(col)
+    arr = one_array(col)
     offs = as_numpy(arr.offsets).astype(np.int64)
     if not len(offs):
         return np.zeros(1, np.int64), as_numpy(arr.values)[:0]
