@@ -71,3 +71,30 @@ def test_optional_sections_kept(tmp_path):
     s = stored(tmp_path / "t")
     s2 = msgspec.structs.replace(s, skipped={"too_long": 2}, tiers={"hbm": {"hits": 3}})
     assert recompute_summary(tmp_path / "t", keep_from=s2) == s2
+
+
+def test_summarize_a_killed_runs_trace(tmp_path, capsys):
+    """A killed run leaves no summary.json and a half-written last line: summarize writes the
+    summary of the other records (equal to the summary of the trace without that line) and
+    says so in one warning; a trace of no record is an error."""
+    import shutil
+
+    from kvtier.cli import main
+
+    make_trace(tmp_path / "t", store_scores=True)
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    for d in (cut, whole):
+        shutil.copytree(tmp_path / "t", d)
+        (d / "summary.json").unlink()
+    data = (tmp_path / "t" / "trace_steps.jsonl").read_bytes()
+    (cut / "trace_steps.jsonl").write_bytes(data[:-50])
+    (whole / "trace_steps.jsonl").write_bytes(data[:data.rfind(b"\n", 0, len(data) - 1) + 1])
+    assert main(["summarize", str(cut)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "truncated_final_line 1" in err
+    assert main(["summarize", str(whole)]) == 0
+    assert stored(cut) == stored(whole) and stored(cut).records == data.count(b"\n") - 1
+    (cut / "summary.json").unlink()
+    (cut / "trace_steps.jsonl").write_bytes(data[:30])
+    assert main(["summarize", str(cut)]) == 2
+    assert "no record could be read" in capsys.readouterr().err

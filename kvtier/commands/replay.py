@@ -72,8 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KV bytes per token and layer (default: the tier config's, 656 = DSA "
                         "fp8_ds_mla)")
     p.add_argument("--model-config", default=None, metavar="JSON",
-                   help="model config (reference format) for recompute FLOPs "
-                        "(default: DeepSeek-V3.2-Exp 671B dims)")
+                   help="model config for recompute FLOPs: any --config file of kvtier run "
+                        "(the reference's ModelArgs json, e.g. model/configs/config_tiny.json; "
+                        "an unknown field is an error) (default: DeepSeek-V3.2-Exp 671B dims)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "trace_meta.json. Writes DIR/summary.json if absent; if present, "
                                    "reports whether it matches (rewrite with --force). Sections no record "
                                    "holds (serving, skipped, tiers, stall, fetch_vs_recompute) are kept "
-                                   "from the existing summary.json.")
+                                   "from the existing summary.json. Lines that are not records "
+                                   "(the half-written last line of a killed run) are skipped "
+                                   "with one warning; kvtier validate lists them.")
     p.add_argument("trace", help="trace directory (JSONL or Parquet)")
     p.add_argument("--out", default=None, help="write the summary to this file instead of DIR/summary.json")
     p.add_argument("--stdout", action="store_true", help="print the summary instead of writing a file")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvtier.cli import CLIError
     from kvtier.schema import SUMMARY_FILE, Summary
-    from kvtier.trace.reader import TraceError, find_trace
+    from kvtier.trace.reader import SkippedLines, TraceError, find_trace, nothing_kept, warn_skipped
     from kvtier.trace.summary import recompute_summary
     from kvtier.trace.validate import old_form
     from kvtier.trace.writer import write_json_atomic
@@ -46,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             if not args.force and not args.stdout and args.out is None:
                 raise CLIError(f"{existing_path}: unreadable ({exc}); use --force to replace it") from None
+    log = SkippedLines()
     try:
-        summary = recompute_summary(root, keep_from=existing)
+        summary = recompute_summary(root, keep_from=existing, skipped=log)
     except TraceError as exc:
         raise CLIError(str(exc)) from None
+    if log and not summary.records:
+        raise CLIError(str(nothing_kept(log, root)))
+    warn_skipped(log, root, summary.records)  # a killed run's half line: one warning
     if args.stdout:
         print(msgspec.json.format(msgspec.json.encode(summary), indent=2).decode())
         return 0

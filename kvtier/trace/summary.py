@@ -140,16 +140,19 @@ def backend_sections(backend_summary: dict | None) -> dict:
     return {"tiers": backend_summary}
 
 
-def recompute_summary(trace_dir, keep_from: Summary | None = None, batch: int = 512) -> Summary:
+def recompute_summary(trace_dir, keep_from: Summary | None = None, batch: int = 512,
+                      skipped=None) -> Summary:
     """The summary of a trace directory from its records and ``trace_meta.json`` alone.
-    Optional sections (serving, skipped, tiers, ...) are copied from ``keep_from``."""
+    Optional sections (serving, skipped, tiers, ...) are copied from ``keep_from``. Strict
+    without ``skipped``; with a ``kvtier.trace.reader.SkippedLines`` the lines that are not
+    records (a killed run's half line) are skipped and counted there."""
     from kvtier.trace.reader import find_trace, iter_records
 
     tf = find_trace(trace_dir, require_meta=True)
     assert tf.meta is not None
     builder = SummaryBuilder(tf.meta.run_name, tf.meta.dataset, tf.meta.config)
     chunk: list[TopkRecord] = []
-    for rec in iter_records(tf):
+    for rec in iter_records(tf, skipped=skipped):
         chunk.append(rec)
         if len(chunk) >= batch:
             builder.add_records(chunk)
