@@ -40,14 +40,7 @@ def _patch_tensor_index(tensor, scope):
 _interp._patch_lang_tensor = _patch_tensor_index
 
 
-@pytest.fixture(autouse=True)
-def fp32_and_one_thread():
-    prev, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_fp32_one_thread")
 
 
 def _gen(seed):

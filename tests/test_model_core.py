@@ -14,14 +14,7 @@ from kvtier.model import model as M  # noqa: E402
 from kvtier.model.args import ModelArgs  # noqa: E402
 from kvtier.model.random_init import init_random_  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads spin under the shared 2-core CI load; one thread is ~10x faster."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("torch_fp32_one_thread")
 
 
 @pytest.fixture

@@ -13,15 +13,7 @@ from kvtier.model import model as M  # noqa: E402
 from kvtier.model.args import ModelArgs  # noqa: E402
 from kvtier.model.random_init import init_random_  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def fp32_one_thread():
-    prev, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_fp32_one_thread")
 
 
 class Recorder:

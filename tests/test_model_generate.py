@@ -15,14 +15,7 @@ from kvtier.model.random_init import init_random_  # noqa: E402
 NO_EOS = -7  # an id the model never produces
 
 
-@pytest.fixture(autouse=True)
-def fp32_one_thread():
-    prev_dtype, prev_threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(prev_dtype)
-    torch.set_num_threads(prev_threads)
+pytestmark = pytest.mark.usefixtures("torch_fp32_one_thread")
 
 
 @pytest.fixture(scope="module")

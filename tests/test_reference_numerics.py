@@ -46,13 +46,7 @@ LOGIT_ATOL = 2e-2
 SCORE_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_dtype():
-    prev_threads, prev_dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev_threads)
-    torch.set_default_dtype(prev_dtype)
+pytestmark = pytest.mark.usefixtures("torch_fp32_one_thread")
 
 
 def compare(cfg: dict, seed: int, prompt: int, steps: int, batch: int, tmp_path, v1: bool = False):

@@ -30,3 +30,16 @@ def nonneg_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def check_written_trace(out) -> None:
+    """Validate a trace a command just wrote (``synth``, ``sanity``): print every problem and
+    raise ``CLIError`` if it fails (a bug in the writer, never the user's input)."""
+    from kvtier.cli import CLIError
+    from kvtier.trace.validate import validate_trace
+
+    rep = validate_trace(out)
+    if not rep.ok:
+        for msg in rep.messages:
+            print(msg)
+        raise CLIError(f"the synthetic trace in {out} failed validation ({rep.errors} errors)")

@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvtier.cli import CLIError
+    from kvtier.commands import check_written_trace
     from kvtier.trace.sanity import SanityConfig, run_sanity
     from kvtier.trace.settings import TraceSettings
-    from kvtier.trace.validate import validate_trace
 
     try:
         settings = TraceSettings.from_args(args)
@@ -51,10 +51,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"{args.out}: {exc}") from None
-    rep = validate_trace(args.out)
-    if not rep.ok:
-        for msg in rep.messages:
-            print(msg)
-        raise CLIError(f"the synthetic trace in {args.out} failed validation ({rep.errors} errors)")
+    check_written_trace(args.out)
     print(f"wrote {args.out}: {summary.records} records, {summary.requests} requests; validate: ok")
     return 0

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvtier.cli import CLIError
+    from kvtier.commands import check_written_trace
     from kvtier.sim.synth import SynthConfig, synth_stream, write_trace
-    from kvtier.trace.validate import validate_trace
     from kvtier.trace.writer import existing_trace_files
 
     cfg = SynthConfig(requests=args.requests, layers=args.layers, steps=args.new_tokens,
@@ -107,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"{args.out}: {exc}") from None
-    rep = validate_trace(args.out)
-    if not rep.ok:
-        for msg in rep.messages:
-            print(msg)
-        raise CLIError(f"the synthetic trace in {args.out} failed validation ({rep.errors} errors)")
+    check_written_trace(args.out)
     print(f"wrote {args.out}: {len(stream)} records, {len(stream.request_ids)} requests, "
           f"{stream.n_tokens} selected positions; validate: ok")
     print(f"compare policies on it: kvtier sweep {args.out} --policies lru,fifo,arc,belady "
