@@ -104,10 +104,15 @@ def run_fast(pool, args, out_dir: Path) -> tuple[int, float, int]:
     tracer = Tracer(settings, out_dir, run_name="bench", dataset="synthetic",
                     kv_bytes_per_token=1284, force=True)
     tracer.begin_batch(list(range(args.batch)), prompts)  # ints: older tracers str() them
+    scores = None
+    if args.scores:  # indexer scores per selected position, as the model passes them
+        rng = np.random.default_rng(1)
+        scores = [rng.standard_normal(rows.shape).astype(np.float32) for rows in pool]
     for s in range(args.steps):
         tracer.start_step(prompt_len + s)
         for layer in range(args.layers):
-            tracer.on_topk(layer, pool[(s * args.layers + layer) % len(pool)])
+            i = (s * args.layers + layer) % len(pool)
+            tracer.on_topk(layer, pool[i], None if scores is None else scores[i])
         tracer.end_step(1e-3)
     tracer.end_batch()
     summary = tracer.close()
@@ -179,6 +184,9 @@ def main() -> None:
                     help="pin the process (and its writer thread) to this many CPUs (default 1; 0 = no pinning)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of the tracer runs; the best counts (default 3)")
+    ap.add_argument("--scores", action="store_true",
+                    help="pass indexer scores with every top-k, as the model does (records get "
+                         "scores_stats; the naive baseline stays without)")
     ap.add_argument("--skip-numpy", action="store_true",
                     help="do not also time the pure-numpy path (KVTIER_NO_NUMBA=1)")
     add_baseline_args(ap, "the tracer runs")
@@ -189,7 +197,8 @@ def main() -> None:
         return
     argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--layers={args.layers}",
             f"--topk={args.topk}", f"--context={args.context}", f"--block-size={args.block_size}",
-            f"--cores={args.cores}"] + (["--skip-numpy"] if args.skip_numpy else [])
+            f"--cores={args.cores}"] + (["--skip-numpy"] if args.skip_numpy else []) \
+        + (["--scores"] if args.scores else [])
     best: dict[tuple[str, str], list] = {}
     with baseline_code(args) as codes:
         for order in rounds(codes, args.repeat):
@@ -217,7 +226,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"pinned to {cpus}; python {platform.python_version()}, numpy {np.__version__}{nb}")
     print(f"input: K={args.topk}, {args.layers} layers, batch {args.batch}, context {args.context}, "
-          f"block {args.block_size}, {args.steps} steps; best of {args.repeat} rounds")
+          f"block {args.block_size}, {args.steps} steps"
+          f"{', with indexer scores' if args.scores else ''}; best of {args.repeat} rounds")
     print(f"{'implementation':<44}{'records':>9}{'seconds':>9}{'records/s':>11}{'bytes/rec':>11}{'MB/s':>8}")
     rows = [(f"{tag}: Tracer, {name}", *v) for (tag, name), v in best.items()]
     rows.append(("naive per-record Python", *naive))
