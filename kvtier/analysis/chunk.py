@@ -87,19 +87,17 @@ def int_column(table: pa.Table, name: str, fill: int = 0) -> np.ndarray:
     the Arrow buffers (``kvtier.trace.arrays``): pyarrow's ``to_numpy`` imports pandas on
     first use, ~0.3 s of every ``kvtier analyze``; other column types take that path."""
     col = table.column(name)
+    arr = one_array(col)
     try:
-        if pa.types.is_list(col.type):
-            out = np.diff(list_parts(col)[0])
-            valid = validity(one_array(col))
-        else:
-            arr = one_array(col)
-            if arr.null_count:
-                raise TypeError
+        if pa.types.is_list(arr.type):
+            out = np.diff(list_parts(arr)[0])
+            valid = validity(arr)
+            if valid is not None:
+                out[~valid] = fill
+            return out
+        if not arr.null_count:
             return as_numpy(arr).astype(np.int64, copy=False)
-        if valid is not None:
-            out[~valid] = fill
-        return out
-    except (TypeError, ValueError):
+    except TypeError:  # not a fixed-width numeric column
         pass
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         col = pc.list_value_length(col)

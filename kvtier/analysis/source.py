@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 
-from kvtier.trace.reader import SkippedLines, TraceError, TraceFiles, find_trace
+from kvtier.trace.reader import SkippedLines, TraceError, TraceFiles, bisect_lines, find_trace
 
 #: bytes of JSONL parsed per chunk (the chunk is split at a line boundary)
 JSONL_CHUNK_BYTES = 8 << 20
@@ -332,19 +332,24 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes], bool]]:
 
 def _isolate(keep: list[tuple[int, bytes]], lineno: int, parse, path: Path, log: ReadLog,
              last: int = -1) -> list[pa.Table]:
-    """Parse ``keep`` (index, line) pairs in one call, or split in halves around the lines that
-    fail (each bad line is counted by reason with its number, and skipped); ``last``: the
-    index of a final line without newline."""
-    try:
-        return [parse([ln for _, ln in keep])]
-    except pa.ArrowInvalid as exc:
-        if len(keep) == 1:
-            i, line = keep[0]
-            log.skipped.add(path, lineno + i, *_reason(line, i == last, exc))
-            return []
-    half = len(keep) // 2
-    return (_isolate(keep[:half], lineno, parse, path, log, last)
-            + _isolate(keep[half:], lineno, parse, path, log, last))
+    """Parse ``keep`` (index, line) pairs in one call, or bisect around the lines that fail
+    (``kvtier.trace.reader.bisect_lines``; each bad line is counted by reason with its
+    number, and skipped); ``last``: the index of a final line without newline."""
+    error: list[Exception] = []  # the refusal of the group just tried
+
+    def attempt(group):
+        try:
+            return parse([ln for _, ln in group])
+        except pa.ArrowInvalid as exc:
+            error[:] = [exc]
+            return None
+
+    def refused(item):
+        i, line = item
+        log.skipped.add(path, lineno + i, *_reason(line, i == last, error[0]))
+        return []
+
+    return bisect_lines(keep, attempt, refused)
 
 
 def _reason(line: bytes, unterminated: bool, exc: Exception) -> tuple[str, str]:

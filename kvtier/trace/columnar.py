@@ -59,6 +59,7 @@ from kvtier.trace.parquet import arrow_schema, flat_fields, flatten, read_parque
 from kvtier.trace.reader import (
     SkippedLines,
     TraceFiles,
+    bisect_lines,
     classify_line,
     find_trace,
     nothing_kept,
@@ -372,22 +373,22 @@ def _record_rows(recs: list):
 def _isolate(lines: list[tuple[int, bytes]], path: Path, tf: TraceFiles,
              skipped: SkippedLines, dec) -> list:
     """Flat tables of the records among ``lines`` ((line number, line) pairs, in order):
-    parsed together, or split in halves around the lines Arrow refuses; such a line is
-    decoded on its own (a record of the schema is kept, anything else skipped and counted)."""
-    data = b"\n".join(ln for _, ln in lines) + b"\n"
-    got = _bulk(io.BytesIO(data), len(data))
-    if got is not None:
-        return [got]
-    if len(lines) == 1:
-        lineno, line = lines[0]
+    parsed together, or bisected around the lines Arrow refuses; such a line is decoded on
+    its own (a record of the schema is kept, anything else skipped and counted)."""
+
+    def parse(group):
+        data = b"\n".join(ln for _, ln in group) + b"\n"
+        return _bulk(io.BytesIO(data), len(data))
+
+    def refused(item):
+        lineno, line = item
         rec, reason, detail = classify_line(line, dec, path, lineno, True, tf)
         if rec is not None:
             return [_record_rows([rec])]
         skipped.add(path, lineno, reason, detail)
         return []
-    half = len(lines) // 2
-    return (_isolate(lines[:half], path, tf, skipped, dec)
-            + _isolate(lines[half:], path, tf, skipped, dec))
+
+    return bisect_lines(lines, parse, refused)
 
 
 def _line_chunks(buf, end: int) -> Iterator[list[tuple[int, bytes]]]:

@@ -196,6 +196,21 @@ def iter_records(tf: TraceFiles, record_type: type = TopkRecord,
         yield rec
 
 
+def bisect_lines(lines: list, parse, refused) -> list:
+    """The results of parsing ``lines`` (any items, in order) in as few ``parse`` calls as
+    possible: ``parse(lines)`` returns one result, or None where it refuses any of them; a
+    refused group is split in halves down to single items, each handed to ``refused(item)``
+    (a list of results, empty to skip it). The columnar twin's bulk parse and the analysis's
+    streamed parse isolate the lines that are not records with it."""
+    got = parse(lines)
+    if got is not None:
+        return [got]
+    if len(lines) == 1:
+        return refused(lines[0])
+    half = len(lines) // 2
+    return bisect_lines(lines[:half], parse, refused) + bisect_lines(lines[half:], parse, refused)
+
+
 def classify_line(line: bytes, dec, path: Path, lineno: int, complete: bool, tf: TraceFiles
                   ) -> tuple[object, str, str]:
     """``(record, "", "")`` for a line that decodes, else ``(None, reason, detail)``; raises
